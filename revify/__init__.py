@@ -1,0 +1,15 @@
+"""revify: train existing residual networks with far less activation memory.
+
+``revify.convert(model)`` rewrites chains of identity residual units into reversible couplings
+that rebuild their activations in backward, and checkpoints the layers in between.
+"""
+
+from ._mode import plain_autograd as plain_autograd
+from .convert import ConversionError as ConversionError
+from .convert import convert as convert
+from .convert import revert as revert
+from .convert import stages as stages
+from .coupling import ReversibleStage as ReversibleStage
+
+__all__ = ["convert", "revert", "stages", "plain_autograd", "ReversibleStage", "ConversionError"]
+__version__ = "0.1.0"

@@ -1,0 +1,192 @@
+"""Find residual units in an fx graph and group them into chains.
+
+An *identity residual* is ``add(h, R(h))`` where ``R`` is a single-entry, single-exit region of
+the graph that reads only ``h`` (plus parameters and constants), and ``R(h)``, ``h`` and the sum
+have one shape. If the add's only user is a same-shape op of the same module (ResNet v1's
+``relu(h + F(h))``) it belongs to the unit, which is then used as the black box ``U(h) - h``.
+Every other tensor add is classified for the report: *projection* when both operands derive
+from a common value through layers of their own (a downsampling shortcut), else *other*.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from ._trace import module_path, tensor_shape
+
+__all__: list[str] = []
+
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+
+
+@dataclass(eq=False)
+class Residual:
+    """One tensor ``add`` node and what it is."""
+
+    add: fx.Node
+    kind: str  # "identity", "projection" or "other"
+    reason: str = ""
+    entry: fx.Node | None = None  # h
+    branch: fx.Node | None = None  # R(h)
+    region: list[fx.Node] = field(default_factory=list)  # nodes computing R(h), graph order
+    post: fx.Node | None = None  # op applied after the add, inside the unit
+
+    @property
+    def exit(self) -> fx.Node:
+        return self.post if self.post is not None else self.add
+
+    @property
+    def members(self) -> set[fx.Node]:
+        out = set(self.region) | {self.add}
+        if self.post is not None:
+            out.add(self.post)
+        return out
+
+    @property
+    def owner(self) -> str:
+        """Path of the innermost module enclosing the add (``""`` for the traced root)."""
+        path = module_path(self.add)
+        return path[-1] if path else ""
+
+
+def _is_add(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
+        return len(node.args) == 2 and not node.kwargs
+    if node.op == "call_method" and node.target in ("add", "add_", "__add__"):
+        return len(node.args) == 2 and not node.kwargs
+    return False
+
+
+def _owner(node: fx.Node) -> list[str]:
+    path = module_path(node)
+    return path[:-1] if node.op == "call_module" else path
+
+
+def _branch_region(h: fx.Node, br: fx.Node, add: fx.Node) -> tuple[list[fx.Node] | None, str]:
+    """Nodes computing ``br`` from ``h`` alone, or ``None`` and why not."""
+    if br is h:
+        return None, "adds a value to itself"
+    region: set[fx.Node] = set()
+    stack = [br]
+    uses_h = False
+    while stack:
+        n = stack.pop()
+        if n is h:
+            uses_h = True
+            continue
+        if n in region:
+            continue
+        if n.op == "placeholder":
+            return None, f"branch reads another input ({n.name})"
+        region.add(n)
+        stack.extend(n.all_input_nodes)
+    if not uses_h:
+        return None, "branch does not read the skip value"
+    for n in region:
+        outside = [u for u in n.users if u not in region and not (n is br and u is add)]
+        if outside:
+            return None, f"branch value {n.name} is also used by {outside[0].name}"
+    order = {n: i for i, n in enumerate(h.graph.nodes)}
+    return sorted(region, key=order.__getitem__), ""
+
+
+def _post_op(add: fx.Node) -> fx.Node | None:
+    """The add's single same-shape, same-module user that reads nothing else (e.g. ReLU)."""
+    if len(add.users) != 1:
+        return None
+    (u,) = add.users
+    if u.op not in ("call_module", "call_function", "call_method"):
+        return None
+    if u.all_input_nodes != [add] or tensor_shape(u) != tensor_shape(add):
+        return None
+    if any(isinstance(a, fx.Node) for a in u.kwargs.values()):
+        return None
+    return u if _owner(u) == _owner(add) else None
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = list(node.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def classify_add(add: fx.Node) -> Residual | None:
+    """Classify a tensor add node; ``None`` for adds of non-tensors or broadcasting adds."""
+    a, b = add.args
+    if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
+        return None
+    sa, sb, so = tensor_shape(a), tensor_shape(b), tensor_shape(add)
+    if sa is None or sb is None or so is None:
+        return None
+    if sa != sb or sa != so:
+        return Residual(add, "other", reason=f"broadcasting add {tuple(sa)} + {tuple(sb)}")
+    reasons = []
+    for h, br in ((a, b), (b, a)):
+        region, why = _branch_region(h, br, add)
+        if region is not None:
+            res = Residual(add, "identity", entry=h, branch=br, region=region)
+            res.post = _post_op(add)
+            return res
+        reasons.append(why)
+    common = _ancestors(a) & _ancestors(b)
+    if any(n.op != "get_attr" for n in common):
+        return Residual(add, "projection", reason="shortcut has layers of its own (transition)")
+    return Residual(add, "other", reason="not a residual: " + "; ".join(dict.fromkeys(reasons)))
+
+
+def find_residuals(graph: fx.Graph) -> list[Residual]:
+    """Every tensor add in graph order, classified."""
+    out = []
+    for node in graph.nodes:
+        if _is_add(node):
+            res = classify_add(node)
+            if res is not None:
+                out.append(res)
+    return out
+
+
+@dataclass(eq=False)
+class Unit:
+    """An identity residual unit as seen by a chain: its input, output and member nodes."""
+
+    entry: fx.Node
+    exit: fx.Node
+    members: set[fx.Node]
+    residual: Residual | None = None  # None for a whole-module unit (a call_module node)
+
+
+def chains(units: list[Unit]) -> list[list[Unit]]:
+    """Group units into maximal chains: unit k's output feeds only unit k+1.
+
+    A unit whose output is read outside the next unit ends its chain: the coupled streams
+    differ from the original values, so nothing else may read an intermediate state.
+    """
+    by_entry: dict[fx.Node, list[Unit]] = {}
+    for u in units:
+        by_entry.setdefault(u.entry, []).append(u)
+    starts = {id(u) for u in units}
+    nxt: dict[int, Unit] = {}
+    for u in units:
+        followers = by_entry.get(u.exit, [])
+        if len(followers) == 1:
+            v = followers[0]
+            if all(user in v.members for user in u.exit.users):
+                nxt[id(u)] = v
+                starts.discard(id(v))
+    out = []
+    for u in units:
+        if id(u) in starts:
+            chain = [u]
+            while id(chain[-1]) in nxt:
+                chain.append(nxt[id(chain[-1])])
+            out.append(chain)
+    return out

@@ -1,0 +1,183 @@
+"""Tracing with torch.fx: timm's leaf conventions, method entry points, shapes and code regions."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__: list[str] = []
+
+_PREFIX = "root."
+
+
+def _timm_leaves() -> tuple[tuple[type, ...], tuple[Any, ...]]:
+    try:
+        from timm.layers import DropPath, get_notrace_functions, get_notrace_modules
+    except ImportError:  # timm is optional for plain torch models
+        return (), ()
+    return (DropPath, *get_notrace_modules()), tuple(get_notrace_functions())
+
+
+class _Tracer(fx.Tracer):
+    """``fx.Tracer`` with timm's leaf modules and functions, BatchNorm, DropPath, and ``leaves``.
+
+    DropPath must stay a module: traced through, its ``bernoulli_`` side effects hang off the
+    graph and dead-code elimination would delete them (FX_SURVEY.md, corner cases 5 and 6).
+    """
+
+    def __init__(self, leaves: Iterable[nn.Module] = ()) -> None:
+        leaf_types, functions = _timm_leaves()
+        super().__init__(autowrap_functions=functions)
+        self._leaf_types = (_BatchNorm, *leaf_types)
+        self._leaf_ids = {id(m) for m in leaves}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if id(m) in self._leaf_ids or isinstance(m, self._leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def entry_method(model: nn.Module) -> str:
+    """The method that holds the trunk: timm's ``forward_features`` if present, else ``forward``.
+
+    Rewriting ``forward_features`` keeps ``forward = forward_head(forward_features(x))`` and every
+    other timm entry point consistent with the converted trunk.
+    """
+    ff = getattr(type(model), "forward_features", None)
+    return "forward_features" if callable(ff) else "forward"
+
+
+def required_args(model: nn.Module, method: str) -> list[str]:
+    """Names of the method's positional parameters without defaults (the traced inputs)."""
+    sig = inspect.signature(getattr(model, method))
+    names = []
+    for p in sig.parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            names.append(p.name)
+    return names
+
+
+def trace_method(model: nn.Module, method: str, leaves: Iterable[nn.Module] = ()) -> fx.Graph:
+    """Trace ``model.<method>`` called with its required arguments (optional ones at defaults).
+
+    Node targets and ``nn_module_stack`` paths are relative to ``model``.
+    """
+    args = required_args(model, method)
+    src = (
+        f"def forward(self, {', '.join(args)}):\n"
+        f"    return self.root.{method}({', '.join(args)})\n"
+    )
+    ns: dict[str, Any] = {}
+    exec(src, ns)  # noqa: S102 - a two-line wrapper with a fixed shape
+    entry_cls = type("_Entry", (nn.Module,), {"forward": ns["forward"]})
+    entry = entry_cls()
+    entry.root = model
+    graph = _Tracer(leaves).trace(entry)
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            node.target = node.target.removeprefix(_PREFIX)
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {
+                k.removeprefix(_PREFIX): (path.removeprefix(_PREFIX), cls)
+                for k, (path, cls) in stack.items()
+                if path != "root"
+            }
+    return graph
+
+
+def module_path(node: fx.Node) -> list[str]:
+    """Module paths enclosing ``node`` from outermost to innermost (leaf module included)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return [path for path, _ in stack.values()]
+
+
+def propagate_shapes(model: nn.Module, graph: fx.Graph, example_inputs: Sequence[Any]) -> None:
+    """Annotate ``node.meta['tensor_meta']`` by running the graph on fake tensors, in eval mode.
+
+    Eval mode and fake tensors: no activation is allocated and no BatchNorm statistic, RNG
+    stream or other state of the model changes.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    gm = fx.GraphModule(model, graph)
+    modes = {m: m.training for m in model.modules()}
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake = [fake_mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in example_inputs]
+    try:
+        model.eval()
+        gm.eval()
+        with torch.no_grad():
+            ShapeProp(gm, fake_mode=fake_mode).propagate(*fake)
+    finally:
+        for m, t in modes.items():
+            m.training = t
+
+
+def tensor_shape(node: Any) -> torch.Size | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return getattr(meta, "shape", None)
+
+
+def extract(nodes: Sequence[fx.Node], inputs: Sequence[fx.Node], outputs: Sequence[fx.Node]) -> fx.Graph:
+    """A new graph computing ``outputs`` from ``inputs`` with copies of ``nodes`` (in order).
+
+    One output is returned bare, several as a tuple.
+    """
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for i, n in enumerate(inputs):
+        env[n] = g.placeholder(f"in_{i}_{n.name}")
+    for n in nodes:
+        env[n] = g.node_copy(n, lambda a: env[a])
+    res = [env[o] for o in outputs]
+    g.output(res[0] if len(res) == 1 else tuple(res))
+    return g
+
+
+class GraphCode:
+    """Python source generated from an fx graph, run as ``code(root, *inputs)``.
+
+    Unlike an ``fx.GraphModule`` it registers no submodule (so ``state_dict`` keys stay as
+    they were) and it pickles: modules in the code's globals are stored by name.
+    """
+
+    def __init__(self, graph: fx.Graph) -> None:
+        code = graph.python_code(root_module="self")
+        self.src = code.src
+        self.globals = dict(code.globals)
+        self._fn = None
+
+    def __call__(self, root: nn.Module, *args: Any) -> Any:
+        if self._fn is None:
+            scope = dict(self.globals)
+            exec(compile(self.src, "<revify-generated>", "exec"), scope)  # noqa: S102
+            self._fn = scope["forward"]
+        return self._fn(root, *args)
+
+    def __getstate__(self) -> dict[str, Any]:
+        globs = {
+            k: ("__module__", v.__name__) if inspect.ismodule(v) else v
+            for k, v in self.globals.items()
+        }
+        return {"src": self.src, "globals": globs}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.src = state["src"]
+        self.globals = {
+            k: importlib.import_module(v[1])
+            if isinstance(v, tuple) and len(v) == 2 and v[0] == "__module__"
+            else v
+            for k, v in state["globals"].items()
+        }
+        self._fn = None

@@ -1,0 +1,576 @@
+"""``revify.convert``: the graph pass that turns residual chains into reversible stages.
+
+The pass (see ``_build_plan``):
+
+1. Trace the model's trunk method (timm's ``forward_features``, else ``forward``) with torch.fx
+   and propagate shapes on fake tensors.
+2. Find identity residual units at the node level (``_match.py``). A module whose forward is
+   exactly a run of such units (a ResNet ``Bottleneck``, a ViT ``Block``) becomes a *module
+   unit*, run eagerly as ``U(h) - h``; other units (``x = x + self.f(x)`` written inline) run as
+   generated code for their branch.
+3. Trace again with those modules (and every module holding no residual) as leaves, group
+   consecutive units into chains, and split the rest of the graph into *segments*: the stem
+   before the first chain, the transitions between chains, the tail after the last one.
+4. Install a replacement for the trunk method that runs segments (checkpointed) and stages
+   (reversible) in order. No module, parameter or buffer is moved, added or renamed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from . import _mode
+from ._match import Residual, Unit, chains, find_residuals
+from ._trace import (
+    GraphCode,
+    entry_method,
+    extract,
+    module_path,
+    propagate_shapes,
+    required_args,
+    tensor_shape,
+    trace_method,
+)
+from .checkpoint import Segment
+from .coupling import ReversibleStage, _BranchUnit, _GraphUnit, _ModuleUnit
+
+__all__ = ["convert", "revert", "stages", "ConversionError"]
+
+_PLAN = "_revify_plan"
+
+
+class ConversionError(RuntimeError):
+    """The model cannot be converted (untraceable, nothing to convert with ``strict=True``...)."""
+
+
+@dataclass(frozen=True)
+class ReportLine:
+    """What the pass decided for one residual add or one segment."""
+
+    name: str  # module path
+    kind: str  # "reversible", "checkpointed", "unchanged"
+    detail: str
+
+
+@dataclass(frozen=True)
+class Block:
+    """A top-level block of the trunk as the plan runs it (one row of the audit)."""
+
+    name: str  # module path, or ``owner:add`` for an inline unit
+    step: str  # name of the stage or segment that runs it
+    treatment: str  # "reversible", "checkpointed" or "unchanged"
+
+
+@dataclass(eq=False)
+class _Step:
+    run: Any  # Segment or ReversibleStage
+    inputs: list[str]
+    outputs: list[str]
+    release: list[str] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Plan:
+    """How a converted model's trunk method runs; stored on the model as ``_revify_plan``."""
+
+    method: str
+    args: list[str]
+    steps: list[_Step]
+    output: Any  # structure of node names, as the traced output node's argument
+    stages: list[ReversibleStage]
+    segments: list[Segment]
+    report: list[ReportLine]
+    options: dict[str, Any]
+    blocks: list[Block] = field(default_factory=list)
+
+
+class _Rewritten:
+    """Replacement for the trunk method, installed on the instance (``model.forward_features``)."""
+
+    def __init__(self, model: nn.Module, plan: Plan) -> None:
+        self.model = model
+        self.plan = plan
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        model, plan = self.model, self.plan
+        original = getattr(type(model), plan.method)
+        if _mode.is_original():
+            return original(model, *args, **kwargs)
+        bound = inspect.signature(original).bind(model, *args, **kwargs)
+        bound.apply_defaults()
+        values = dict(list(bound.arguments.items())[1:])
+        params = inspect.signature(original).parameters
+        for name, value in values.items():
+            if name in plan.args:
+                continue
+            default = params[name].default
+            if value is not default and not _same(value, default):
+                raise TypeError(
+                    f"revify: the converted {type(model).__name__}.{plan.method} was traced with "
+                    f"{name}={default!r} and cannot take {name}={value!r}; call "
+                    "revify.revert(model) first, or convert with that value"
+                )
+        return _run_plan(plan, [values[a] for a in plan.args])
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+def _run_plan(plan: Plan, args: Sequence[Any]) -> Any:
+    env: dict[str, Any] = dict(zip(plan.args, args, strict=True))
+    for step in plan.steps:
+        token = _mode.current_step.set(step.run.name)
+        try:
+            outs = step.run(*(env[n] for n in step.inputs))
+        finally:
+            _mode.current_step.reset(token)
+        if isinstance(step.run, ReversibleStage):
+            outs = (outs,)
+        env.update(zip(step.outputs, outs, strict=True))
+        for name in step.release:
+            env.pop(name, None)
+    return fx.node.map_aggregate(plan.output, lambda n: env[n] if isinstance(n, _Ref) else n)
+
+
+class _Ref(str):
+    """A node name inside the stored output structure."""
+
+
+def stages(model: nn.Module) -> list[ReversibleStage]:
+    """The reversible stages of a converted model, in order (set ``alpha``/``beta`` on them)."""
+    plan = model.__dict__.get(_PLAN)
+    return list(plan.stages) if plan is not None else []
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Undo :func:`convert` in place: the model runs its original trunk method again."""
+    plan = model.__dict__.pop(_PLAN, None)
+    if plan is not None:
+        model.__dict__.pop(plan.method, None)
+    return model
+
+
+def _default_example(model: nn.Module) -> Tensor:
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if size is None:
+        size = (3, 224, 224)
+    return torch.zeros(2, *size)
+
+
+def convert(
+    model: nn.Module,
+    example_input: Tensor | Sequence[Any] | None = None,
+    *,
+    alpha: float = 0.0,
+    beta: float = 1.0,
+    checkpoint_stem: bool = True,
+    checkpoint_transitions: bool = True,
+    min_units: int = 1,
+    strict: bool = False,
+) -> nn.Module:
+    """Make training ``model`` store far less activation memory, in place; returns ``model``.
+
+    Chains of stride-1 identity residual units (``y = x + F(x)``, same shape in and out) become
+    reversible two-stream couplings ``x_{k+1} = beta*x_{k-1} + alpha*x_k + R_k(x_k)`` that keep
+    only their last two states and rebuild the rest in backward. The layers between chains
+    (stem, downsampling transitions) are checkpointed: only their inputs are kept. The same
+    ``Parameter`` objects stay in the model and ``state_dict()`` keys are unchanged, so an
+    optimizer built before conversion keeps working and checkpoints load both ways.
+
+    The converted model computes a different function from the original unless every stage
+    has a single unit (the coupling feeds unit k+1 with ``x_{k-1} + R_k(x_k)`` rather than
+    ``x_k + R_k(x_k)``); fine-tuning adapts the pretrained weights to it. Under
+    ``torch.no_grad()`` it runs as a plain forward; :func:`revify.plain_autograd` runs the same
+    function with ordinary autograd.
+
+    Args:
+        model: any ``nn.Module`` whose trunk torch.fx can trace (timm's leaf conventions apply).
+        example_input: an input (or tuple of inputs) of the trunk method, used only for shapes,
+            on fake tensors. Default: timm's ``pretrained_cfg['input_size']``, else 3x224x224.
+        alpha, beta: coupling coefficients for every stage. ``alpha=0, beta=1`` (the default)
+            is the RevNet coupling; gradients through it were as accurate as plain autograd's
+            (DESIGN.md §3). ``alpha=1, beta=1`` grows like Fibonacci and loses precision.
+        checkpoint_stem: checkpoint the layers before the first reversible stage.
+        checkpoint_transitions: checkpoint the layers between stages (downsampling).
+        min_units: shortest chain worth a reversible stage.
+        strict: raise :class:`ConversionError` instead of warning when nothing is converted.
+
+    Raises:
+        ConversionError: the trunk cannot be traced, or depends on ``self.training`` in a way
+            tracing would freeze, or (``strict``) it has no residual chain to convert.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"revify.convert: expected an nn.Module, got {type(model).__name__}")
+    if _PLAN in model.__dict__:
+        warnings.warn(
+            "revify.convert: model is already converted; returning it unchanged",
+            stacklevel=2,
+        )
+        return model
+    if min_units < 1:
+        raise ValueError(f"revify.convert: min_units must be >= 1, got {min_units}")
+    if example_input is None:
+        example_input = _default_example(model)
+    inputs = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+    options = dict(
+        alpha=alpha,
+        beta=beta,
+        checkpoint_stem=checkpoint_stem,
+        checkpoint_transitions=checkpoint_transitions,
+        min_units=min_units,
+    )
+    plan = _build_plan(model, inputs, options)
+    if not plan.stages:
+        why = "; ".join(f"{r.name}: {r.detail}" for r in plan.report if r.kind == "unchanged")
+        msg = (
+            f"revify.convert: no chain of identity residual units found in "
+            f"{type(model).__name__}.{plan.method}; the model is returned unchanged"
+            + (f" ({why})" if why else " (it has no residual adds)")
+        )
+        if strict:
+            raise ConversionError(msg)
+        warnings.warn(msg, stacklevel=2)
+        return model
+    model.__dict__[_PLAN] = plan
+    model.__dict__[plan.method] = _Rewritten(model, plan)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# The pass
+
+
+def _trace(model: nn.Module, method: str, leaves: Sequence[nn.Module] = ()) -> fx.Graph:
+    try:
+        return trace_method(model, method, leaves)
+    except Exception as e:  # torch.fx raises many exception types
+        raise ConversionError(
+            f"revify.convert: torch.fx cannot trace {type(model).__name__}.{method}: "
+            f"{type(e).__name__}: {e}. Make the offending module a timm notrace module "
+            "(timm.layers.register_notrace_module) or convert a traceable submodule instead"
+        ) from e
+
+
+def _scope(graph: fx.Graph, path: str) -> set[fx.Node]:
+    return {n for n in graph.nodes if path in module_path(n)}
+
+
+def _lca(paths: list[list[str]]) -> str:
+    common: list[str] = []
+    for level in zip(*paths, strict=False):
+        if all(p == level[0] for p in level):
+            common.append(level[0])
+        else:
+            break
+    return common[-1] if common else ""
+
+
+def _unit_modules(graph: fx.Graph, identity: list[Residual]) -> dict[str, list[Residual]]:
+    """Modules whose whole forward is one chain of identity residuals, innermost first."""
+    found: dict[str, list[Residual]] = {}
+    for r in identity:
+        path = _lca([module_path(n) for n in r.members])
+        if not path or path in found:
+            continue
+        scope = _scope(graph, path)
+        inside = [q for q in identity if q.members <= scope]
+        nested = {n for q in inside for n in q.region}
+        top = [q for q in inside if q.add not in nested]
+        covered = set().union(*(q.members for q in top)) if top else set()
+        if {n for n in scope if n.op != "get_attr"} - covered:
+            continue
+        links = chains([Unit(q.entry, q.exit, q.members, q) for q in top])
+        if len(links) != 1 or len(links[0]) != len(top):
+            continue
+        first, last = links[0][0], links[0][-1]
+        if first.entry in scope or any(u in scope for u in last.exit.users):
+            continue
+        found[path] = [u.residual for u in links[0]]
+    return found
+
+
+def _params_of(model: nn.Module, nodes: Sequence[fx.Node]) -> tuple[list[nn.Module], list[Tensor]]:
+    """Modules called and tensors read (parameters, buffers, get_attr) by ``nodes``."""
+    modules: dict[int, nn.Module] = {}
+    tensors: dict[int, Tensor] = {}
+    for n in nodes:
+        if n.op == "call_module":
+            m = model.get_submodule(n.target)
+            modules.setdefault(id(m), m)
+            for t in (*m.parameters(), *m.buffers()):
+                tensors.setdefault(id(t), t)
+        elif n.op == "get_attr":
+            obj: Any = model
+            for part in n.target.split("."):
+                obj = getattr(obj, part)
+            if isinstance(obj, Tensor):
+                tensors.setdefault(id(obj), obj)
+    return list(modules.values()), list(tensors.values())
+
+
+def _build_plan(model: nn.Module, inputs: tuple[Any, ...], options: dict[str, Any]) -> Plan:
+    method = entry_method(model)
+    args = required_args(model, method)
+    if len(args) != len(inputs):
+        raise ConversionError(
+            f"revify.convert: {type(model).__name__}.{method} takes {len(args)} input(s) "
+            f"({', '.join(args)}) but example_input gave {len(inputs)}"
+        )
+    for a in inputs:
+        if isinstance(a, Tensor) and not a.is_floating_point():
+            raise TypeError(
+                f"revify.convert: example_input must be floating point, got {a.dtype}"
+            )
+
+    # 1-2. Fine graph: find units and the modules that are whole units.
+    fine = _trace(model, method)
+    _propagate(model, fine, inputs, method)
+    residuals = find_residuals(fine)
+    identity = [r for r in residuals if r.kind == "identity"]
+    unit_modules = _unit_modules(fine, identity)
+    holding = {p for r in identity for n in r.members for p in module_path(n)}
+    leaves = [m for p, m in model.named_modules() if p and (p in unit_modules or p not in holding)]
+
+    # 3. Coarse graph: units are module calls or inline regions.
+    coarse = _trace(model, method, leaves)
+    _check_training_independent(model, method, leaves, coarse)
+    _propagate(model, coarse, inputs, method)
+    units: list[Unit] = []
+    for n in coarse.nodes:
+        if n.op == "call_module" and n.target in unit_modules:
+            (h,) = n.args if len(n.args) == 1 and not n.kwargs else (None,)
+            if isinstance(h, fx.Node) and tensor_shape(h) == tensor_shape(n) is not None:
+                units.append(Unit(h, n, {n}))
+    unit_calls = {u.exit for u in units}
+    for r in find_residuals(coarse):
+        if r.kind == "identity" and not unit_calls & set(r.region):
+            units.append(Unit(r.entry, r.exit, r.members, r))
+    order = {n: i for i, n in enumerate(coarse.nodes)}
+    units.sort(key=lambda u: order[u.exit])
+    found = [c for c in chains(units) if len(c) >= options["min_units"]]
+
+    report = _report_residuals(residuals, unit_modules, found, options)
+    stage_list = [_make_stage(model, c, options) for c in found]
+    steps, segments = _make_steps(model, coarse, found, stage_list, options, report)
+    output = next(n for n in coarse.nodes if n.op == "output").args[0]
+    output = fx.node.map_arg(output, lambda n: _Ref(n.name))
+    blocks = []
+    for step in steps:
+        if isinstance(step.run, ReversibleStage):
+            blocks += [Block(u.name, step.run.name, "reversible") for u in step.run.units]
+        else:
+            kind = "checkpointed" if step.run.checkpoint else "unchanged"
+            blocks += [Block(p, step.run.name, kind) for p in step.run.calls]
+    return Plan(method, args, steps, output, stage_list, segments, report, options, blocks)
+
+
+def _propagate(model: nn.Module, graph: fx.Graph, inputs: tuple[Any, ...], method: str) -> None:
+    try:
+        propagate_shapes(model, graph, inputs)
+    except Exception as e:
+        shapes = [tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__ for a in inputs]
+        raise ConversionError(
+            f"revify.convert: running {type(model).__name__}.{method} on example inputs of "
+            f"shape {shapes} failed ({type(e).__name__}: {e}); pass example_input= with the "
+            "shape the model expects"
+        ) from e
+
+
+def _check_training_independent(
+    model: nn.Module, method: str, leaves: Sequence[nn.Module], graph: fx.Graph
+) -> None:
+    """Tracing freezes Python branches on ``self.training``: refuse if train and eval differ."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.train(not model.training)
+        other = _trace(model, method, leaves)
+    finally:
+        for m, t in modes.items():
+            m.training = t
+    if other.python_code("self").src != graph.python_code("self").src:
+        raise ConversionError(
+            f"revify.convert: {type(model).__name__}.{method} takes different code paths in "
+            "train and eval mode outside its submodules; a traced copy would freeze one of "
+            "them. Move the mode-dependent code into a module (e.g. nn.Dropout)"
+        )
+
+
+def _make_stage(model: nn.Module, chain: list[Unit], options: dict[str, Any]) -> ReversibleStage:
+    made = []
+    paths = []
+    for u in chain:
+        if u.residual is None:
+            path = str(u.exit.target)
+            made.append(_ModuleUnit(path, model.get_submodule(path)))
+            paths.append(_prefixes(path))
+            continue
+        r = u.residual
+        only = r.region[0] if len(r.region) == 1 else None
+        name = r.owner or r.add.name
+        if (
+            r.post is None
+            and only is not None
+            and only.op == "call_module"
+            and only.args == (r.entry,)
+            and not only.kwargs
+        ):
+            made.append(_BranchUnit(f"{name}:{only.target}", model.get_submodule(only.target)))
+        else:
+            nodes = r.region + ([r.add, r.post] if r.post is not None else [])
+            out = r.post if r.post is not None else r.branch
+            code = GraphCode(extract(nodes, [r.entry], [out]))
+            modules, tensors = _params_of(model, nodes)
+            made.append(_GraphUnit(f"{name}:{r.add.name}", code, model, modules, tensors,
+                                   subtract_input=r.post is not None))
+        paths.append(_prefixes(r.owner))
+    lca = _lca(paths)
+    label = lca or f"{made[0].name}..{made[-1].name}"
+    return ReversibleStage(label, made, alpha=options["alpha"], beta=options["beta"])
+
+
+def _make_steps(
+    model: nn.Module,
+    graph: fx.Graph,
+    found: list[list[Unit]],
+    stage_list: list[ReversibleStage],
+    options: dict[str, Any],
+    report: list[ReportLine],
+) -> tuple[list[_Step], list[Segment]]:
+    """Split the coarse graph into segments and stages in execution order."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    members: dict[fx.Node, int] = {}
+    for ci, chain in enumerate(found):
+        for u in chain:
+            for n in u.members:
+                members[n] = ci
+    ends = [max(order[n] for u in c for n in u.members) for c in found]
+    buckets: list[list[fx.Node]] = [[] for _ in range(len(found) + 1)]
+    for n in graph.nodes:
+        if n.op in ("placeholder", "output") or n in members:
+            continue
+        buckets[sum(1 for e in ends if e < order[n])].append(n)
+
+    steps: list[_Step] = []
+    segments: list[Segment] = []
+    for i in range(len(found) + 1):
+        nodes = buckets[i]
+        if nodes:
+            seg = _make_segment(model, graph, nodes, i, len(found), stage_list, options, report)
+            segments.append(seg)
+            steps.append(seg.step)
+        if i < len(found):
+            chain = found[i]
+            steps.append(
+                _Step(stage_list[i], [chain[0].entry.name], [chain[-1].exit.name])
+            )
+    # Release each value after its last use so the plan keeps nothing alive.
+    last: dict[str, int] = {}
+    for si, st in enumerate(steps):
+        for name in st.inputs:
+            last[name] = si
+    output_names = set()
+    fx.node.map_arg(
+        next(n for n in graph.nodes if n.op == "output").args[0],
+        lambda n: output_names.add(n.name),
+    )
+    for name, si in last.items():
+        if name not in output_names:
+            steps[si].release.append(name)
+    return steps, segments
+
+
+def _make_segment(
+    model: nn.Module,
+    graph: fx.Graph,
+    nodes: list[fx.Node],
+    index: int,
+    n_chains: int,
+    stage_list: list[ReversibleStage],
+    options: dict[str, Any],
+    report: list[ReportLine],
+) -> Segment:
+    inside = set(nodes)
+    ins: list[fx.Node] = []
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a not in inside and a not in ins:
+                ins.append(a)
+    outs = [n for n in nodes if any(u not in inside for u in n.users)]
+    modules, tensors = _params_of(model, nodes)
+    if index == 0:
+        name, wanted = "stem", options["checkpoint_stem"]
+    elif index == n_chains:
+        name, wanted = "tail", False
+    else:
+        name = f"{stage_list[index - 1].name} -> {stage_list[index].name}"
+        wanted = options["checkpoint_transitions"]
+    has_params = any(True for m in modules for _ in m.parameters()) or bool(tensors)
+    tensor_outputs = all(tensor_shape(o) is not None for o in outs)
+    checkpoint = wanted and has_params and tensor_outputs
+    labels = sorted({str(n.target) for n in nodes if n.op == "call_module"}, key=_natural)
+    detail = ", ".join(labels[:6]) + (", ..." if len(labels) > 6 else "")
+    if checkpoint:
+        report.append(ReportLine(name, "checkpointed", detail))
+    else:
+        why = (
+            "tail after the last stage" if name == "tail" else
+            "disabled by option" if not wanted else
+            "no parameters" if not has_params else "non-tensor outputs"
+        )
+        report.append(ReportLine(name, "unchanged", f"{detail} ({why})"))
+    seg = Segment(name, GraphCode(extract(nodes, ins, outs)), model, modules, tensors, checkpoint)
+    seg.step = _Step(seg, [a.name for a in ins], [o.name for o in outs])
+    seg.calls = [str(n.target) for n in nodes if n.op == "call_module"]
+    return seg
+
+
+def _prefixes(path: str) -> list[str]:
+    """``"a.b.c"`` -> ``["a", "a.b", "a.b.c"]`` (module paths from the outermost)."""
+    parts = path.split(".") if path else []
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def _natural(s: str) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in s.replace(".", " . ").split()]
+
+
+def _report_residuals(
+    residuals: list[Residual],
+    unit_modules: dict[str, list[Residual]],
+    found: list[list[Unit]],
+    options: dict[str, Any],
+) -> list[ReportLine]:
+    min_units = options["min_units"]
+    converted_modules = {str(u.exit.target) for c in found for u in c if u.residual is None}
+    converted_adds = {u.residual.add.name for c in found for u in c if u.residual is not None}
+    in_module = {id(r): p for p, rs in unit_modules.items() for r in rs}
+    lines = []
+    for r in residuals:
+        path = in_module.get(id(r), r.owner or r.add.name)
+        if r.kind == "identity":
+            if path in converted_modules or r.add.name in converted_adds:
+                lines.append(ReportLine(path, "reversible", "identity residual"))
+            else:
+                lines.append(ReportLine(
+                    path, "unchanged",
+                    f"identity residual outside any chain of >= {min_units} units "
+                    "(an intermediate value is read elsewhere, or it is nested)"))
+        elif r.kind == "projection":
+            kind = "checkpointed" if options["checkpoint_transitions"] else "unchanged"
+            lines.append(ReportLine(path, kind, r.reason))
+        else:
+            lines.append(ReportLine(path, "unchanged", r.reason))
+    return list(dict.fromkeys(lines))
