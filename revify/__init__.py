@@ -5,11 +5,22 @@ that rebuild their activations in backward, and checkpoints the layers in betwee
 """
 
 from ._mode import plain_autograd as plain_autograd
+from .check import CheckReport as CheckReport
+from .check import check as check
 from .convert import ConversionError as ConversionError
 from .convert import convert as convert
 from .convert import revert as revert
 from .convert import stages as stages
 from .coupling import ReversibleStage as ReversibleStage
 
-__all__ = ["convert", "revert", "stages", "plain_autograd", "ReversibleStage", "ConversionError"]
+__all__ = [
+    "convert",
+    "revert",
+    "stages",
+    "check",
+    "CheckReport",
+    "plain_autograd",
+    "ReversibleStage",
+    "ConversionError",
+]
 __version__ = "0.1.0"

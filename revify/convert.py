@@ -341,7 +341,8 @@ def _build_plan(model: nn.Module, inputs: tuple[Any, ...], options: dict[str, An
     residuals = find_residuals(fine)
     identity = [r for r in residuals if r.kind == "identity"]
     unit_modules = _unit_modules(fine, identity)
-    holding = {p for r in identity for n in r.members for p in module_path(n)}
+    # Modules enclosing a residual add must be traced through; all others can stay leaves.
+    holding = {p for r in identity for n in (r.add, r.post) if n for p in _owner_paths(n)}
     leaves = [m for p, m in model.named_modules() if p and (p in unit_modules or p not in holding)]
 
     # 3. Coarse graph: units are module calls or inline regions.
@@ -419,7 +420,7 @@ def _make_stage(model: nn.Module, chain: list[Unit], options: dict[str, Any]) ->
             continue
         r = u.residual
         only = r.region[0] if len(r.region) == 1 else None
-        name = r.owner or r.add.name
+        name = f"{r.owner or 'root'}:{r.add.name}"
         if (
             r.post is None
             and only is not None
@@ -427,13 +428,13 @@ def _make_stage(model: nn.Module, chain: list[Unit], options: dict[str, Any]) ->
             and only.args == (r.entry,)
             and not only.kwargs
         ):
-            made.append(_BranchUnit(f"{name}:{only.target}", model.get_submodule(only.target)))
+            made.append(_BranchUnit(name, model.get_submodule(only.target)))
         else:
             nodes = r.region + ([r.add, r.post] if r.post is not None else [])
             out = r.post if r.post is not None else r.branch
             code = GraphCode(extract(nodes, [r.entry], [out]))
             modules, tensors = _params_of(model, nodes)
-            made.append(_GraphUnit(f"{name}:{r.add.name}", code, model, modules, tensors,
+            made.append(_GraphUnit(name, code, model, modules, tensors,
                                    subtract_input=r.post is not None))
         paths.append(_prefixes(r.owner))
     lca = _lca(paths)
@@ -535,6 +536,12 @@ def _make_segment(
     seg.step = _Step(seg, [a.name for a in ins], [o.name for o in outs])
     seg.calls = [str(n.target) for n in nodes if n.op == "call_module"]
     return seg
+
+
+def _owner_paths(node: fx.Node) -> list[str]:
+    """Module paths enclosing ``node``, excluding the leaf module a call_module node calls."""
+    paths = module_path(node)
+    return paths[:-1] if node.op == "call_module" else paths
 
 
 def _prefixes(path: str) -> list[str]:

@@ -130,6 +130,9 @@ class ReversibleStage:
         self.alpha = alpha
         self.beta = beta
         self.last_reconstruction_error: Tensor | None = None
+        # Debug switch used by revify.check: keep a copy of the input (defeats the memory
+        # saving) so the reconstruction error is measured against the true input.
+        self.record_input = False
 
     @property
     def alpha(self) -> float:
@@ -160,17 +163,26 @@ class ReversibleStage:
         return list(seen.values())
 
     def unit_tensors(self) -> list[list[Tensor]]:
-        """Per unit, the parameters and buffers it reads that require grad (deduplicated)."""
-        seen: set[int] = set()
+        """Per unit, the parameters and buffers it reads that require grad.
+
+        A module shared by two units (``x + f(x)`` twice) appears in both lists.
+        """
         out = []
         for u in self.units:
-            ts = []
+            ts: dict[int, Tensor] = {}
             for t in u.tensors():
-                if t.requires_grad and id(t) not in seen:
-                    seen.add(id(t))
-                    ts.append(t)
-            out.append(ts)
+                if t.requires_grad:
+                    ts.setdefault(id(t), t)
+            out.append(list(ts.values()))
         return out
+
+    def tensors(self) -> list[Tensor]:
+        """All tensors requiring grad read by the stage, once each (inputs of the function)."""
+        flat: dict[int, Tensor] = {}
+        for ts in self.unit_tensors():
+            for t in ts:
+                flat.setdefault(id(t), t)
+        return list(flat.values())
 
     def __call__(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or not x.is_floating_point():
@@ -178,7 +190,7 @@ class ReversibleStage:
                 f"revify: stage {self.name} expects a floating-point tensor, got "
                 f"{type(x).__name__ if not isinstance(x, Tensor) else x.dtype}"
             )
-        tensors = [t for ts in self.unit_tensors() for t in ts]
+        tensors = self.tensors()
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or bool(tensors))
         if not needs_grad or _mode.is_plain():
             return _forward(self, x, states=None)
@@ -227,6 +239,7 @@ class _ReversibleFunction(torch.autograd.Function):
         ctx.states = states
         ctx.in_dtype = x.dtype
         ctx.save_for_backward(x_prev, x_cur)
+        ctx.reference = x.detach().clone() if stage.record_input else None
         return out
 
     @staticmethod
@@ -242,7 +255,7 @@ class _ReversibleFunction(torch.autograd.Function):
         alpha, beta = stage.alpha, stage.beta
         x_prev, x_cur = ctx.saved_tensors
         unit_tensors = stage.unit_tensors()
-        flat = [t for ts in unit_tensors for t in ts]
+        flat = stage.tensors()
         needs = ctx.needs_input_grad[2:]
         if len(flat) != len(needs):
             raise RuntimeError(
@@ -318,8 +331,10 @@ class _ReversibleFunction(torch.autograd.Function):
         if completed:
             # hi = x_0 and mid = x_{-1}: two reconstructions of the stage input.
             with torch.no_grad():
-                scale = hi.abs().max().clamp_min(torch.finfo(hi.dtype).tiny)
-                stage.last_reconstruction_error = (mid - hi).abs().max() / scale
+                ref = hi if ctx.reference is None else ctx.reference.to(hi.dtype)
+                scale = ref.abs().max().clamp_min(torch.finfo(hi.dtype).tiny)
+                err = torch.maximum((mid - ref).abs().max(), (hi - ref).abs().max())
+                stage.last_reconstruction_error = err / scale
         dx = None
         if ctx.needs_input_grad[1]:
             parts = [a for a in (a_hi, a_mid) if a is not None]

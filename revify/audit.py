@@ -1,0 +1,722 @@
+"""``revify.audit``: the bytes a training step keeps for backward, block by block, before and
+after conversion, measured on fake tensors.
+
+NOTE [ Audit counting ]
+The audit runs the model's forward twice in train mode with grad enabled: once as it was before
+``convert`` (``_mode._original()``) and once converted. Both passes run under ``FakeTensorMode``
+through ``torch.func.functional_call`` with a fake copy of every parameter and buffer, so no
+activation is allocated and no state of the real model changes (a plain forward in train mode
+would increment BatchNorm's ``num_batches_tracked``). Every tensor autograd saves for backward goes
+through ``saved_tensors_hooks``; it is counted once per storage (``untyped_storage()._cdata``,
+with a reference kept so that the address is not reused during the pass), leaving out the storages
+of parameters and buffers, which are no activations. This is the counting of DESIGN.md §4.
+
+Each counted storage goes to the innermost block of ``plan.blocks`` whose module is running, else
+to the plan step running now (``_mode.current_step``: what a reversible stage or a checkpointed
+segment stores itself, its streams or its inputs), else to ``"other"`` (e.g. the classifier head
+outside the trunk).
+
+Known limitations:
+- Tensors that an autograd Function keeps on ``ctx`` attributes instead of ``save_for_backward``
+  are not seen (DESIGN.md §4: measure the RSS of a fresh process as well).
+- The training peak is an estimate (see :attr:`AuditReport.working_set_bytes`), not a measurement.
+- Code that branches on tensor values cannot run on fake tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import _mode
+from .convert import Block, Plan, ReportLine, convert
+from .coupling import ReversibleStage, _stream_dtype
+
+__all__ = ["audit", "AuditReport", "AuditRow"]
+
+_PLAN = "_revify_plan"
+_OPTIMIZER_STATES = {"sgd": 1, "adam": 2, "adamw": 2, "none": 0}  # state tensors per parameter
+_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+_OTHER = "other"
+
+# An attribution key: ("block", path), ("step", step name) or ("other", "").
+_Key = tuple[str, str]
+
+
+# ----------------------------------------------------------------------------------------------
+# The report
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    """Bytes saved for backward by one block (or by a plan step itself), before and after.
+
+    ``kind`` is ``"block"`` for a block of ``plan.blocks``, ``"step"`` for what a stage or
+    segment stores itself (a stage's streams, a checkpointed segment's inputs) and ``"other"``
+    for everything outside the trunk's blocks and steps.
+    """
+
+    name: str
+    treatment: str  # "reversible", "checkpointed" or "unchanged"
+    output_shape: tuple[int, ...] | None  # (B, C, H, W) of the block's output, if a tensor
+    bytes_before: int
+    bytes_after: int
+    step: str | None = None  # plan step (stage or segment) that runs it
+    kind: str = "block"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["output_shape"] = list(self.output_shape) if self.output_shape is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> AuditRow:
+        shape = d.get("output_shape")
+        kwargs = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+        kwargs["output_shape"] = tuple(shape) if shape is not None else None
+        return cls(**kwargs)
+
+
+@dataclass
+class AuditReport:
+    """Result of :func:`audit`: bytes as data (``to_dict``/``to_json``) and displays
+    (``to_markdown``, ``print_rich``/``__rich__``, ``plot``).
+
+    ``rows`` hold the bytes saved for backward per block; the other byte counts describe the
+    model's persistent memory for a training step. All sizes are in bytes.
+    """
+
+    model: str
+    input_shape: tuple[int, ...]  # (B, C, H, W) of the audited input
+    dtype: str
+    rows: list[AuditRow]
+    param_bytes: int
+    buffer_bytes: int
+    grad_bytes: int  # parameters that require grad
+    optimizer: str
+    optimizer_bytes: int
+    working_set_bytes: int
+    report: list[ReportLine] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_shape[0]
+
+    @property
+    def saved_before(self) -> int:
+        """Bytes saved for backward by the original model."""
+        return sum(r.bytes_before for r in self.rows)
+
+    @property
+    def saved_after(self) -> int:
+        """Bytes saved for backward by the converted model."""
+        return sum(r.bytes_after for r in self.rows)
+
+    @property
+    def ratio(self) -> float | None:
+        """``saved_after / saved_before`` (None when nothing is saved before)."""
+        return self.saved_after / self.saved_before if self.saved_before else None
+
+    @property
+    def peak_bytes(self) -> int:
+        """Estimated training peak: weights, buffers, grads, optimizer state, saved activations
+        of the converted model and the backward's working set (an estimate, not a measure)."""
+        return (
+            self.param_bytes + self.buffer_bytes + self.grad_bytes + self.optimizer_bytes
+            + self.saved_after + self.working_set_bytes
+        )
+
+    # -- data --------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict: the fields plus the derived totals (bytes, not formatted)."""
+        d: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["input_shape"] = list(self.input_shape)
+        d["rows"] = [r.to_dict() for r in self.rows]
+        d["report"] = [{"name": r.name, "kind": r.kind, "detail": r.detail} for r in self.report]
+        d["options"] = dict(self.options)
+        d.update(
+            batch_size=self.batch_size,
+            saved_before=self.saved_before,
+            saved_after=self.saved_after,
+            ratio=self.ratio,
+            peak_bytes=self.peak_bytes,
+        )
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> AuditReport:
+        """Inverse of :meth:`to_dict` (derived totals are recomputed, not read)."""
+        kwargs = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+        kwargs["input_shape"] = tuple(d["input_shape"])
+        kwargs["rows"] = [AuditRow.from_dict(r) for r in d["rows"]]
+        kwargs["report"] = [ReportLine(**r) for r in d.get("report", [])]
+        return cls(**kwargs)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    # -- display -----------------------------------------------------------------------------
+
+    def summary(self) -> list[tuple[str, int]]:
+        """The estimated training peak as ``(label, bytes)`` pairs, the total last."""
+        return [
+            ("weights (parameters)", self.param_bytes),
+            ("buffers", self.buffer_bytes),
+            ("gradients", self.grad_bytes),
+            (f"optimizer state ({self.optimizer})", self.optimizer_bytes),
+            ("saved for backward (converted)", self.saved_after),
+            ("backward working set (estimate)", self.working_set_bytes),
+            ("training peak (estimate)", self.peak_bytes),
+        ]
+
+    def notes(self) -> list[str]:
+        """The pass's decisions other than "reversible": what was checkpointed or left alone."""
+        return [f"{r.name} ({r.kind}): {r.detail}" for r in self.report if r.kind != "reversible"]
+
+    def _title(self) -> str:
+        shape = "x".join(str(s) for s in self.input_shape)
+        return f"revify audit: {self.model}, input {shape} {self.dtype}, train mode"
+
+    def _ratio_text(self) -> str:
+        return f"{self.ratio:.3f}" if self.ratio is not None else "n/a"
+
+    def to_markdown(self, units: str = "MiB") -> str:
+        """A markdown table of the rows, the totals, the estimated peak and the pass's notes."""
+        div = _divisor(units)
+        if not self.rows:
+            return f"## {self._title()}\n\nNo memory tracked.\n"
+        lines = [
+            f"## {self._title()}",
+            "",
+            f"| block | treatment | output shape | before ({units}) | after ({units}) |",
+            "| --- | --- | --- | ---: | ---: |",
+        ]
+        for r in self.rows:
+            lines.append(
+                f"| {r.name} | {r.treatment} | {_shape_text(r.output_shape)} "
+                f"| {_fmt(r.bytes_before, div)} | {_fmt(r.bytes_after, div)} |"
+            )
+        lines += [
+            f"| **total** | | | **{_fmt(self.saved_before, div)}** "
+            f"| **{_fmt(self.saved_after, div)}** |",
+            "",
+            f"Saved for backward: {_fmt(self.saved_before, div)} {units} before, "
+            f"{_fmt(self.saved_after, div)} {units} after (ratio {self._ratio_text()}).",
+            "",
+            f"| training memory | {units} |",
+            "| --- | ---: |",
+        ]
+        lines += [f"| {label} | {_fmt(b, div)} |" for label, b in self.summary()]
+        if self.notes():
+            lines += ["", "Not made reversible:", ""] + [f"- {n}" for n in self.notes()]
+        return "\n".join(lines) + "\n"
+
+    def __rich__(self) -> Any:
+        return self._rich_group("MiB")
+
+    def _rich_group(self, units: str) -> Any:
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
+        div = _divisor(units)
+        if not self.rows:
+            return Text("No memory tracked.")
+        table = Table(title=Text(self._title()), show_footer=True)
+        table.add_column("block", footer="total")
+        table.add_column("treatment")
+        table.add_column("output shape")
+        table.add_column(f"before ({units})", justify="right", footer=_fmt(self.saved_before, div))
+        table.add_column(f"after ({units})", justify="right", footer=_fmt(self.saved_after, div))
+        style = {"reversible": "green", "checkpointed": "cyan", "unchanged": "yellow"}
+        for r in self.rows:
+            table.add_row(  # Text, not str: "[stage state]" is no rich markup
+                Text(r.name), Text(r.treatment, style=style.get(r.treatment, "")),
+                _shape_text(r.output_shape), _fmt(r.bytes_before, div), _fmt(r.bytes_after, div),
+            )
+        peak = Table(title=f"training memory, ratio after/before {self._ratio_text()}")
+        peak.add_column("")
+        peak.add_column(units, justify="right")
+        for label, b in self.summary():
+            peak.add_row(Text(label), _fmt(b, div))
+        parts: list[Any] = [table, peak]
+        if self.notes():
+            parts.append(Text("Not made reversible:\n" + "\n".join(f"  {n}" for n in self.notes())))
+        return Group(*parts)
+
+    def print_rich(self, console: Any = None, units: str = "MiB") -> None:
+        """Print the tables with ``rich`` on ``console`` (default: a new ``Console``)."""
+        from rich.console import Console
+
+        (console or Console()).print(self._rich_group(units))
+
+    def plot(self, path: Any, units: str = "MiB") -> Any:
+        """Bar chart of the bytes before/after per row, saved to ``path`` (format from its
+        suffix); returns ``path``. Uses matplotlib's Agg canvas, leaving pyplot's backend alone."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        div = _divisor(units)
+        names = [r.name for r in self.rows] or ["(no memory tracked)"]
+        y = list(range(len(names)))
+        fig = Figure(figsize=(9, max(3.0, 0.22 * len(names) + 1.5)))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        ax.barh([i - 0.2 for i in y], [r.bytes_before / div for r in self.rows] or [0],
+                height=0.4, label="before")
+        ax.barh([i + 0.2 for i in y], [r.bytes_after / div for r in self.rows] or [0],
+                height=0.4, label="after")
+        ax.set_yticks(y, names, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"saved for backward ({units})")
+        ax.set_title(self._title(), fontsize=9)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path)
+        return path
+
+
+def _divisor(units: str) -> int:
+    if units not in _UNITS:
+        raise ValueError(f"revify.audit: unknown units {units!r}; use one of {list(_UNITS)}")
+    return _UNITS[units]
+
+
+def _fmt(n: int, div: int) -> str:
+    return f"{n / div:.2f}"
+
+
+def _shape_text(shape: tuple[int, ...] | None) -> str:
+    return "x".join(str(s) for s in shape) if shape is not None else "-"
+
+
+# ----------------------------------------------------------------------------------------------
+# The front
+
+
+@dataclass(frozen=True)
+class _InputSpec:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    example: Tensor | None  # the caller's tensor, if one was given
+
+
+def audit(
+    model: nn.Module,
+    example_input_or_shape: Tensor | Sequence[int],
+    batch_size: int | None = None,
+    *,
+    optimizer: str = "sgd",
+    **convert_kwargs: Any,
+) -> AuditReport:
+    """How much memory ``revify.convert`` saves on ``model``, per block, without running it.
+
+    Runs the forward of the original and of the converted model in train mode on fake tensors
+    (``FakeTensorMode``): nothing of the activations' size is allocated and no parameter, buffer
+    (BatchNorm statistics included), training flag or RNG state of ``model`` changes, so
+    ``resnet152`` at batch 256 is audited in seconds on a CPU. It counts the bytes autograd saves
+    for backward, once per storage and without parameters and buffers (see
+    NOTE [ Audit counting ]); on real tensors the same count agrees within a few percent.
+
+    An unconverted model is audited on a ``copy.deepcopy`` converted with
+    ``revify.convert(copy, example, **convert_kwargs)`` (its weights are copied once; convert
+    the model first to avoid that). A converted model is audited as is, with its original code
+    giving the "before" numbers.
+
+    The training peak it reports is an estimate: weights + buffers + gradients + optimizer state
+    + bytes saved by the converted model + the backward's working set, estimated as the largest
+    "before" bytes of one reversible unit or one checkpointed segment (what a recompute stores)
+    plus four stream-sized tensors of the largest stage (the streams and their adjoints). It
+    ignores allocator fragmentation and temporary buffers of individual kernels.
+
+    Args:
+        model: an ``nn.Module`` (converted or not), on any device.
+        example_input_or_shape: a floating-point tensor (B, C, H, W), used only for its shape,
+            dtype and device; or a shape: ``(C, H, W)`` (``batch_size`` gives B) or a full
+            ``(B, C, H, W)``. A shape gets the dtype and device of the model's parameters.
+        batch_size: B for a ``(C, H, W)`` shape (default 1); with a tensor it replaces the
+            tensor's batch size; with a full shape it must equal ``shape[0]``.
+        optimizer: ``"sgd"`` (with momentum: one state tensor per parameter), ``"adam"`` or
+            ``"adamw"`` (two), or ``"none"``; only for the peak estimate.
+        **convert_kwargs: passed to :func:`revify.convert` (``alpha``, ``beta``,
+            ``checkpoint_stem``...) when ``model`` is not converted yet.
+
+    Returns:
+        An :class:`AuditReport`; ``print(report.to_markdown())`` or ``report.print_rich()``.
+
+    Raises:
+        TypeError: ``model`` is not a module, or the example is neither a floating-point
+            tensor nor a shape of ints.
+        ValueError: bad ``batch_size``, shape or ``optimizer``.
+        RuntimeError: the forward fails on fake tensors of that shape (e.g. BatchNorm in
+            train mode with one value per channel).
+        revify.ConversionError: from ``convert``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"revify.audit: expected an nn.Module, got {type(model).__name__}")
+    states = _optimizer_states(optimizer)
+    spec = _input_spec(model, example_input_or_shape, batch_size)
+    if _PLAN not in model.__dict__:
+        model = convert(copy.deepcopy(model), _convert_example(spec), **convert_kwargs)
+    return _audit_impl(model, spec, optimizer.lower(), states)
+
+
+def _optimizer_states(optimizer: str) -> int:
+    states = _OPTIMIZER_STATES.get(str(optimizer).lower())
+    if states is None:
+        raise ValueError(
+            f"revify.audit: unknown optimizer {optimizer!r}; use one of {list(_OPTIMIZER_STATES)}"
+        )
+    return states
+
+
+def _input_spec(model: nn.Module, example: Any, batch_size: int | None) -> _InputSpec:
+    """Shape, dtype and device of the audited input, from a tensor or a shape tuple."""
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
+        raise ValueError(f"revify.audit: batch_size must be a positive int, got {batch_size!r}")
+    if isinstance(example, Tensor):
+        if not example.is_floating_point():
+            raise TypeError(
+                f"revify.audit: the example input must be a floating-point tensor, got "
+                f"{example.dtype}; pass a float tensor or a shape such as (3, 224, 224)"
+            )
+        shape = tuple(example.shape)
+        if batch_size is not None and shape:
+            shape = (batch_size, *shape[1:])
+        return _InputSpec(shape, example.dtype, example.device, example)
+    if not isinstance(example, (tuple, list, torch.Size)) or not all(
+        isinstance(s, int) and not isinstance(s, bool) for s in example
+    ):
+        raise TypeError(
+            "revify.audit: example_input_or_shape must be a floating-point tensor or a shape of "
+            f"ints such as (3, 224, 224), got {example!r:.80}"
+        )
+    if not example or any(s < 1 for s in example):
+        raise ValueError(f"revify.audit: shape must hold positive sizes, got {tuple(example)}")
+    shape = tuple(example)
+    if len(shape) == 4:
+        if batch_size is not None and batch_size != shape[0]:
+            raise ValueError(
+                f"revify.audit: batch_size={batch_size} contradicts the full shape {shape}; "
+                "pass (C, H, W) with batch_size, or the full shape alone"
+            )
+    else:
+        shape = (batch_size or 1, *shape)
+    dtype, device = _param_dtype_device(model)
+    return _InputSpec(shape, dtype, device, None)
+
+
+def _param_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype, p.device
+    return torch.get_default_dtype(), torch.device("cpu")
+
+
+def _convert_example(spec: _InputSpec) -> Tensor:
+    """The example ``convert`` traces with: the caller's tensor, else a batch of at most 2
+    zeros (``convert`` only reads shapes; the plan does not depend on the batch size)."""
+    if spec.example is not None:
+        return spec.example
+    return torch.zeros(min(spec.shape[0], 2), *spec.shape[1:], dtype=spec.dtype,
+                       device=spec.device)
+
+
+def _audit_impl(model: nn.Module, spec: _InputSpec, optimizer: str, states: int) -> AuditReport:
+    plan: Plan | None = model.__dict__.get(_PLAN)
+    blocks = plan.blocks if plan is not None else _child_blocks(model)
+    labels = _block_labels(model, plan, blocks)
+    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    with _mode._original():
+        before = _fake_pass(model, spec, labels, shapes)
+    after = _fake_pass(model, spec, labels, None) if plan is not None else before
+    rows = _rows(plan, blocks, before, after, shapes)
+    param_bytes = _storage_bytes(model.parameters())
+    grad_bytes = _storage_bytes(p for p in model.parameters() if p.requires_grad)
+    return AuditReport(
+        model=type(model).__name__,
+        input_shape=spec.shape,
+        dtype=str(spec.dtype).removeprefix("torch."),
+        rows=rows,
+        param_bytes=param_bytes,
+        buffer_bytes=_storage_bytes(model.buffers()),
+        grad_bytes=grad_bytes,
+        optimizer=optimizer,
+        optimizer_bytes=states * grad_bytes,
+        working_set_bytes=_working_set(plan, rows, shapes),
+        report=list(plan.report) if plan is not None else [
+            ReportLine(type(model).__name__, "unchanged", "no chain of identity residual units")
+        ],
+        options=dict(plan.options) if plan is not None else {},
+    )
+
+
+def _child_blocks(model: nn.Module) -> list[Block]:
+    """Rows for a model ``convert`` left alone: its direct children."""
+    return [Block(name, "", "unchanged") for name, _ in model.named_children()]
+
+
+def _storage_bytes(tensors: Iterable[Tensor]) -> int:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        st = t.untyped_storage()
+        seen[st._cdata] = st.nbytes()
+    return sum(seen.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# Counting
+
+
+class _SavedBytes:
+    """Pack hook for ``saved_tensors_hooks``: bytes per attribution key, one count per storage.
+
+    ``stack`` holds the keys of the block modules running now (pushed and popped by hooks).
+    """
+
+    def __init__(self, excluded: set[int]) -> None:
+        self.excluded = excluded
+        self.seen: set[int] = set()
+        self.keep: list[Tensor] = []  # keeps storages alive so that addresses are not reused
+        self.stack: list[_Key] = []
+        self.bytes: dict[_Key, int] = defaultdict(int)
+
+    def pack(self, t: Tensor) -> Tensor:
+        st = t.untyped_storage()
+        key = st._cdata
+        if key not in self.excluded and key not in self.seen:
+            self.seen.add(key)
+            self.keep.append(t)
+            self.bytes[self._owner()] += st.nbytes()
+        return t
+
+    def _owner(self) -> _Key:
+        if self.stack:
+            return self.stack[-1]
+        step = _mode.current_step.get()
+        return ("step", step) if step is not None else (_OTHER, "")
+
+
+def _unpack(t: Tensor) -> Tensor:
+    return t
+
+
+def _block_labels(model: nn.Module, plan: Plan | None, blocks: list[Block]) -> dict[nn.Module, str]:
+    """Module -> block name. An inline unit (``owner:add``) has no module of its own: its
+    branch's modules stand for it."""
+    units = {u.name: u for s in (plan.stages if plan is not None else []) for u in s.units}
+    labels: dict[nn.Module, str] = {}
+    for b in blocks:
+        if b.name in units and ":" in b.name:
+            modules = list(units[b.name].modules)
+        else:
+            try:
+                modules = [model.get_submodule(b.name)]
+            except AttributeError:
+                modules = []
+        for m in modules:
+            labels.setdefault(m, b.name)
+    return labels
+
+
+@contextlib.contextmanager
+def _hooks(
+    labels: dict[nn.Module, str],
+    counter: _SavedBytes,
+    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] | None,
+) -> Iterator[None]:
+    """Push/pop each block's key around its forward; record output shapes into ``shapes``."""
+    counts = Counter(labels.values())
+    handles = []
+    for module, name in labels.items():
+        handles.append(module.register_forward_pre_hook(_push(counter, ("block", name))))
+        handles.append(
+            module.register_forward_hook(_pop(counter, name, shapes, counts[name] == 1),
+                                         always_call=True)
+        )
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _push(counter: _SavedBytes, key: _Key) -> Callable[..., None]:
+    def hook(module: nn.Module, args: Any) -> None:
+        counter.stack.append(key)
+
+    return hook
+
+
+def _pop(
+    counter: _SavedBytes,
+    name: str,
+    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] | None,
+    record: bool,
+) -> Callable[..., None]:
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        counter.stack.pop()
+        if shapes is not None and record and isinstance(output, Tensor):
+            shapes.setdefault(name, (tuple(output.shape), output.dtype))
+
+    return hook
+
+
+@contextlib.contextmanager
+def _train_mode(model: nn.Module) -> Iterator[None]:
+    """Train mode for the pass; every module's own ``training`` flag is restored after."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.train()
+    try:
+        yield
+    finally:
+        for m, t in flags:
+            m.training = t
+
+
+def _fake_pass(
+    model: nn.Module,
+    spec: _InputSpec,
+    labels: dict[nn.Module, str],
+    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] | None,
+) -> dict[_Key, int]:
+    """One train-mode forward on fake tensors; bytes saved for backward per key."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    state = _fake_state(model, fake_mode)
+    real = [*model.parameters(), *model.buffers()]
+    excluded = {t.untyped_storage()._cdata for t in [*state.values(), *real]}
+    counter = _SavedBytes(excluded)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_train_mode(model))
+        stack.enter_context(torch.random.fork_rng(devices=[]))
+        stack.enter_context(fake_mode)
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(_hooks(labels, counter, shapes))
+        stack.enter_context(torch.autograd.graph.saved_tensors_hooks(counter.pack, _unpack))
+        x = torch.empty(spec.shape, dtype=spec.dtype, device=spec.device)
+        try:
+            torch.func.functional_call(model, state, (x,))
+        except Exception as e:
+            raise RuntimeError(
+                f"revify.audit: the train-mode forward of {type(model).__name__} on a fake "
+                f"input of shape {spec.shape} failed ({type(e).__name__}: {e}); check the "
+                "shape and batch size"
+            ) from e
+    return dict(counter.bytes)
+
+
+def _fake_state(model: nn.Module, fake_mode: Any) -> dict[str, Tensor]:
+    """A fake copy of every parameter (same ``requires_grad``) and buffer, by name.
+
+    Running on these, BatchNorm updates the fakes' running statistics, not the model's.
+    """
+    state: dict[str, Tensor] = {}
+    for name, p in model.named_parameters():
+        state[name] = fake_mode.from_tensor(p).requires_grad_(p.requires_grad)
+    for name, b in model.named_buffers():
+        state[name] = fake_mode.from_tensor(b)
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows and the working-set estimate
+
+
+def _step_rows(plan: Plan | None) -> dict[str, tuple[str, str]]:
+    """Step name -> (row label, treatment), in execution order."""
+    out: dict[str, tuple[str, str]] = {}
+    for step in plan.steps if plan is not None else []:
+        run = step.run
+        if isinstance(run, ReversibleStage):
+            out.setdefault(run.name, (f"{run.name} [stage state]", "reversible"))
+        elif run.checkpoint:
+            out.setdefault(run.name, (f"{run.name} [checkpoint inputs]", "checkpointed"))
+        else:
+            out.setdefault(run.name, (f"{run.name} [outside blocks]", "unchanged"))
+    return out
+
+
+def _rows(
+    plan: Plan | None,
+    blocks: list[Block],
+    before: dict[_Key, int],
+    after: dict[_Key, int],
+    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]],
+) -> list[AuditRow]:
+    """One row per block in plan order, each step's own row after its blocks, then "other"."""
+    rows: list[AuditRow] = []
+    steps = _step_rows(plan)
+    by_step: dict[str, list[Block]] = defaultdict(list)
+    for b in blocks:
+        by_step[b.step].append(b)
+    order = list(steps) + [s for s in by_step if s not in steps]
+    for step in order:
+        for b in by_step.get(step, []):
+            key = ("block", b.name)
+            shape = shapes.get(b.name, (None, None))[0]
+            rows.append(AuditRow(b.name, b.treatment, shape, before.get(key, 0),
+                                 after.get(key, 0), b.step or None))
+        if step in steps:
+            key = ("step", step)
+            label, treatment = steps[step]
+            if before.get(key, 0) or after.get(key, 0):
+                rows.append(AuditRow(label, treatment, None, before.get(key, 0),
+                                     after.get(key, 0), step, "step"))
+    key = (_OTHER, "")
+    rows.append(AuditRow(_OTHER, "unchanged", None, before.get(key, 0), after.get(key, 0),
+                         None, "other"))
+    return rows
+
+
+def _working_set(
+    plan: Plan | None,
+    rows: list[AuditRow],
+    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]],
+) -> int:
+    """Estimated extra memory of the backward: the largest recompute plus four streams.
+
+    A reversible unit's recompute stores what the unit stored before conversion, a checkpointed
+    segment's recompute what the segment stored; the stage's backward also holds two streams
+    and two adjoints of the stream's size.
+    """
+    if plan is None:
+        return 0
+    blocks = [r for r in rows if r.kind == "block"]
+    unit = max((r.bytes_before for r in blocks if r.treatment == "reversible"), default=0)
+    segments = [s.name for s in plan.segments if s.checkpoint]
+    segment = max(
+        (sum(r.bytes_before for r in rows if r.step == s) for s in segments), default=0
+    )
+    stream = max((_stream_bytes(s, rows, shapes) for s in plan.stages), default=0)
+    return max(unit, segment) + 4 * stream
+
+
+def _stream_bytes(
+    stage: ReversibleStage,
+    rows: list[AuditRow],
+    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]],
+) -> int:
+    """Bytes of one stream of ``stage``: its last unit's output in the stream dtype, else half
+    of what the stage stores (its two last states)."""
+    for unit in reversed(stage.units):
+        if unit.name in shapes:
+            shape, dtype = shapes[unit.name]
+            return math.prod(shape) * torch.finfo(_stream_dtype(dtype)).bits // 8
+    stored = sum(r.bytes_after for r in rows if r.kind == "step" and r.step == stage.name)
+    return stored // 2

@@ -1,0 +1,186 @@
+"""``revify.check``: is a converted model's backward as accurate as ordinary autograd?
+
+For one training step on the given input it measures, per reversible stage:
+
+- the reconstruction error of the stage input, rebuilt by the backward from the stage's last
+  two states, against the true input;
+- the gradient error of revify's backward against a float64 truth (ordinary autograd of the
+  same converted function in float64), divided by the error of ordinary autograd at the
+  model's own precision. A ratio near 1 means reversibility added no error (DESIGN.md §4).
+
+The model's parameters, buffers (BatchNorm statistics) and RNG state are left as they were.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._mode import plain_autograd
+from .convert import _PLAN, stages
+
+__all__ = ["check", "CheckReport", "StageCheck"]
+
+
+@dataclass
+class StageCheck:
+    """Figures for one reversible stage (``nan`` where the stage has no trainable parameter)."""
+
+    name: str
+    units: int
+    reconstruction_error: float  # max|x_rec - x| / max|x|
+    grad_error: float  # ||g_revify - g64|| / ||g64|| over the stage's parameters
+    plain_grad_error: float  # same for ordinary autograd at the model's precision
+    ratio: float  # grad_error / plain_grad_error
+
+
+@dataclass
+class CheckReport:
+    """Result of :func:`check`; ``stages`` has one row per reversible stage, in order."""
+
+    precision: str
+    stages: list[StageCheck] = field(default_factory=list)
+    grad_error: float = math.nan  # over every parameter and the input
+    plain_grad_error: float = math.nan
+    ratio: float = math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        lines = [f"revify.check ({self.precision}): grad error {self.grad_error:.3g}, "
+                 f"plain autograd {self.plain_grad_error:.3g}, ratio {self.ratio:.3g}"]
+        for s in self.stages:
+            lines.append(
+                f"  {s.name:<24} units={s.units:<3} reconstruction={s.reconstruction_error:.2e} "
+                f"grad={s.grad_error:.3g} plain={s.plain_grad_error:.3g} ratio={s.ratio:.3g}"
+            )
+        return "\n".join(lines)
+
+
+def _rel(a: Sequence[Tensor | None], b: Sequence[Tensor | None]) -> float:
+    """``||a - b|| / ||b||`` over the pairs where the reference ``b`` exists."""
+    num = den = 0.0
+    for x, y in zip(a, b, strict=True):
+        if y is None:
+            continue
+        y64 = y.double()
+        x64 = torch.zeros_like(y64) if x is None else x.double()
+        num += float((x64 - y64).pow(2).sum())
+        den += float(y64.pow(2).sum())
+    return math.sqrt(num / den) if den > 0 else math.nan
+
+
+@contextmanager
+def _restored(model: nn.Module) -> Iterator[None]:
+    """Put every buffer back afterwards (each step updates BatchNorm statistics)."""
+    saved = {k: v.detach().clone() for k, v in model.named_buffers()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for k, v in model.named_buffers():
+                v.copy_(saved[k])
+
+
+def _step(
+    model: nn.Module, x: Tensor, weight: Tensor, params: list[nn.Parameter],
+    autocast: torch.dtype | None, seed: int,
+) -> list[Tensor | None]:
+    """Gradients of a fixed random projection of the output, input gradient last."""
+    x = x.detach().requires_grad_(True)
+    with torch.random.fork_rng(devices=[]), _restored(model):
+        torch.manual_seed(seed)
+        ctx = torch.autocast(x.device.type, dtype=autocast) if autocast else nullcontext()
+        with ctx:
+            y = model(x)
+        y = y[0] if isinstance(y, (tuple, list)) else y
+        dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
+        loss = (y.to(dtype) * weight.to(y.device, dtype).view_as(y)).sum()
+        grads = torch.autograd.grad(loss, [*params, x], allow_unused=True)
+    return list(grads)
+
+
+def check(
+    model: nn.Module,
+    example_input: Tensor,
+    *,
+    autocast: torch.dtype | None = None,
+    seed: int = 0,
+) -> CheckReport:
+    """Measure reconstruction and gradient errors of a converted model on ``example_input``.
+
+    Args:
+        model: a model converted with :func:`revify.convert`, in the mode you train it in.
+        example_input: a floating-point input batch (a few samples suffice).
+        autocast: e.g. ``torch.bfloat16`` to check under autocast on the input's device.
+        seed: RNG seed, so dropout and DropPath draw the same masks in every run.
+
+    Runs three steps: float64 ordinary autograd on a deep copy (the truth), revify's backward
+    and ordinary autograd at the model's precision. Costs about three training steps and a
+    float64 copy of the model.
+    """
+    if _PLAN not in model.__dict__:
+        raise ValueError("revify.check: model is not converted; call revify.convert(model) first")
+    if not isinstance(example_input, Tensor):
+        raise TypeError(
+            f"revify.check: example_input must be a tensor, got {type(example_input).__name__}"
+        )
+    if not example_input.is_floating_point():
+        raise TypeError(
+            f"revify.check: example_input must be floating point, got {example_input.dtype}"
+        )
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = {id(p): i for i, p in enumerate(params)}
+    with torch.no_grad(), _restored(model), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out = model(example_input)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    gen = torch.Generator().manual_seed(seed + 1)
+    weight = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+
+    ref = copy.deepcopy(model).double()
+    ref_params = [p for p in ref.parameters() if p.requires_grad]
+    with plain_autograd():
+        truth = _step(ref, example_input.double(), weight, ref_params, None, seed)
+    del ref
+
+    stage_list = stages(model)
+    for st in stage_list:
+        st.record_input = True
+    try:
+        rev = _step(model, example_input, weight, params, autocast, seed)
+    finally:
+        for st in stage_list:
+            st.record_input = False
+    with plain_autograd():
+        plain = _step(model, example_input, weight, params, autocast, seed)
+
+    precision = f"autocast {autocast}" if autocast else str(example_input.dtype)
+    report = CheckReport(precision)
+    report.grad_error = _rel(rev, truth)
+    report.plain_grad_error = _rel(plain, truth)
+    report.ratio = _ratio(report.grad_error, report.plain_grad_error)
+    for st in stage_list:
+        idx = [names[id(t)] for t in st.tensors() if id(t) in names]
+        g_err = _rel([rev[i] for i in idx], [truth[i] for i in idx])
+        p_err = _rel([plain[i] for i in idx], [truth[i] for i in idx])
+        rec = st.last_reconstruction_error
+        report.stages.append(StageCheck(
+            st.name, len(st.units), math.nan if rec is None else float(rec),
+            g_err, p_err, _ratio(g_err, p_err),
+        ))
+    return report
+
+
+def _ratio(a: float, b: float) -> float:
+    if b == 0:
+        return 1.0 if a == 0 else math.inf
+    return a / b

@@ -1,0 +1,102 @@
+"""Shared helpers: build small models with non-zero residual branches, compare gradients."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import revify
+
+
+class InlineNet(nn.Module):
+    """Residuals written inline in ``forward`` (no block class), one branch module shared."""
+
+    def __init__(self, width: int = 8, classes: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, stride=2, padding=1)
+        self.f1 = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()
+        )
+        self.f2 = nn.Conv2d(width, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.f1(x)
+        x = x + self.drop(self.bn(self.f2(x)))
+        x = torch.relu(x + self.f1(x))
+        return self.head(x.mean((2, 3)))
+
+
+def timm_model(name: str, **kwargs) -> nn.Module:
+    """A timm model with non-zero residual branches (zero_init_last hides errors)."""
+    torch.manual_seed(0)
+    kwargs.setdefault("zero_init_last", False)
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def bn_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_buffers()}
+
+
+def restore(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for k, v in model.named_buffers():
+            v.copy_(state[k])
+
+
+def step_grads(model: nn.Module, x: torch.Tensor, plain: bool, seed: int = 1):
+    """Output and gradients (parameters, then input) of a fixed projection of the output.
+
+    Buffers are restored afterwards and the RNG seeded, so two calls see the same state and
+    draw the same dropout masks.
+    """
+    state = bn_state(model)
+    x = x.detach().clone().requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(seed)
+    if plain:
+        with revify.plain_autograd():
+            y = model(x)
+    else:
+        y = model(x)
+    w = torch.linspace(-1.0, 1.0, y.numel(), dtype=y.dtype).view_as(y)
+    grads = torch.autograd.grad((y * w).sum(), [*params, x], allow_unused=True)
+    restore(model, state)
+    return y.detach(), grads
+
+
+def max_rel_err(a, b) -> float:
+    """Largest per-tensor ``||a - b|| / ||b||`` (absolute where ``b`` is zero)."""
+    # A conv bias followed by BatchNorm has a gradient that is zero up to rounding: relative
+    # error is meaningless there, so norms are floored at 1e-4 of the largest gradient norm.
+    floor = 1e-4 * max(y.norm().item() for y in b if y is not None)
+    worst = 0.0
+    for x, y in zip(a, b, strict=True):
+        assert (x is None) == (y is None)
+        if x is None:
+            continue
+        worst = max(worst, (x - y).norm().item() / max(y.norm().item(), floor))
+    return worst
+
+
+@pytest.fixture
+def inline_net() -> nn.Module:
+    torch.manual_seed(0)
+    return InlineNet()
+
+
+@pytest.fixture
+def converted_resnet18() -> nn.Module:
+    model = timm_model("resnet18", drop_path_rate=0.2)
+    return revify.convert(model, torch.zeros(2, 3, 32, 32))
+
+
+def deepcopy(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
