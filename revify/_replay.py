@@ -68,7 +68,7 @@ class _ForwardState:
 
 
 def batchnorms(modules: Iterable[nn.Module]) -> list[_BatchNorm]:
-    """All BatchNorm layers (including subclasses such as timm's ``BatchNormAct2d``) under modules."""
+    """Every BatchNorm under ``modules``, subclasses such as timm's ``BatchNormAct2d`` included."""
     seen: dict[int, _BatchNorm] = {}
     for m in modules:
         for sub in m.modules():

@@ -129,7 +129,9 @@ def tensor_shape(node: Any) -> torch.Size | None:
     return getattr(meta, "shape", None)
 
 
-def extract(nodes: Sequence[fx.Node], inputs: Sequence[fx.Node], outputs: Sequence[fx.Node]) -> fx.Graph:
+def extract(
+    nodes: Sequence[fx.Node], inputs: Sequence[fx.Node], outputs: Sequence[fx.Node]
+) -> fx.Graph:
     """A new graph computing ``outputs`` from ``inputs`` with copies of ``nodes`` (in order).
 
     One output is returned bare, several as a tuple.

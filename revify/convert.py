@@ -234,7 +234,8 @@ def convert(
     )
     plan = _build_plan(model, inputs, options)
     if not plan.stages:
-        why = "; ".join(f"{r.name}: {r.detail}" for r in plan.report if r.kind == "unchanged")
+        segments = {seg.name for seg in plan.segments}
+        why = "; ".join(f"{r.name}: {r.detail}" for r in plan.report if r.name not in segments)
         msg = (
             f"revify.convert: no chain of identity residual units found in "
             f"{type(model).__name__}.{plan.method}; the model is returned unchanged"
