@@ -34,6 +34,7 @@ class Residual:
     branch: fx.Node | None = None  # R(h)
     region: list[fx.Node] = field(default_factory=list)  # nodes computing R(h), graph order
     post: fx.Node | None = None  # op applied after the add, inside the unit
+    skip: list[fx.Node] = field(default_factory=list)  # nn.Identity calls on the skip path
 
     @property
     def exit(self) -> fx.Node:
@@ -41,7 +42,7 @@ class Residual:
 
     @property
     def members(self) -> set[fx.Node]:
-        out = set(self.region) | {self.add}
+        out = set(self.region) | set(self.skip) | {self.add}
         if self.post is not None:
             out.add(self.post)
         return out
@@ -86,12 +87,50 @@ def _branch_region(h: fx.Node, br: fx.Node, add: fx.Node) -> tuple[list[fx.Node]
         stack.extend(n.all_input_nodes)
     if not uses_h:
         return None, "branch does not read the skip value"
+    _absorb_dead_ends(region, h, add)
     for n in region:
         outside = [u for u in n.users if u not in region and not (n is br and u is add)]
         if outside:
             return None, f"branch value {n.name} is also used by {outside[0].name}"
     order = {n: i for i, n in enumerate(h.graph.nodes)}
     return sorted(region, key=order.__getitem__), ""
+
+
+def _absorb_dead_ends(region: set[fx.Node], h: fx.Node, add: fx.Node) -> None:
+    """Add to ``region`` the nodes computed only from it whose every user is in it.
+
+    Such nodes are metadata reads left unused (``B, N, C = x.shape`` with ``C`` unused) or
+    in-place side effects with no users (FX_SURVEY.md, corner case 5): they belong to the unit.
+    """
+    changed = True
+    while changed:
+        changed = False
+        for n in list(region):
+            for u in n.users:
+                if u in region or u is add:
+                    continue
+                inputs_ok = all(a in region or a is h for a in u.all_input_nodes)
+                if inputs_ok and all(v in region for v in u.users):
+                    region.add(u)
+                    changed = True
+
+
+def _skip_path(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """Strip ``nn.Identity`` calls off a skip operand: the real skip value and the identities.
+
+    ConvNeXt, RegNet and Res2Net route their shortcut through an ``nn.Identity`` module.
+    """
+    skip: list[fx.Node] = []
+    while (
+        node.op == "call_module"
+        and node.meta.get("is_identity")
+        and len(node.args) == 1
+        and isinstance(node.args[0], fx.Node)
+        and len(node.users) == 1
+    ):
+        skip.append(node)
+        node = node.args[0]
+    return node, skip
 
 
 def _post_op(add: fx.Node) -> fx.Node | None:
@@ -130,10 +169,11 @@ def classify_add(add: fx.Node) -> Residual | None:
     if sa != sb or sa != so:
         return Residual(add, "other", reason=f"broadcasting add {tuple(sa)} + {tuple(sb)}")
     reasons = []
-    for h, br in ((a, b), (b, a)):
+    for h_op, br in ((a, b), (b, a)):
+        h, skip = _skip_path(h_op)
         region, why = _branch_region(h, br, add)
         if region is not None:
-            res = Residual(add, "identity", entry=h, branch=br, region=region)
+            res = Residual(add, "identity", entry=h, branch=br, region=region, skip=skip)
             res.post = _post_op(add)
             return res
         reasons.append(why)

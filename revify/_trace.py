@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 from collections.abc import Iterable, Sequence
@@ -84,8 +85,12 @@ def trace_method(model: nn.Module, method: str, leaves: Iterable[nn.Module] = ()
     entry.root = model
     graph = _Tracer(leaves).trace(entry)
     for node in graph.nodes:
+        if node.op == "get_attr" and not node.target.startswith(_PREFIX):
+            node.target = _PREFIX + _keep_constant(model, getattr(entry, node.target))
         if node.op in ("call_module", "get_attr"):
             node.target = node.target.removeprefix(_PREFIX)
+        if node.op == "call_module":
+            node.meta["is_identity"] = type(model.get_submodule(node.target)) is nn.Identity
         stack = node.meta.get("nn_module_stack")
         if stack:
             node.meta["nn_module_stack"] = {
@@ -94,6 +99,21 @@ def trace_method(model: nn.Module, method: str, leaves: Iterable[nn.Module] = ()
                 if path != "root"
             }
     return graph
+
+
+def _keep_constant(model: nn.Module, value: Any) -> str:
+    """Register a tensor constant created by tracing (``torch.tensor(...)`` in a forward) as a
+    non-persistent buffer of ``model``, named by content so retracing reuses it."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"revify: traced constant of type {type(value).__name__} is not supported")
+    data = value.detach().cpu().contiguous()
+    digest = hashlib.sha1(
+        repr((data.dtype, tuple(data.shape))).encode() + data.view(torch.uint8).numpy().tobytes()
+    ).hexdigest()[:16]
+    name = f"_revify_constant_{digest}"
+    if name not in dict(model.named_buffers(recurse=False)):
+        model.register_buffer(name, value.detach().clone(), persistent=False)
+    return name
 
 
 def module_path(node: fx.Node) -> list[str]:

@@ -18,6 +18,7 @@ The pass (see ``_build_plan``):
 from __future__ import annotations
 
 import inspect
+import operator
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -279,27 +280,94 @@ def _lca(paths: list[list[str]]) -> str:
     return common[-1] if common else ""
 
 
+_LAYOUT_METHODS = frozenset({
+    "reshape", "view", "permute", "transpose", "flatten", "unflatten", "contiguous",
+    "squeeze", "unsqueeze", "size", "dim",
+})
+_LAYOUT_FUNCTIONS = frozenset({
+    torch.reshape, torch.flatten, torch.permute, torch.transpose, torch.squeeze,
+    torch.unsqueeze, getattr, operator.getitem,
+})
+
+
+def _is_layout(node: fx.Node) -> bool:
+    """Metadata reads and reshapes: the glue a block may hold around its residuals (Swin)."""
+    if node.op == "get_attr" or tensor_shape(node) is None:
+        return True
+    if node.op == "call_method":
+        return node.target in _LAYOUT_METHODS
+    return node.op == "call_function" and node.target in _LAYOUT_FUNCTIONS
+
+
+def _residual_body(scope: set[fx.Node], identity: list[Residual]) -> list[Residual] | None:
+    """The residuals making up ``scope`` if it is one same-shape map built of identity
+    residuals and layout glue, with a single tensor input and a single output; else None.
+
+    Such a map is ``h -> h + (sum of branches)`` up to reshapes, so ``U(h) - h`` is a proper
+    residual branch for the coupling.
+    """
+    inside = [q for q in identity if q.members <= scope]
+    nested = {n for q in inside for n in q.region}
+    top = [q for q in inside if q.add not in nested]
+    if not top:
+        return None
+    covered = set().union(*(q.members for q in top))
+    if not all(_is_layout(n) for n in scope - covered):
+        return None
+    entries = {
+        a for n in scope for a in n.all_input_nodes if a not in scope and a.op != "get_attr"
+    }
+    exits = [n for n in scope if any(u not in scope for u in n.users)]
+    if len(entries) != 1 or len(exits) != 1:
+        return None
+    (entry,), (out,) = entries, exits
+    if tensor_shape(entry) is None or tensor_shape(entry) != tensor_shape(out):
+        return None
+    return top
+
+
 def _unit_modules(graph: fx.Graph, identity: list[Residual]) -> dict[str, list[Residual]]:
-    """Modules whose whole forward is one chain of identity residuals, innermost first."""
+    """Modules whose forward is made of identity residuals (a ResNet ``Bottleneck``, a ViT or
+    Swin block): each becomes one unit ``U(h) - h``, run eagerly. Innermost such modules."""
     found: dict[str, list[Residual]] = {}
+    tried: set[str] = set()
     for r in identity:
         path = _lca([module_path(n) for n in r.members])
-        if not path or path in found:
+        if not path or path in tried:
             continue
-        scope = _scope(graph, path)
-        inside = [q for q in identity if q.members <= scope]
-        nested = {n for q in inside for n in q.region}
-        top = [q for q in inside if q.add not in nested]
-        covered = set().union(*(q.members for q in top)) if top else set()
-        if {n for n in scope if n.op != "get_attr"} - covered:
+        tried.add(path)
+        body = _residual_body(_scope(graph, path), identity)
+        if body is not None:
+            found[path] = body
+    return found
+
+
+def _probe_leaves(model: nn.Module, graph: fx.Graph, taken: set[str]) -> dict[str, list[Residual]]:
+    """Leaf modules that hide a residual unit (timm marks ``NormFreeBlock`` notrace): trace
+    each same-shape custom leaf on its own and keep those whose body is residual."""
+    found: dict[str, list[Residual]] = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or node.target in taken or len(node.args) != 1:
             continue
-        links = chains([Unit(q.entry, q.exit, q.members, q) for q in top])
-        if len(links) != 1 or len(links[0]) != len(top):
+        module = model.get_submodule(node.target)
+        (h,) = node.args
+        if type(module).__module__.startswith("torch.") or not isinstance(h, fx.Node):
             continue
-        first, last = links[0][0], links[0][-1]
-        if first.entry in scope or any(u in scope for u in last.exit.users):
+        if any(p in taken for p in _prefixes(node.target)):
             continue
-        found[path] = [u.residual for u in links[0]]
+        meta = h.meta.get("tensor_meta")
+        if meta is None or tensor_shape(node) != meta.shape or node.kwargs:
+            continue
+        try:
+            g = trace_method(module, "forward")
+            propagate_shapes(module, g, (torch.zeros(meta.shape, dtype=meta.dtype),))
+        except Exception:  # not traceable on its own: it stays an opaque leaf
+            continue
+        identity = [r for r in find_residuals(g) if r.kind == "identity"]
+        scope = {n for n in g.nodes if n.op not in ("placeholder", "output")}
+        body = _residual_body(scope, identity)
+        if body is not None:
+            found[str(node.target)] = body
     return found
 
 
@@ -342,8 +410,10 @@ def _build_plan(model: nn.Module, inputs: tuple[Any, ...], options: dict[str, An
     residuals = find_residuals(fine)
     identity = [r for r in residuals if r.kind == "identity"]
     unit_modules = _unit_modules(fine, identity)
+    unit_modules.update(_probe_leaves(model, fine, set(unit_modules)))
     # Modules enclosing a residual add must be traced through; all others can stay leaves.
     holding = {p for r in identity for n in (r.add, r.post) if n for p in _owner_paths(n)}
+    holding |= {p for path in unit_modules for p in _prefixes(path)[:-1]}
     leaves = [m for p, m in model.named_modules() if p and (p in unit_modules or p not in holding)]
 
     # 3. Coarse graph: units are module calls or inline regions.
@@ -431,7 +501,7 @@ def _make_stage(model: nn.Module, chain: list[Unit], options: dict[str, Any]) ->
         ):
             made.append(_BranchUnit(name, model.get_submodule(only.target)))
         else:
-            nodes = r.region + ([r.add, r.post] if r.post is not None else [])
+            nodes = r.region + (r.skip[::-1] + [r.add, r.post] if r.post is not None else [])
             out = r.post if r.post is not None else r.branch
             code = GraphCode(extract(nodes, [r.entry], [out]))
             modules, tensors = _params_of(model, nodes)
@@ -555,6 +625,15 @@ def _natural(s: str) -> list[Any]:
     return [int(p) if p.isdigit() else p for p in s.replace(".", " . ").split()]
 
 
+def _add_key(r: Residual) -> tuple[str, int]:
+    """Identify an add across traces: node names differ, (owner, rank among its adds) not."""
+    same = [
+        n for n in r.add.graph.nodes
+        if n.op == r.add.op and n.target == r.add.target and module_path(n) == module_path(r.add)
+    ]
+    return r.owner, same.index(r.add)
+
+
 def _report_residuals(
     residuals: list[Residual],
     unit_modules: dict[str, list[Residual]],
@@ -563,13 +642,13 @@ def _report_residuals(
 ) -> list[ReportLine]:
     min_units = options["min_units"]
     converted_modules = {str(u.exit.target) for c in found for u in c if u.residual is None}
-    converted_adds = {u.residual.add.name for c in found for u in c if u.residual is not None}
+    converted_adds = {_add_key(u.residual) for c in found for u in c if u.residual is not None}
     in_module = {id(r): p for p, rs in unit_modules.items() for r in rs}
     lines = []
     for r in residuals:
         path = in_module.get(id(r), r.owner or r.add.name)
         if r.kind == "identity":
-            if path in converted_modules or r.add.name in converted_adds:
+            if path in converted_modules or _add_key(r) in converted_adds:
                 lines.append(ReportLine(path, "reversible", "identity residual"))
             else:
                 lines.append(ReportLine(
