@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ._mode import plain_autograd
-from .convert import _PLAN, stages
+from .convert import is_converted, stages
 
 __all__ = ["check", "CheckReport", "StageCheck"]
 
@@ -127,7 +127,7 @@ def check(
     and ordinary autograd at the model's precision. Costs about three training steps and a
     float64 copy of the model.
     """
-    if _PLAN not in model.__dict__:
+    if not is_converted(model):
         raise ValueError("revify.check: model is not converted; call revify.convert(model) first")
     if not isinstance(example_input, Tensor):
         raise TypeError(

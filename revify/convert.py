@@ -45,6 +45,7 @@ from .coupling import ReversibleStage, _BranchUnit, _GraphUnit, _ModuleUnit
 
 __all__ = ["convert", "revert", "stages", "ConversionError"]
 
+
 _PLAN = "_revify_plan"
 
 
@@ -149,17 +150,31 @@ class _Ref(str):
     """A node name inside the stored output structure."""
 
 
+def plans(model: nn.Module) -> list[tuple[str, Plan]]:
+    """``(module path, plan)`` of every converted module in ``model`` (the model itself, or its
+    submodules when the whole model could not be traced)."""
+    return [(p, m.__dict__[_PLAN]) for p, m in model.named_modules() if _PLAN in m.__dict__]
+
+
+def is_converted(model: nn.Module) -> bool:
+    return bool(plans(model))
+
+
 def stages(model: nn.Module) -> list[ReversibleStage]:
     """The reversible stages of a converted model, in order (set ``alpha``/``beta`` on them)."""
-    plan = model.__dict__.get(_PLAN)
-    return list(plan.stages) if plan is not None else []
+    out: dict[int, ReversibleStage] = {}
+    for _, plan in plans(model):
+        for st in plan.stages:
+            out.setdefault(id(st), st)
+    return list(out.values())
 
 
 def revert(model: nn.Module) -> nn.Module:
-    """Undo :func:`convert` in place: the model runs its original trunk method again."""
-    plan = model.__dict__.pop(_PLAN, None)
-    if plan is not None:
-        model.__dict__.pop(plan.method, None)
+    """Undo :func:`convert` in place: every converted module runs its original code again."""
+    for _, m in model.named_modules():
+        plan = m.__dict__.pop(_PLAN, None)
+        if plan is not None:
+            m.__dict__.pop(plan.method, None)
     return model
 
 
@@ -215,7 +230,7 @@ def convert(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"revify.convert: expected an nn.Module, got {type(model).__name__}")
-    if _PLAN in model.__dict__:
+    if is_converted(model):
         warnings.warn(
             "revify.convert: model is already converted; returning it unchanged",
             stacklevel=2,
@@ -233,7 +248,21 @@ def convert(
         checkpoint_transitions=checkpoint_transitions,
         min_units=min_units,
     )
-    plan = _build_plan(model, inputs, options)
+    try:
+        plan = _build_plan(model, inputs, options)
+    except _Untraceable as e:
+        done = _convert_submodules(model, inputs, options)
+        if done:
+            warnings.warn(
+                f"{e} -- converted traceable submodules instead: {', '.join(done)}",
+                stacklevel=2,
+            )
+            return model
+        if strict:
+            raise
+        warnings.warn(f"{e} -- no submodule could be converted either; the model is "
+                      "returned unchanged", stacklevel=2)
+        return model
     if not plan.stages:
         segments = {seg.name for seg in plan.segments}
         why = "; ".join(f"{r.name}: {r.detail}" for r in plan.report if r.name not in segments)
@@ -246,9 +275,63 @@ def convert(
             raise ConversionError(msg)
         warnings.warn(msg, stacklevel=2)
         return model
+    _install(model, plan)
+    return model
+
+
+def _install(model: nn.Module, plan: Plan) -> None:
     model.__dict__[_PLAN] = plan
     model.__dict__[plan.method] = _Rewritten(model, plan)
-    return model
+
+
+class _Untraceable(ConversionError):
+    """The module's trunk cannot be traced (or tracing would freeze a train/eval branch)."""
+
+
+def _child_inputs(model: nn.Module, inputs: tuple[Any, ...]) -> dict[str, tuple[Any, ...]]:
+    """Inputs of each direct child called exactly once with positional tensors, recorded by
+    running ``model`` eagerly in eval mode without grad (no state changes)."""
+    seen: dict[str, list[tuple[Any, ...]]] = {}
+    handles = []
+    for name, child in model.named_children():
+        def hook(_m, args, kwargs, name=name):
+            seen.setdefault(name, []).append(args if not kwargs else ())
+        handles.append(child.register_forward_pre_hook(hook, with_kwargs=True))
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in modes.items():
+            m.training = t
+    return {
+        name: calls[0]
+        for name, calls in seen.items()
+        if len(calls) == 1 and calls[0] and all(isinstance(a, Tensor) for a in calls[0])
+    }
+
+
+def _convert_submodules(model: nn.Module, inputs: tuple[Any, ...], options: dict[str, Any]
+                        ) -> list[str]:
+    """The submodule fallback: convert each child that traces, recursing into those that do
+    not. Returns the paths converted."""
+    done: list[str] = []
+    for name, args in _child_inputs(model, inputs).items():
+        child = model.get_submodule(name)
+        try:
+            plan = _build_plan(child, args, options)
+        except _Untraceable:
+            done += [f"{name}.{p}" for p in _convert_submodules(child, args, options)]
+            continue
+        except (ConversionError, TypeError):
+            continue
+        if plan.stages:
+            _install(child, plan)
+            done.append(name)
+    return done
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,7 +342,7 @@ def _trace(model: nn.Module, method: str, leaves: Sequence[nn.Module] = ()) -> f
     try:
         return trace_method(model, method, leaves)
     except Exception as e:  # torch.fx raises many exception types
-        raise ConversionError(
+        raise _Untraceable(
             f"revify.convert: torch.fx cannot trace {type(model).__name__}.{method}: "
             f"{type(e).__name__}: {e}. Make the offending module a timm notrace module "
             "(timm.layers.register_notrace_module) or convert a traceable submodule instead"
@@ -473,7 +556,7 @@ def _check_training_independent(
         for m, t in modes.items():
             m.training = t
     if other.python_code("self").src != graph.python_code("self").src:
-        raise ConversionError(
+        raise _Untraceable(
             f"revify.convert: {type(model).__name__}.{method} takes different code paths in "
             "train and eval mode outside its submodules; a traced copy would freeze one of "
             "them. Move the mode-dependent code into a module (e.g. nn.Dropout)"

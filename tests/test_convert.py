@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from conftest import InlineNet, timm_model
+from conftest import InlineNet, max_rel_err, step_grads, timm_model
 from torch import nn
 
 import revify
@@ -190,8 +190,41 @@ class DataDependent(nn.Module):
 
 
 def test_untraceable_model_names_module_and_reason():
+    model = DataDependent()
+    with pytest.warns(UserWarning, match=r"cannot trace DataDependent\.forward"):
+        assert revify.convert(model, torch.zeros(1, 3, 8, 8)) is model
+    assert not revify.stages(model)
     with pytest.raises(ConversionError, match=r"cannot trace DataDependent\.forward"):
-        revify.convert(DataDependent(), torch.zeros(1, 3, 8, 8))
+        revify.convert(model, torch.zeros(1, 3, 8, 8), strict=True)
+
+
+class Gated(nn.Module):
+    """Data-dependent control flow around a traceable backbone."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = timm_model("resnet18", drop_path_rate=0.2)
+
+    def forward(self, x):
+        if x.mean() > 100:
+            x = x / 2
+        return self.backbone(x)
+
+
+def test_submodule_fallback_converts_traceable_children():
+    model = Gated().double()
+    with pytest.warns(UserWarning, match="converted traceable submodules instead: backbone"):
+        revify.convert(model, torch.zeros(2, 3, 32, 32, dtype=torch.float64))
+    assert [len(st.units) for st in revify.stages(model)] == [2, 1, 1, 1]
+    model.train()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    _, ref = step_grads(model, x, plain=True)
+    _, rev = step_grads(model, x, plain=False)
+    assert max_rel_err(rev, ref) < 1e-10
+    with pytest.warns(UserWarning, match="already converted"):
+        revify.convert(model, torch.zeros(2, 3, 32, 32, dtype=torch.float64))
+    revify.revert(model)
+    assert not revify.stages(model)
 
 
 def test_training_dependent_trunk_is_refused():
@@ -205,8 +238,10 @@ def test_training_dependent_trunk_is_refused():
                 x = x * 2
             return x + self.f(x)
 
-    with pytest.raises(ConversionError, match="train and eval"):
+    with pytest.warns(UserWarning, match="train and eval"):
         revify.convert(ModeDependent(), torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ConversionError, match="train and eval"):
+        revify.convert(ModeDependent(), torch.zeros(1, 3, 8, 8), strict=True)
 
 
 def test_integer_example_input_rejected():
