@@ -21,6 +21,7 @@ Known limitations:
   are not seen (DESIGN.md §4: measure the RSS of a fresh process as well).
 - The training peak is an estimate (see ``AuditReport.working_set_bytes``), not a measurement.
 - Code that branches on tensor values cannot run on fake tensors.
+- Models taking one input tensor only (the trunk method's one required argument).
 - The original code runs no plan step, so in the "before" pass the ops of an inline unit
   (``x = x + f(x)`` written in a forward) that sit outside any module count as ``"other"``.
 - A model ``convert`` leaves alone is reported by its direct children, with before == after.

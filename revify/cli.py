@@ -74,7 +74,7 @@ def _audit_command(args: argparse.Namespace) -> int:
     import torch
 
     from .audit import audit
-    from .convert import ConversionError, convert
+    from .convert import convert
 
     if not timm.is_model(args.model):
         close = difflib.get_close_matches(args.model, timm.list_models(), n=5)
@@ -95,7 +95,9 @@ def _audit_command(args: argparse.Namespace) -> int:
             warnings.filterwarnings("ignore", message="revify.convert")
             convert(model, torch.zeros(2, *shape), **options)
             report = audit(model, shape, args.batch_size, optimizer=args.optimizer, **options)
-    except (ConversionError, ValueError, TypeError) as e:
+    except (RuntimeError, ValueError, TypeError) as e:
+        # User-facing failures, no traceback: ConversionError (a RuntimeError), a shape the
+        # model rejects, bad --alpha/--beta.
         print(f"revify audit: {args.model}: {e}", file=sys.stderr)
         return 1
     _write(args, report)

@@ -92,6 +92,7 @@ class Plan:
     report: list[ReportLine]
     options: dict[str, Any]
     blocks: list[Block] = field(default_factory=list)
+    placeholders: list[str] = field(default_factory=list)  # graph names of ``args``
 
 
 class _Rewritten:
@@ -131,7 +132,7 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _run_plan(plan: Plan, args: Sequence[Any]) -> Any:
-    env: dict[str, Any] = dict(zip(plan.args, args, strict=True))
+    env: dict[str, Any] = dict(zip(plan.placeholders, args, strict=True))
     for step in plan.steps:
         token = _mode.current_step.set(step.run.name)
         try:
@@ -175,6 +176,7 @@ def revert(model: nn.Module) -> nn.Module:
         plan = m.__dict__.pop(_PLAN, None)
         if plan is not None:
             m.__dict__.pop(plan.method, None)
+            m.__dict__.pop("set_grad_checkpointing", None)
     return model
 
 
@@ -248,6 +250,9 @@ def convert(
         checkpoint_transitions=checkpoint_transitions,
         min_units=min_units,
     )
+    if callable(getattr(model, "set_grad_checkpointing", None)):
+        # timm's per-block checkpointing would be traced into the graph (and bypass ours).
+        model.set_grad_checkpointing(False)
     try:
         plan = _build_plan(model, inputs, options)
     except _Untraceable as e:
@@ -276,24 +281,93 @@ def convert(
         warnings.warn(msg, stacklevel=2)
         return model
     _install(model, plan)
+    _install_containers(model, plan, inputs, options)
     return model
 
 
 def _install(model: nn.Module, plan: Plan) -> None:
     model.__dict__[_PLAN] = plan
     model.__dict__[plan.method] = _Rewritten(model, plan)
+    if callable(getattr(model, "set_grad_checkpointing", None)):
+        model.__dict__["set_grad_checkpointing"] = _GradCheckpointingIgnored()
+
+
+class _GradCheckpointingIgnored:
+    """Stands in for timm's ``set_grad_checkpointing`` on a converted model: revify already
+    recomputes activations, and wrapping its stages in ``torch.utils.checkpoint`` would run
+    every layer a third time and update BatchNorm statistics twice."""
+
+    def __call__(self, enable: bool = True) -> None:
+        if enable:
+            warnings.warn(
+                "revify: set_grad_checkpointing(True) is ignored on a converted model (its "
+                "stages are reversible and its transitions already checkpointed); call "
+                "revify.revert(model) first to use timm's checkpointing",
+                stacklevel=2,
+            )
 
 
 class _Untraceable(ConversionError):
     """The module's trunk cannot be traced (or tracing would freeze a train/eval branch)."""
 
 
+def _install_containers(
+    model: nn.Module, plan: Plan, inputs: tuple[Any, ...], options: dict[str, Any]
+) -> None:
+    """Convert the modules that hold a whole stage (``layer1``, ``stages.0.blocks``) too, sharing
+    the stage objects, so that code calling them directly (timm's ``forward_intermediates``,
+    ``model.layer1(x)``) runs the same converted function as the trunk."""
+    owners = {
+        st.name: st for st in plan.stages
+        if st.name
+        and all(isinstance(u, _ModuleUnit | _BranchUnit) for u in st.units)
+        and st.name not in {u.name for u in st.units}  # a one-unit stage is its own module
+    }
+    owners = {p: st for p, st in owners.items() if _is_module_path(model, p)}
+    if not owners:
+        return
+    with _mode._original():
+        recorded = _recorded_inputs(model, inputs, list(owners))
+    for path, args in recorded.items():
+        container = model.get_submodule(path)
+        try:
+            sub = _build_plan(container, args, options)
+        except (ConversionError, TypeError):
+            continue
+        if len(sub.stages) != 1:
+            continue
+        mine, shared = sub.stages[0], owners[path]
+        if [u.module for u in mine.units] != [u.module for u in shared.units]:
+            continue
+        sub.stages = [shared]
+        for step in sub.steps:
+            if step.run is mine:
+                step.run = shared
+        _install(container, sub)
+
+
+def _is_module_path(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
 def _child_inputs(model: nn.Module, inputs: tuple[Any, ...]) -> dict[str, tuple[Any, ...]]:
-    """Inputs of each direct child called exactly once with positional tensors, recorded by
-    running ``model`` eagerly in eval mode without grad (no state changes)."""
+    """Inputs of each direct child called once with positional tensors (see _recorded_inputs)."""
+    return _recorded_inputs(model, inputs, [name for name, _ in model.named_children()])
+
+
+def _recorded_inputs(
+    model: nn.Module, inputs: tuple[Any, ...], paths: list[str]
+) -> dict[str, tuple[Any, ...]]:
+    """Inputs of each module in ``paths`` called exactly once with positional tensors, recorded
+    by running ``model`` eagerly in eval mode without grad (no state changes)."""
     seen: dict[str, list[tuple[Any, ...]]] = {}
     handles = []
-    for name, child in model.named_children():
+    for name in paths:
+        child = model.get_submodule(name)
         def hook(_m, args, kwargs, name=name):
             seen.setdefault(name, []).append(args if not kwargs else ())
         handles.append(child.register_forward_pre_hook(hook, with_kwargs=True))
@@ -529,7 +603,10 @@ def _build_plan(model: nn.Module, inputs: tuple[Any, ...], options: dict[str, An
         else:
             kind = "checkpointed" if step.run.checkpoint else "unchanged"
             blocks += [Block(p, step.run.name, kind) for p in step.run.calls]
-    return Plan(method, args, steps, output, stage_list, segments, report, options, blocks)
+    placeholders = [n.name for n in coarse.nodes if n.op == "placeholder"]
+    return Plan(
+        method, args, steps, output, stage_list, segments, report, options, blocks, placeholders
+    )
 
 
 def _propagate(model: nn.Module, graph: fx.Graph, inputs: tuple[Any, ...], method: str) -> None:

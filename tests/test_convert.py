@@ -279,3 +279,29 @@ def test_no_warning_on_normal_conversion():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         revify.convert(timm.create_model("resnet18"), EXAMPLE)
+
+
+def test_forward_intermediates_runs_the_converted_stages():
+    model = timm_model("resnet50").eval()
+    revify.convert(model, EXAMPLE)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        last = model.forward_intermediates(x, intermediates_only=True)[-1]
+        direct = model.layer2(model.layer1(model.maxpool(model.act1(model.bn1(model.conv1(x))))))
+    torch.testing.assert_close(last, feats, rtol=0, atol=0)
+    assert revify.stages(model)[1].units[0].module is model.layer2[1]
+    assert direct.shape == (2, 512, 4, 4)
+
+
+def test_set_grad_checkpointing_after_conversion_is_ignored_with_warning():
+    model = timm_model("resnet18")
+    model.set_grad_checkpointing(True)
+    revify.convert(model, EXAMPLE)
+    assert model.grad_checkpointing is False
+    with pytest.warns(UserWarning, match="ignored on a converted model"):
+        model.set_grad_checkpointing(True)
+    assert model.grad_checkpointing is False
+    revify.revert(model)
+    model.set_grad_checkpointing(True)
+    assert model.grad_checkpointing is True
