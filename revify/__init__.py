@@ -5,6 +5,9 @@ that rebuild their activations in backward, and checkpoints the layers in betwee
 """
 
 from ._mode import plain_autograd as plain_autograd
+from .audit import AuditReport as AuditReport
+from .audit import AuditRow as AuditRow
+from .audit import audit as audit
 from .check import CheckReport as CheckReport
 from .check import check as check
 from .convert import ConversionError as ConversionError
@@ -19,6 +22,9 @@ __all__ = [
     "stages",
     "check",
     "CheckReport",
+    "audit",
+    "AuditReport",
+    "AuditRow",
     "plain_autograd",
     "ReversibleStage",
     "ConversionError",

@@ -58,9 +58,10 @@ def entry_method(model: nn.Module) -> str:
 
 def required_args(model: nn.Module, method: str) -> list[str]:
     """Names of the method's positional parameters without defaults (the traced inputs)."""
-    sig = inspect.signature(getattr(model, method))
+    # The class's method: the instance may hold revify's replacement already.
+    sig = inspect.signature(getattr(type(model), method))
     names = []
-    for p in sig.parameters.values():
+    for p in list(sig.parameters.values())[1:]:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
@@ -76,7 +77,7 @@ def trace_method(model: nn.Module, method: str, leaves: Iterable[nn.Module] = ()
     args = required_args(model, method)
     src = (
         f"def forward(self, {', '.join(args)}):\n"
-        f"    return self.root.{method}({', '.join(args)})\n"
+        f"    return type(self.root).{method}(self.root, {', '.join(args)})\n"
     )
     ns: dict[str, Any] = {}
     exec(src, ns)  # noqa: S102 - a two-line wrapper with a fixed shape

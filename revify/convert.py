@@ -17,10 +17,11 @@ The pass (see ``_build_plan``):
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import operator
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,6 +174,8 @@ def stages(model: nn.Module) -> list[ReversibleStage]:
 def revert(model: nn.Module) -> nn.Module:
     """Undo :func:`convert` in place: every converted module runs its original code again."""
     for _, m in model.named_modules():
+        if isinstance(m.__dict__.get("forward"), _LazyContainer):
+            del m.__dict__["forward"]
         plan = m.__dict__.pop(_PLAN, None)
         if plan is not None:
             m.__dict__.pop(plan.method, None)
@@ -194,6 +197,7 @@ def convert(
     *,
     alpha: float = 0.0,
     beta: float = 1.0,
+    exact: bool = False,
     checkpoint_stem: bool = True,
     checkpoint_transitions: bool = True,
     min_units: int = 1,
@@ -221,6 +225,11 @@ def convert(
         alpha, beta: coupling coefficients for every stage. ``alpha=0, beta=1`` (the default)
             is the RevNet coupling; gradients through it were as accurate as plain autograd's
             (DESIGN.md §3). ``alpha=1, beta=1`` grows like Fibonacci and loses precision.
+            ``alpha=1`` with a small ``beta`` stays close to the original network (the
+            *faithful* setting for pretrained weights) but needs ``exact=True``.
+        exact: keep the streams on a fixed-point grid so that reconstruction is exact at any
+            depth and any ``beta = 1/d`` (d an integer up to 256); costs log2(d) bits per
+            element per unit (see NOTE [ Exact streams ] in coupling.py).
         checkpoint_stem: checkpoint the layers before the first reversible stage.
         checkpoint_transitions: checkpoint the layers between stages (downsampling).
         min_units: shortest chain worth a reversible stage.
@@ -246,6 +255,7 @@ def convert(
     options = dict(
         alpha=alpha,
         beta=beta,
+        exact=exact,
         checkpoint_stem=checkpoint_stem,
         checkpoint_transitions=checkpoint_transitions,
         min_units=min_units,
@@ -314,60 +324,72 @@ class _Untraceable(ConversionError):
 def _install_containers(
     model: nn.Module, plan: Plan, inputs: tuple[Any, ...], options: dict[str, Any]
 ) -> None:
-    """Convert the modules that hold a whole stage (``layer1``, ``stages.0.blocks``) too, sharing
-    the stage objects, so that code calling them directly (timm's ``forward_intermediates``,
-    ``model.layer1(x)``) runs the same converted function as the trunk."""
-    owners = {
-        st.name: st for st in plan.stages
-        if st.name
-        and all(isinstance(u, _ModuleUnit | _BranchUnit) for u in st.units)
-        and st.name not in {u.name for u in st.units}  # a one-unit stage is its own module
-    }
-    owners = {p: st for p, st in owners.items() if _is_module_path(model, p)}
-    if not owners:
-        return
-    with _mode._original():
-        recorded = _recorded_inputs(model, inputs, list(owners))
-    for path, args in recorded.items():
-        container = model.get_submodule(path)
+    """Make the modules that hold a whole stage (``layer1``, ``stages.0.blocks``) run it too, so
+    that code calling them directly (timm's ``forward_intermediates``, ``model.layer1(x)``)
+    computes the same converted function as the trunk. Their plans are built on first call."""
+    for st in plan.stages:
+        if not st.name or not all(isinstance(u, _ModuleUnit | _BranchUnit) for u in st.units):
+            continue
         try:
-            sub = _build_plan(container, args, options)
-        except (ConversionError, TypeError):
+            container = model.get_submodule(st.name)
+        except AttributeError:
             continue
-        if len(sub.stages) != 1:
-            continue
-        mine, shared = sub.stages[0], owners[path]
-        if [u.module for u in mine.units] != [u.module for u in shared.units]:
-            continue
-        sub.stages = [shared]
+        if container is not model and _PLAN not in container.__dict__:
+            container.__dict__["forward"] = _LazyContainer(container, st, options)
+
+
+class _LazyContainer:
+    """``forward`` of a module holding a stage until its first call builds its plan.
+
+    The plan shares the trunk's :class:`ReversibleStage` (so ``alpha``/``beta`` changes reach
+    both). If the module cannot be planned around exactly that stage, calling it raises: it
+    would otherwise silently compute the unconverted function.
+    """
+
+    def __init__(self, container: nn.Module, stage: ReversibleStage, options: dict[str, Any]):
+        self.container = container
+        self.stage = stage
+        self.options = options
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        container = self.container
+        if _mode.is_original():
+            return type(container).forward(container, *args, **kwargs)
+        with torch.no_grad(), _no_autocast():
+            examples = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+            sub = _build_plan(container, examples, self.options)
+        mine = sub.stages[0] if len(sub.stages) == 1 else None
+        if mine is None or [u.module for u in mine.units] != [
+            u.module for u in self.stage.units
+        ]:
+            raise ConversionError(
+                f"revify: {type(container).__name__} holding stage {self.stage.name} was "
+                "called directly but cannot be converted on its own; call the model's trunk "
+                "instead, or revify.revert(model) first"
+            )
+        sub.stages = [self.stage]
         for step in sub.steps:
             if step.run is mine:
-                step.run = shared
+                step.run = self.stage
         _install(container, sub)
+        return container.__dict__[sub.method](*args, **kwargs)
 
 
-def _is_module_path(model: nn.Module, path: str) -> bool:
-    try:
-        model.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
+@contextlib.contextmanager
+def _no_autocast() -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for device in ("cpu", "cuda"):
+            if torch.amp.is_autocast_available(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        yield
 
 
 def _child_inputs(model: nn.Module, inputs: tuple[Any, ...]) -> dict[str, tuple[Any, ...]]:
-    """Inputs of each direct child called once with positional tensors (see _recorded_inputs)."""
-    return _recorded_inputs(model, inputs, [name for name, _ in model.named_children()])
-
-
-def _recorded_inputs(
-    model: nn.Module, inputs: tuple[Any, ...], paths: list[str]
-) -> dict[str, tuple[Any, ...]]:
-    """Inputs of each module in ``paths`` called exactly once with positional tensors, recorded
-    by running ``model`` eagerly in eval mode without grad (no state changes)."""
+    """Inputs of each direct child called exactly once with positional tensors, recorded by
+    running ``model`` eagerly in eval mode without grad (no state changes)."""
     seen: dict[str, list[tuple[Any, ...]]] = {}
     handles = []
-    for name in paths:
-        child = model.get_submodule(name)
+    for name, child in model.named_children():
         def hook(_m, args, kwargs, name=name):
             seen.setdefault(name, []).append(args if not kwargs else ())
         handles.append(child.register_forward_pre_hook(hook, with_kwargs=True))
@@ -647,11 +669,12 @@ def _make_stage(model: nn.Module, chain: list[Unit], options: dict[str, Any]) ->
         if u.residual is None:
             path = str(u.exit.target)
             made.append(_ModuleUnit(path, model.get_submodule(path)))
-            paths.append(_prefixes(path))
+            paths.append(_prefixes(path)[:-1])
             continue
         r = u.residual
         only = r.region[0] if len(r.region) == 1 else None
-        name = f"{r.owner or 'root'}:{r.add.name}"
+        owner, rank = _add_key(r)
+        name = f"{owner or type(model).__name__}:residual{rank}"
         if (
             r.post is None
             and only is not None
@@ -659,7 +682,7 @@ def _make_stage(model: nn.Module, chain: list[Unit], options: dict[str, Any]) ->
             and only.args == (r.entry,)
             and not only.kwargs
         ):
-            made.append(_BranchUnit(name, model.get_submodule(only.target)))
+            made.append(_BranchUnit(str(only.target), model.get_submodule(only.target)))
         else:
             nodes = r.region + (r.skip[::-1] + [r.add, r.post] if r.post is not None else [])
             out = r.post if r.post is not None else r.branch
@@ -668,9 +691,11 @@ def _make_stage(model: nn.Module, chain: list[Unit], options: dict[str, Any]) ->
             made.append(_GraphUnit(name, code, model, modules, tensors,
                                    subtract_input=r.post is not None))
         paths.append(_prefixes(r.owner))
-    lca = _lca(paths)
-    label = lca or f"{made[0].name}..{made[-1].name}"
-    return ReversibleStage(label, made, alpha=options["alpha"], beta=options["beta"])
+    lca = _lca(paths)  # the module holding the whole chain
+    label = lca or (made[0].name if len(made) == 1 else f"{made[0].name}..{made[-1].name}")
+    return ReversibleStage(
+        label, made, alpha=options["alpha"], beta=options["beta"], exact=options["exact"]
+    )
 
 
 def _make_steps(

@@ -122,11 +122,19 @@ class ReversibleStage:
             large value means the coupling was not invertible in this precision.
     """
 
-    def __init__(self, name: str, units: Sequence[Any], alpha: float = 0.0, beta: float = 1.0):
+    def __init__(
+        self,
+        name: str,
+        units: Sequence[Any],
+        alpha: float = 0.0,
+        beta: float = 1.0,
+        exact: bool = False,
+    ):
         if not units:
             raise ValueError("revify.ReversibleStage: a stage needs at least one unit")
         self.name = name
         self.units = list(units)
+        self.exact = exact
         self.alpha = alpha
         self.beta = beta
         self.last_reconstruction_error: Tensor | None = None
@@ -153,7 +161,19 @@ class ReversibleStage:
                 f"revify: stage {self.name}: beta=0 is not invertible "
                 "(x_{k-1} = (x_{k+1} - alpha*x_k - R_k(x_k)) / beta); use beta > 0"
             )
+        if self.exact:
+            d = round(1.0 / float(value))
+            if not 1 <= d <= 256 or abs(1.0 / float(value) - d) > 1e-9:
+                raise ValueError(
+                    f"revify: stage {self.name}: exact streams need beta = 1/d with d an "
+                    f"integer in 1..256, got beta={value}"
+                )
         self._beta = float(value)
+
+    @property
+    def divisor(self) -> int:
+        """``d`` with ``beta = 1/d`` (exact mode)."""
+        return round(1.0 / self._beta)
 
     def modules(self) -> list[nn.Module]:
         seen: dict[int, nn.Module] = {}
@@ -199,27 +219,126 @@ class ReversibleStage:
     def __repr__(self) -> str:
         return (
             f"ReversibleStage({self.name!r}, units={len(self.units)}, "
-            f"alpha={self.alpha}, beta={self.beta})"
+            f"alpha={self.alpha}, beta={self.beta}, exact={self.exact})"
         )
 
 
+# NOTE [ Exact streams ]
+# With beta < 1 the inverse divides by beta at every unit and float rounding grows like
+# beta^-n (DESIGN.md §3). In exact mode the streams hold values on a fixed-point grid
+# x = X * delta, X an integer with |X| < 2^24: every stream value is an fp32 (or fp64) float
+# and sums of them are exact. Each unit's output is rounded onto the grid, beta = 1/d
+# multiplies as floor(X / d), and the remainder X mod d (log2 d bits, packed) is kept for the
+# inverse (MacKay et al., 2018). Reconstruction is then exact at any depth. The rounding is part
+# of the converted function and its gradient is taken as the identity. The grid does not depend
+# on the stream dtype, so a float64 copy computes the same function (revify.check's reference).
+
+_GRID_BITS = 24
+_HEADROOM_BITS = 8  # streams may grow 256x over a stage before the grid overflows
+
+
+def _grid(x: Tensor) -> Tensor:
+    """Grid step ``delta`` (0-dim, a power of two) for a stage whose input is ``x``."""
+    top = x.detach().abs().amax().clamp_min(torch.finfo(x.dtype).tiny)
+    exponent = torch.ceil(torch.log2(top)) + _HEADROOM_BITS - _GRID_BITS
+    return torch.exp2(exponent)
+
+
+def _on_grid(v: Tensor, delta: Tensor) -> Tensor:
+    return torch.round(v / delta) * delta
+
+
+def _exact_parts(alpha: float, x_cur: Tensor, r: Tensor, delta: Tensor) -> Tensor:
+    """``q(alpha * x_k) + q(R_k(x_k))``: the part of a step recomputable from ``x_k``."""
+    part = _on_grid(r, delta)
+    if alpha == 1:
+        return part + x_cur
+    if alpha != 0:
+        return part + _on_grid(alpha * x_cur, delta)
+    return part
+
+
+def _divide(x: Tensor, d: int, delta: Tensor) -> tuple[Tensor, Tensor]:
+    """``floor(X / d) * delta`` and the remainder ``X mod d`` (uint8) for ``x = X * delta``."""
+    big = torch.round(x / delta).to(torch.int64)
+    quotient = torch.div(big, d, rounding_mode="floor")
+    return quotient.to(x.dtype) * delta, (big - quotient * d).to(torch.uint8)
+
+
+def _undivide(t: Tensor, rem: Tensor, d: int, delta: Tensor) -> Tensor:
+    big = torch.round(t / delta).to(torch.int64) * d + rem.to(torch.int64)
+    return big.to(t.dtype) * delta
+
+
+def _pack(rem: Tensor, d: int) -> Tensor:
+    """Two remainders per byte when they fit in 4 bits."""
+    if d > 16:
+        return rem
+    flat = rem.flatten()
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return flat[0::2] | (flat[1::2] << 4)
+
+
+def _unpack(packed: Tensor, d: int, like: Tensor) -> Tensor:
+    if d > 16:
+        return packed
+    out = torch.stack([packed & 15, packed >> 4], dim=1).flatten()
+    return out[: like.numel()].view(like.shape)
+
+
 def _forward(
-    stage: ReversibleStage, x: Tensor, states: list[_ForwardState] | None
-) -> tuple[Tensor, Tensor] | Tensor:
+    stage: ReversibleStage,
+    x: Tensor,
+    states: list[_ForwardState] | None,
+    remainders: list[Tensor] | None = None,
+) -> tuple[Tensor, ...] | Tensor:
     """The coupled recurrence. With ``states`` it also records each unit's RNG/autocast state
-    and returns ``(x_{n-1}, x_n)``; without, it returns ``x_n`` (plain or no-grad path)."""
+    (and, in exact mode, the packed remainders) and returns ``(x_{n-1}, x_n, delta)``; without,
+    it returns ``x_n`` (plain or no-grad path, differentiable)."""
+    alpha, beta = stage.alpha, stage.beta
     in_dtype = x.dtype
     sdtype = _stream_dtype(in_dtype)
     x_prev = x_cur = x.to(sdtype)
-    for unit in stage.units:
+    delta = None
+    if stage.exact:
+        delta = _grid(x_cur)
+        x_prev = x_cur = _straight_through(x_cur, _on_grid(x_cur, delta))
+        d = stage.divisor
+        top = x_cur.new_zeros(())
+    for k, unit in enumerate(stage.units):
         if states is not None:
             states.append(_ForwardState(x.device))
         r = unit(x_cur.to(in_dtype)).to(sdtype)
-        x_prev, x_cur = x_cur, _combine(stage.alpha, stage.beta, x_prev, x_cur, r)
+        if delta is None:
+            x_prev, x_cur = x_cur, _combine(alpha, beta, x_prev, x_cur, r)
+        else:
+            with torch.no_grad():
+                scaled, rem = _divide(x_prev, d, delta)
+                exact = scaled + _exact_parts(alpha, x_cur, r, delta)
+                top = torch.maximum(top, exact.abs().amax())
+            if remainders is not None and k > 0:
+                remainders.append(_pack(rem, d))
+            del rem, scaled
+            if torch.is_grad_enabled():
+                exact = _straight_through(_combine(alpha, beta, x_prev, x_cur, r), exact)
+            x_prev, x_cur = x_cur, exact
         del r
+    if delta is not None and bool(top >= delta * 2.0**_GRID_BITS):
+        raise RuntimeError(
+            f"revify: stage {stage.name}: exact streams outgrew their fixed-point grid (more "
+            f"than {2 ** _HEADROOM_BITS}x the stage input); use exact=False for this model"
+        )
     if states is not None:
-        return x_prev, x_cur
+        return x_prev, x_cur, delta if delta is not None else x_cur.new_ones(())
     return x_cur.to(in_dtype)
+
+
+def _straight_through(value: Tensor, exact: Tensor) -> Tensor:
+    """``exact`` in the forward, the gradient of ``value`` in the backward."""
+    if not value.requires_grad:
+        return exact
+    return value + (exact - value).detach()
 
 
 class _ReversibleFunction(torch.autograd.Function):
@@ -233,12 +352,15 @@ class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, stage: ReversibleStage, x: Tensor, *tensors: Tensor) -> Tensor:
         states: list[_ForwardState] = []
-        x_prev, x_cur = _forward(stage, x, states)
+        remainders: list[Tensor] = []
+        x_prev, x_cur, delta = _forward(stage, x, states, remainders)
         out = x_cur.to(x.dtype)
         ctx.stage = stage
         ctx.states = states
         ctx.in_dtype = x.dtype
-        ctx.save_for_backward(x_prev, x_cur)
+        # The coefficients of this forward: a schedule may change them before backward.
+        ctx.alpha, ctx.beta, ctx.exact = stage.alpha, stage.beta, stage.exact
+        ctx.save_for_backward(x_prev, x_cur, *([delta] if stage.exact else []), *remainders)
         ctx.reference = x.detach().clone() if stage.record_input else None
         return out
 
@@ -252,8 +374,10 @@ class _ReversibleFunction(torch.autograd.Function):
         # both reconstruct the input, and dL/dx = a_0 + a_{-1}. Tensors we allocated are updated
         # in place; saved tensors and autograd's g_out are never written.
         stage: ReversibleStage = ctx.stage
-        alpha, beta = stage.alpha, stage.beta
-        x_prev, x_cur = ctx.saved_tensors
+        alpha, beta, exact = ctx.alpha, ctx.beta, ctx.exact
+        x_prev, x_cur, *extra = ctx.saved_tensors
+        delta, *remainders = extra if exact else (None,)
+        d = round(1.0 / beta)
         unit_tensors = stage.unit_tensors()
         flat = stage.tensors()
         needs = ctx.needs_input_grad[2:]
@@ -288,11 +412,17 @@ class _ReversibleFunction(torch.autograd.Function):
                 h = mid.detach().requires_grad_(need_dx[k])
                 z = unit(h.to(ctx.in_dtype)).to(h.dtype)
             with torch.no_grad():
-                lo = hi.sub_(z) if hi_owned else hi - z
-                if alpha != 0:
-                    lo.sub_(mid, alpha=alpha)
-                if beta != 1:
-                    lo.div_(beta)
+                if exact:
+                    # x_{-1} = x_0 needs no reconstruction (and has no remainder).
+                    t = hi - _exact_parts(alpha, mid, z, delta)
+                    lo = _undivide(t, _unpack(remainders[k - 1], d, t), d, delta) if k else mid
+                    del t
+                else:
+                    lo = hi.sub_(z) if hi_owned else hi - z
+                    if alpha != 0:
+                        lo.sub_(mid, alpha=alpha)
+                    if beta != 1:
+                        lo.div_(beta)
             del hi
             inputs = ([h] if need_dx[k] else []) + wanted
             vjp: Sequence[Tensor | None] = (None,) * len(inputs)
@@ -326,7 +456,7 @@ class _ReversibleFunction(torch.autograd.Function):
                 else:
                     a_mid, a_mid_owned = torch.add(a_mid, term, alpha=coef), True
             del dh, a_hi, terms
-            hi, hi_owned, mid, mid_owned = mid, mid_owned, lo, True
+            hi, hi_owned, mid, mid_owned = mid, mid_owned, lo, lo is not mid
             a_hi, a_hi_owned, a_mid, a_mid_owned = a_mid, a_mid_owned, a_lo, a_lo_owned
         if completed:
             # hi = x_0 and mid = x_{-1}: two reconstructions of the stage input.

@@ -9,6 +9,7 @@ import json
 import pytest
 import timm
 import torch
+from conftest import InlineNet
 from rich.console import Console
 from torch import Tensor, nn
 
@@ -16,6 +17,15 @@ import revify
 from revify.audit import AuditReport, audit
 
 SIZE = 64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny real forwards: one thread avoids oversubscribing a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _real_saved_bytes(model: nn.Module, x: Tensor) -> int:
@@ -35,7 +45,7 @@ def _real_saved_bytes(model: nn.Module, x: Tensor) -> int:
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(x)
-    del out, alive
+    del out
     return sum(sizes.values())
 
 
@@ -50,13 +60,19 @@ def resnet50() -> nn.Module:
 
 
 @pytest.fixture(scope="module")
-def report50(resnet50: nn.Module) -> AuditReport:
-    return audit(resnet50, (3, SIZE, SIZE), batch_size=2)
+def converted50(resnet50: nn.Module) -> nn.Module:
+    return revify.convert(copy.deepcopy(resnet50), torch.zeros(2, 3, SIZE, SIZE))
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
-def test_matches_real_count(name: str) -> None:
-    model = _model(name)
+@pytest.fixture(scope="module")
+def report50(converted50: nn.Module) -> AuditReport:
+    # A converted model is audited as is ("before" runs its original code); the path through
+    # a converted copy is tested on resnet18.
+    return audit(converted50, (3, SIZE, SIZE), batch_size=2)
+
+
+def test_matches_real_count_resnet18() -> None:
+    model = _model("resnet18")
     x = torch.randn(2, 3, SIZE, SIZE)
     report = audit(model, x)
     real_before = _real_saved_bytes(copy.deepcopy(model), x)
@@ -64,6 +80,16 @@ def test_matches_real_count(name: str) -> None:
     assert report.saved_before == pytest.approx(real_before, rel=0.05)
     assert report.saved_after == pytest.approx(real_after, rel=0.05)
     assert report.batch_size == 2 and report.input_shape == (2, 3, SIZE, SIZE)
+
+
+def test_matches_real_count_resnet50(
+    resnet50: nn.Module, converted50: nn.Module, report50: AuditReport
+) -> None:
+    x = torch.randn(2, 3, SIZE, SIZE)
+    real_before = _real_saved_bytes(copy.deepcopy(resnet50), x)
+    real_after = _real_saved_bytes(copy.deepcopy(converted50), x)
+    assert report50.saved_before == pytest.approx(real_before, rel=0.05)
+    assert report50.saved_after == pytest.approx(real_after, rel=0.05)
 
 
 def _snapshot(model: nn.Module) -> dict[str, Tensor]:
@@ -107,15 +133,16 @@ def test_ratio_resnet50(report50: AuditReport) -> None:
     assert report50.ratio is not None and report50.ratio < 0.5
 
 
-def test_rows_cover_every_block(resnet50: nn.Module, report50: AuditReport) -> None:
-    converted = revify.convert(copy.deepcopy(resnet50), torch.zeros(2, 3, SIZE, SIZE))
+def test_rows_cover_every_block(converted50: nn.Module, report50: AuditReport) -> None:
     names = [r.name for r in report50.rows]
-    assert {b.name for b in converted._revify_plan.blocks} <= set(names)
+    assert {b.name for b in converted50._revify_plan.blocks} <= set(names)
     assert "layer1 [stage state]" in names and names[-1] == "other"
     state = next(r for r in report50.rows if r.name == "layer1 [stage state]")
-    # The stage keeps its two last states, (x_{n-1}, x_n), each of the stage's output shape.
+    # The stage keeps its two last states, (x_{n-1}, x_n), each of the stage's output shape
+    # (and maybe a few scalars).
     shape = next(r.output_shape for r in report50.rows if r.name == "layer1.2")
-    assert state.bytes_after == 2 * 4 * torch.Size(shape).numel()
+    streams = 2 * 4 * torch.Size(shape).numel()
+    assert streams <= state.bytes_after <= streams + 1024
     assert sum(r.bytes_after for r in report50.rows) == report50.saved_after
     assert next(r for r in report50.rows if r.name == "conv1").output_shape == (2, 64, 32, 32)
 
@@ -181,31 +208,14 @@ def test_rejects_non_float_inputs(bad: object) -> None:
         audit(_model("resnet18"), bad)
 
 
-class _Inline(nn.Module):
-    """Residuals written inline (``x = x + self.f(x)``): blocks named ``owner:add``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.f = nn.ModuleList(
-            nn.Sequential(nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
-            for _ in range(3)
-        )
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.stem(x)
-        for f in self.f:
-            x = x + f(x)
-        return self.head(x.mean((2, 3)))
-
-
 def test_inline_units_match_real_count() -> None:
+    # Residuals written in forward, the branch module f1 shared by two of them.
     torch.manual_seed(0)
-    model = _Inline()
+    model = InlineNet()
     x = torch.randn(4, 3, 16, 16)
     report = audit(model, x)
-    inline = [r for r in report.rows if ":" in r.name and r.kind == "block"]
+    inline = [r for r in report.rows if r.treatment == "reversible" and r.kind == "block"]
     assert len(inline) == 3 and all(r.bytes_before > 0 for r in inline)
+    assert inline[0].bytes_before == inline[2].bytes_before  # f1's two calls, one each
     assert report.saved_before == _real_saved_bytes(copy.deepcopy(model), x)
     assert report.saved_after == _real_saved_bytes(revify.convert(copy.deepcopy(model), x), x)
