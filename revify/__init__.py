@@ -15,6 +15,7 @@ from .convert import convert as convert
 from .convert import revert as revert
 from .convert import stages as stages
 from .coupling import ReversibleStage as ReversibleStage
+from .schedule import Schedule as Schedule
 
 __all__ = [
     "convert",
@@ -27,6 +28,7 @@ __all__ = [
     "AuditRow",
     "plain_autograd",
     "ReversibleStage",
+    "Schedule",
     "ConversionError",
 ]
 __version__ = "0.1.0"

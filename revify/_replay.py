@@ -45,6 +45,15 @@ class _ForwardState:
         }
         self.cache = torch.is_autocast_cache_enabled()
 
+    def restart(self) -> None:
+        """Set the generators back to the captured state (to redo a forward from its start)."""
+        if self.cpu_rng is not None:
+            torch.set_rng_state(self.cpu_rng)
+        if self.device_rng is not None:
+            torch.get_device_module(self.device_type).set_rng_state(
+                self.device_rng, self.device_index
+            )
+
     @contextlib.contextmanager
     def replay(self) -> Iterator[None]:
         """Run the body with the captured RNG state (restored afterwards) and autocast settings."""

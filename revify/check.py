@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._mode import plain_autograd
+from ._mode import _original, plain_autograd
 from .convert import is_converted, stages
 
 __all__ = ["check", "CheckReport", "StageCheck"]
@@ -46,6 +46,8 @@ class CheckReport:
     """Result of :func:`check`; ``stages`` has one row per reversible stage, in order."""
 
     precision: str
+    output_rel_error: float = math.nan  # ||y - y_original|| / ||y_original||, eval mode
+    top1_agreement: float = math.nan  # share of samples whose argmax matches the original's
     stages: list[StageCheck] = field(default_factory=list)
     grad_error: float = math.nan  # over every parameter and the input
     plain_grad_error: float = math.nan
@@ -55,8 +57,12 @@ class CheckReport:
         return asdict(self)
 
     def __str__(self) -> str:
-        lines = [f"revify.check ({self.precision}): grad error {self.grad_error:.3g}, "
-                 f"plain autograd {self.plain_grad_error:.3g}, ratio {self.ratio:.3g}"]
+        lines = [
+            f"revify.check ({self.precision}): vs original: output error "
+            f"{self.output_rel_error:.3g}, top-1 agreement {self.top1_agreement:.2%}",
+            f"  gradient error {self.grad_error:.3g}, plain autograd {self.plain_grad_error:.3g},"
+            f" ratio {self.ratio:.3g}",
+        ]
         for s in self.stages:
             lines.append(
                 f"  {s.name:<24} units={s.units:<3} reconstruction={s.reconstruction_error:.2e} "
@@ -114,6 +120,7 @@ def check(
     *,
     autocast: torch.dtype | None = None,
     seed: int = 0,
+    gradients: bool = True,
 ) -> CheckReport:
     """Measure reconstruction and gradient errors of a converted model on ``example_input``.
 
@@ -122,6 +129,10 @@ def check(
         example_input: a floating-point input batch (a few samples suffice).
         autocast: e.g. ``torch.bfloat16`` to check under autocast on the input's device.
         seed: RNG seed, so dropout and DropPath draw the same masks in every run.
+        gradients: also measure gradient and reconstruction errors (the costly part).
+
+    Fidelity to the original network (``output_rel_error``, ``top1_agreement``) is measured in
+    eval mode without grad: the converted forward against the original code of the same model.
 
     Runs three steps: float64 ordinary autograd on a deep copy (the truth), revify's backward
     and ordinary autograd at the model's precision. Costs about three training steps and a
@@ -137,6 +148,11 @@ def check(
         raise TypeError(
             f"revify.check: example_input must be floating point, got {example_input.dtype}"
         )
+    precision = f"autocast {autocast}" if autocast else str(example_input.dtype)
+    report = CheckReport(precision)
+    report.output_rel_error, report.top1_agreement = _fidelity(model, example_input)
+    if not gradients:
+        return report
     params = [p for p in model.parameters() if p.requires_grad]
     names = {id(p): i for i, p in enumerate(params)}
     with torch.no_grad(), _restored(model), torch.random.fork_rng(devices=[]):
@@ -163,8 +179,6 @@ def check(
     with plain_autograd():
         plain = _step(model, example_input, weight, params, autocast, seed)
 
-    precision = f"autocast {autocast}" if autocast else str(example_input.dtype)
-    report = CheckReport(precision)
     report.grad_error = _rel(rev, truth)
     report.plain_grad_error = _rel(plain, truth)
     report.ratio = _ratio(report.grad_error, report.plain_grad_error)
@@ -178,6 +192,27 @@ def check(
             g_err, p_err, _ratio(g_err, p_err),
         ))
     return report
+
+
+def _fidelity(model: nn.Module, x: Tensor) -> tuple[float, float]:
+    """Relative output error and top-1 agreement of the converted model against its original
+    code (classifier outputs ``(B, classes)``; agreement is ``nan`` for other shapes)."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            y = model(x)
+            with _original():
+                y0 = model(x)
+    finally:
+        for m, t in modes.items():
+            m.training = t
+    y = y[0] if isinstance(y, (tuple, list)) else y
+    y0 = y0[0] if isinstance(y0, (tuple, list)) else y0
+    y, y0 = y.double(), y0.double()
+    rel = float((y - y0).norm() / y0.norm().clamp_min(1e-300))
+    agree = float((y.argmax(-1) == y0.argmax(-1)).double().mean()) if y.ndim == 2 else math.nan
+    return rel, agree
 
 
 def _ratio(a: float, b: float) -> float:

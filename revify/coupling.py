@@ -135,6 +135,7 @@ class ReversibleStage:
         self.name = name
         self.units = list(units)
         self.exact = exact
+        self.headroom_bits = _HEADROOM_BITS  # adapted by each exact forward
         self.alpha = alpha
         self.beta = beta
         self.last_reconstruction_error: Tensor | None = None
@@ -234,14 +235,17 @@ class ReversibleStage:
 # on the stream dtype, so a float64 copy computes the same function (revify.check's reference).
 
 _GRID_BITS = 24
-_HEADROOM_BITS = 8  # streams may grow 256x over a stage before the grid overflows
+# Bits of growth over a stage the grid allows at first (precision 2^-16 of the stage input's
+# largest value). A forward whose streams outgrow it is redone on a coarser grid, which the
+# stage then keeps (like a loss scaler that only backs off).
+_HEADROOM_BITS = 8
+_MARGIN_BITS = 2
 
 
-def _grid(x: Tensor) -> Tensor:
-    """Grid step ``delta`` (0-dim, a power of two) for a stage whose input is ``x``."""
+def _grid(x: Tensor, headroom: int) -> Tensor:
+    """Grid step ``delta`` (0-dim, a power of two) leaving ``headroom`` bits of growth."""
     top = x.detach().abs().amax().clamp_min(torch.finfo(x.dtype).tiny)
-    exponent = torch.ceil(torch.log2(top)) + _HEADROOM_BITS - _GRID_BITS
-    return torch.exp2(exponent)
+    return torch.exp2(torch.ceil(torch.log2(top)) + headroom - _GRID_BITS)
 
 
 def _on_grid(v: Tensor, delta: Tensor) -> Tensor:
@@ -296,16 +300,56 @@ def _forward(
     """The coupled recurrence. With ``states`` it also records each unit's RNG/autocast state
     (and, in exact mode, the packed remainders) and returns ``(x_{n-1}, x_n, delta)``; without,
     it returns ``x_n`` (plain or no-grad path, differentiable)."""
+    if not stage.exact:
+        out = _run(stage, x, states, remainders, None)
+        return out[:2] + (None,) if states is not None else out[1].to(x.dtype)
+    start = _ForwardState(x.device)
+    x_prev, x_cur, delta, needed = _run(stage, x, states, remainders, stage.headroom_bits)
+    if needed > stage.headroom_bits or not _fits(x_cur, x_prev, delta):
+        # The streams outgrew the grid: redo with a coarser one, with the same random draws,
+        # BatchNorm statistics already updated. The stage keeps the larger headroom.
+        stage.headroom_bits = needed + _MARGIN_BITS
+        start.restart()
+        for collected in (states, remainders):
+            if collected is not None:
+                collected.clear()
+        with frozen_running_stats(batchnorms(stage.modules())):
+            x_prev, x_cur, delta, needed = _run(stage, x, states, remainders, stage.headroom_bits)
+        if not _fits(x_cur, x_prev, delta):
+            raise RuntimeError(
+                f"revify: stage {stage.name}: exact streams outgrew their fixed-point grid "
+                f"({needed} bits of growth); use exact=False for this model"
+            )
+    if states is not None:
+        return x_prev, x_cur, delta
+    return x_cur.to(x.dtype)
+
+
+def _fits(x_cur: Tensor, x_prev: Tensor, delta: Tensor) -> bool:
+    limit = delta * 2.0**_GRID_BITS
+    return bool(torch.maximum(x_cur.detach().abs().amax(), x_prev.detach().abs().amax()) < limit)
+
+
+def _run(
+    stage: ReversibleStage,
+    x: Tensor,
+    states: list[_ForwardState] | None,
+    remainders: list[Tensor] | None,
+    headroom: int | None,
+) -> tuple[Any, ...]:
+    """One pass of the recurrence: ``(x_{n-1}, x_n, delta, bits of growth needed)``, on the
+    fixed-point grid when ``headroom`` is given."""
     alpha, beta = stage.alpha, stage.beta
     in_dtype = x.dtype
     sdtype = _stream_dtype(in_dtype)
     x_prev = x_cur = x.to(sdtype)
     delta = None
-    if stage.exact:
-        delta = _grid(x_cur)
+    if headroom is not None:
+        delta = _grid(x_cur, headroom)
         x_prev = x_cur = _straight_through(x_cur, _on_grid(x_cur, delta))
         d = stage.divisor
-        top = x_cur.new_zeros(())
+        base = x_cur.detach().abs().amax()
+        top = base.clone()
     for k, unit in enumerate(stage.units):
         if states is not None:
             states.append(_ForwardState(x.device))
@@ -324,14 +368,11 @@ def _forward(
                 exact = _straight_through(_combine(alpha, beta, x_prev, x_cur, r), exact)
             x_prev, x_cur = x_cur, exact
         del r
-    if delta is not None and bool(top >= delta * 2.0**_GRID_BITS):
-        raise RuntimeError(
-            f"revify: stage {stage.name}: exact streams outgrew their fixed-point grid (more "
-            f"than {2 ** _HEADROOM_BITS}x the stage input); use exact=False for this model"
-        )
-    if states is not None:
-        return x_prev, x_cur, delta if delta is not None else x_cur.new_ones(())
-    return x_cur.to(in_dtype)
+    needed = 0
+    if delta is not None:
+        ratio = (top / base.clamp_min(torch.finfo(sdtype).tiny)).clamp_min(1.0)
+        needed = int(torch.ceil(torch.log2(ratio)).item()) + 1  # +1: rounding up to 2^k
+    return x_prev, x_cur, delta, needed
 
 
 def _straight_through(value: Tensor, exact: Tensor) -> Tensor:
@@ -360,8 +401,11 @@ class _ReversibleFunction(torch.autograd.Function):
         ctx.in_dtype = x.dtype
         # The coefficients of this forward: a schedule may change them before backward.
         ctx.alpha, ctx.beta, ctx.exact = stage.alpha, stage.beta, stage.exact
-        ctx.save_for_backward(x_prev, x_cur, *([delta] if stage.exact else []), *remainders)
-        ctx.reference = x.detach().clone() if stage.record_input else None
+        ctx.save_for_backward(x_prev, x_cur, *([delta] if ctx.exact else []), *remainders)
+        ctx.reference = None
+        if stage.record_input:  # exact streams start from the input rounded onto their grid
+            ctx.reference = x.detach().to(x_cur.dtype)
+            ctx.reference = _on_grid(ctx.reference, delta) if ctx.exact else ctx.reference.clone()
         return out
 
     @staticmethod

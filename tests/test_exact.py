@@ -1,0 +1,142 @@
+"""Exact fixed-point streams, the faithful setting and the coefficient schedule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import InlineNet, max_rel_err, step_grads, timm_model
+
+import revify
+
+FAITHFUL = dict(alpha=1.0, beta=1 / 16, exact=True)
+
+
+@pytest.mark.parametrize("coeffs", [FAITHFUL, dict(alpha=0.0, beta=1.0, exact=True),
+                                    dict(alpha=0.5, beta=1 / 3, exact=True)])
+def test_exact_float64_matches_autograd(coeffs):
+    model = timm_model("resnet50", drop_path_rate=0.3).double()
+    revify.convert(model, torch.zeros(2, 3, 32, 32, dtype=torch.float64), **coeffs)
+    model.train()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    y_ref, g_ref = step_grads(model, x, plain=True)
+    y_rev, g_rev = step_grads(model, x, plain=False)
+    assert torch.equal(y_ref, y_rev)  # the same grid arithmetic in both paths
+    assert max_rel_err(g_rev, g_ref) <= 1e-10
+
+
+def test_exact_inline_units_with_post_activation():
+    torch.manual_seed(0)
+    model = InlineNet().double()
+    revify.convert(model, torch.zeros(2, 3, 16, 16, dtype=torch.float64), **FAITHFUL)
+    model.train()
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    _, ref = step_grads(model, x, plain=True)
+    _, rev = step_grads(model, x, plain=False)
+    assert max_rel_err(rev, ref) <= 1e-10
+
+
+def test_exact_grid_grows_when_streams_outgrow_it():
+    """Streams growing past the grid redo the forward on a coarser one, gradients intact."""
+    model = timm_model("resnet18").double()
+    revify.convert(model, torch.zeros(2, 3, 32, 32, dtype=torch.float64), **FAITHFUL)
+    stage = revify.stages(model)[0]
+    stage.headroom_bits = 1  # far too little for two units
+    model.train()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    start = {k: v.clone() for k, v in model.named_buffers()}
+    _, rev = step_grads(model, x, plain=False)
+    assert stage.headroom_bits > 1
+    _, ref = step_grads(model, x, plain=True)
+    assert max_rel_err(rev, ref) <= 1e-10
+    model(x)  # one more forward: BatchNorm updated once per forward despite the redo
+    tracked = dict(model.named_buffers())["layer1.0.bn1.num_batches_tracked"]
+    assert int(tracked) == int(start["layer1.0.bn1.num_batches_tracked"]) + 1
+
+
+def test_small_beta_needs_exact_streams():
+    """beta=1/16 over 22 units: float reconstruction explodes, exact streams do not."""
+    x = torch.randn(4, 3, 32, 32)
+    errors = {}
+    for exact in (False, True):
+        model = timm_model("resnet101")
+        revify.convert(model, torch.zeros(2, 3, 32, 32), alpha=1.0, beta=1 / 16, exact=exact)
+        model.train()
+        report = revify.check(model, x)
+        errors[exact] = max(st.reconstruction_error for st in report.stages)
+        if exact:
+            assert report.ratio <= 2.0, str(report)
+    assert errors[False] > 1.0
+    assert errors[True] == 0.0  # exact: the input comes back bit for bit
+
+
+def test_faithful_setting_stays_close_to_the_original():
+    """alpha=1 with a smaller beta is closer to the pretrained function; RevNet is far."""
+    x = torch.randn(8, 3, 32, 32)
+    errors = {}
+    for name, kw in (("revnet", {}), ("1/16", FAITHFUL), ("1/64", {**FAITHFUL, "beta": 1 / 64})):
+        model = timm_model("resnet50").eval()
+        revify.convert(model, x[:2], **kw)
+        errors[name] = revify.check(model, x, gradients=False)
+    assert errors["1/64"].output_rel_error < errors["1/16"].output_rel_error
+    assert errors["1/16"].output_rel_error < errors["revnet"].output_rel_error
+    assert errors["1/64"].top1_agreement >= errors["revnet"].top1_agreement
+    revify.revert(model)
+    assert not revify.stages(model)
+
+
+def test_exact_beta_must_be_reciprocal_integer():
+    model = revify.convert(timm_model("resnet18"), torch.zeros(2, 3, 32, 32), **FAITHFUL)
+    with pytest.raises(ValueError, match="beta = 1/d"):
+        revify.stages(model)[0].beta = 0.3
+
+
+def test_remainders_are_packed_and_counted():
+    """Exact streams cost log2(d) bits per element per unit beyond the first: 4 bits at 1/16."""
+    model = timm_model("resnet50")
+    revify.convert(model, torch.zeros(2, 3, 32, 32), **FAITHFUL)
+    stage = revify.stages(model)[2]  # layer3: 5 units, 1024 x 2 x 2 at 32 px
+    sizes = []
+
+    def pack(t):
+        if revify._mode.current_step.get() == stage.name and t.dtype == torch.uint8:
+            sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(torch.randn(2, 3, 32, 32))
+    assert sizes == [2 * 1024 * 2 * 2 // 2] * 4
+
+
+def test_schedule_moves_every_stage_and_keeps_exact_beta_valid():
+    model = revify.convert(timm_model("resnet50"), torch.zeros(2, 3, 32, 32), **FAITHFUL)
+    schedule = revify.Schedule(model, steps=4, warmup=1)
+    seen = [(st.alpha, st.beta) for st in revify.stages(model)]
+    assert set(seen) == {(1.0, 1 / 16)}
+    path = [schedule.step() for _ in range(6)]
+    assert path[0] == (1.0, 1 / 16)  # warm-up step
+    assert path[-1] == (0.0, 1.0)
+    alphas = [a for a, _ in path]
+    assert alphas == sorted(alphas, reverse=True)
+    for st in revify.stages(model):
+        assert (st.alpha, st.beta) == (0.0, 1.0)
+        assert 1 / st.beta == round(1 / st.beta)
+    with pytest.raises(ValueError, match="no reversible stage"):
+        revify.Schedule(timm_model("resnet18"), steps=3)
+
+
+def test_coefficients_of_the_forward_are_used_in_backward():
+    """A schedule step between forward and backward must not corrupt the gradients."""
+    model = timm_model("resnet18").double()
+    revify.convert(model, torch.zeros(2, 3, 32, 32, dtype=torch.float64), **FAITHFUL)
+    model.train()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    _, ref = step_grads(model, x, plain=True)
+    schedule = revify.Schedule(model, steps=1)
+    params = list(model.parameters())
+    torch.manual_seed(1)
+    xg = x.clone().requires_grad_(True)
+    y = model(xg)
+    schedule.step()  # now alpha=0, beta=1 on every stage
+    w = torch.linspace(-1.0, 1.0, y.numel(), dtype=y.dtype).view_as(y)
+    grads = torch.autograd.grad((y * w).sum(), [*params, xg])
+    assert max_rel_err(grads, ref) <= 1e-10
