@@ -54,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--plot", metavar="PATH", help="save a bar chart (e.g. audit.png)")
     audit.add_argument("--alpha", type=float, default=0.0, help="coupling alpha (default 0)")
     audit.add_argument("--beta", type=float, default=1.0, help="coupling beta (default 1)")
+    audit.add_argument(
+        "--exact", action="store_true",
+        help="fixed-point streams (needed for small beta, e.g. --alpha 1 --beta 0.0625)",
+    )
     audit.add_argument("--no-checkpoint-stem", dest="checkpoint_stem", action="store_false",
                        help="do not checkpoint the layers before the first stage")
     audit.add_argument("--no-checkpoint-transitions", dest="checkpoint_transitions",
@@ -86,7 +90,8 @@ def _audit_command(args: argparse.Namespace) -> int:
     if args.img_size is not None:
         height = width = args.img_size
     shape = (channels, height, width)
-    options = dict(alpha=args.alpha, beta=args.beta, checkpoint_stem=args.checkpoint_stem,
+    options = dict(alpha=args.alpha, beta=args.beta, exact=args.exact,
+                   checkpoint_stem=args.checkpoint_stem,
                    checkpoint_transitions=args.checkpoint_transitions)
     try:
         # The model is ours: convert it in place (audit would otherwise convert a deep copy).
