@@ -28,25 +28,6 @@ from ._replay import _ForwardState, batchnorms, frozen_running_stats
 __all__ = ["ReversibleStage"]
 
 
-class _ModuleUnit:
-    """A unit that is one module's whole forward, ``U(h) = module(h)``, so ``R(h) = U(h) - h``.
-
-    The unit may end in an activation (ResNet: ``relu(h + F(h))``) or hold several residuals
-    (a ViT block); as a black box ``U(h) - h`` stays an exact function of it (DESIGN.md §2).
-    """
-
-    def __init__(self, name: str, module: nn.Module) -> None:
-        self.name = name
-        self.module = module
-        self.modules = [module]
-
-    def tensors(self) -> list[Tensor]:
-        return [*self.module.parameters(), *self.module.buffers()]
-
-    def __call__(self, h: Tensor) -> Tensor:
-        return self.module(h) - h
-
-
 class _BranchUnit:
     """A unit whose residual branch is one module call: ``R(h) = module(h)`` (``x + self.f(x)``)."""
 
@@ -60,6 +41,17 @@ class _BranchUnit:
 
     def __call__(self, h: Tensor) -> Tensor:
         return self.module(h)
+
+
+class _ModuleUnit(_BranchUnit):
+    """A unit that is one module's whole forward, ``U(h) = module(h)``, so ``R(h) = U(h) - h``.
+
+    The unit may end in an activation (ResNet: ``relu(h + F(h))``) or hold several residuals
+    (a ViT block); as a black box ``U(h) - h`` stays an exact function of it (DESIGN.md §2).
+    """
+
+    def __call__(self, h: Tensor) -> Tensor:
+        return self.module(h) - h
 
 
 class _GraphUnit:
