@@ -30,6 +30,7 @@ class Segment:
         modules: the submodules the code calls (their BatchNorms are protected on recompute).
         tensors: parameters and buffers the code reads.
         checkpoint: store only the inputs and recompute in backward.
+        calls: paths of the submodules called, in order (for reports).
     """
 
     def __init__(
@@ -40,6 +41,7 @@ class Segment:
         modules: Sequence[nn.Module],
         tensors: Sequence[Tensor],
         checkpoint: bool,
+        calls: Sequence[str] = (),
     ) -> None:
         self.name = name
         self.code = code
@@ -47,6 +49,7 @@ class Segment:
         self.modules = list(modules)
         self.tensors = list(tensors)
         self.checkpoint = checkpoint
+        self.calls = list(calls)
 
     def __call__(self, *inputs: Any) -> tuple[Any, ...]:
         tensors = [t for t in self.tensors if t.requires_grad]
@@ -87,6 +90,11 @@ class _CheckpointFunction(torch.autograd.Function):
         for i, t in zip(ctx.tensor_idx, ctx.saved_tensors, strict=True):
             inputs[i] = t.detach().requires_grad_(needs[i])
         tensors = [t for t in seg.tensors if t.requires_grad]
+        if ctx.n_in + len(tensors) != len(needs):
+            raise RuntimeError(
+                f"revify: segment {seg.name}: the set of tensors requiring grad changed between "
+                "forward and backward (requires_grad toggled mid-step?); recompute the forward"
+            )
         with (
             torch.enable_grad(),
             ctx.state.replay(),

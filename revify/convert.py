@@ -46,7 +46,6 @@ from .coupling import ReversibleStage, _BranchUnit, _GraphUnit, _ModuleUnit
 
 __all__ = ["convert", "revert", "stages", "ConversionError"]
 
-
 _PLAN = "_revify_plan"
 
 
@@ -67,7 +66,7 @@ class ReportLine:
 class Block:
     """A top-level block of the trunk as the plan runs it (one row of the audit)."""
 
-    name: str  # module path, or ``owner:add`` for an inline unit
+    name: str  # module path, or ``Owner:residualN`` for an inline unit
     step: str  # name of the stage or segment that runs it
     treatment: str  # "reversible", "checkpointed" or "unchanged"
 
@@ -725,9 +724,9 @@ def _make_steps(
     for i in range(len(found) + 1):
         nodes = buckets[i]
         if nodes:
-            seg = _make_segment(model, graph, nodes, i, len(found), stage_list, options, report)
-            segments.append(seg)
-            steps.append(seg.step)
+            step = _make_segment(model, graph, nodes, i, len(found), stage_list, options, report)
+            segments.append(step.run)
+            steps.append(step)
         if i < len(found):
             chain = found[i]
             steps.append(
@@ -758,7 +757,7 @@ def _make_segment(
     stage_list: list[ReversibleStage],
     options: dict[str, Any],
     report: list[ReportLine],
-) -> Segment:
+) -> _Step:
     inside = set(nodes)
     ins: list[fx.Node] = []
     for n in nodes:
@@ -788,10 +787,11 @@ def _make_segment(
             "no parameters" if not has_params else "non-tensor outputs"
         )
         report.append(ReportLine(name, "unchanged", f"{detail} ({why})"))
-    seg = Segment(name, GraphCode(extract(nodes, ins, outs)), model, modules, tensors, checkpoint)
-    seg.step = _Step(seg, [a.name for a in ins], [o.name for o in outs])
-    seg.calls = [str(n.target) for n in nodes if n.op == "call_module"]
-    return seg
+    calls = [str(n.target) for n in nodes if n.op == "call_module"]
+    seg = Segment(
+        name, GraphCode(extract(nodes, ins, outs)), model, modules, tensors, checkpoint, calls
+    )
+    return _Step(seg, [a.name for a in ins], [o.name for o in outs])
 
 
 def _owner_paths(node: fx.Node) -> list[str]:
