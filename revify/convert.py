@@ -845,4 +845,9 @@ def _report_residuals(
             lines.append(ReportLine(path, kind, r.reason))
         else:
             lines.append(ReportLine(path, "unchanged", r.reason))
+    listed = {id(r) for r in residuals}
+    for path, rs in unit_modules.items():  # residuals found by tracing an opaque leaf alone
+        if not any(id(r) in listed for r in rs):
+            kind = "reversible" if path in converted_modules else "unchanged"
+            lines.append(ReportLine(path, kind, "identity residual (inside a notrace module)"))
     return list(dict.fromkeys(lines))
