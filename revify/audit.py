@@ -76,6 +76,7 @@ class AuditRow:
     bytes_after: int
     step: str | None = None  # plan step (stage or segment) that runs it
     kind: str = "block"
+    pattern: str = ""  # residual pattern matched (reversible units) or role (stem, transition)
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -205,16 +206,16 @@ class AuditReport:
         lines = [
             f"## {self._title()}",
             "",
-            f"| block | treatment | output shape | before ({units}) | after ({units}) |",
-            "| --- | --- | --- | ---: | ---: |",
+            f"| block | treatment | pattern | output shape | before ({units}) | after ({units}) |",
+            "| --- | --- | --- | --- | ---: | ---: |",
         ]
         for r in self.rows:
             lines.append(
-                f"| {r.name} | {r.treatment} | {_shape_text(r.output_shape)} "
+                f"| {r.name} | {r.treatment} | {r.pattern} | {_shape_text(r.output_shape)} "
                 f"| {_fmt(r.bytes_before, div)} | {_fmt(r.bytes_after, div)} |"
             )
         lines += [
-            f"| **total** | | | **{_fmt(self.saved_before, div)}** "
+            f"| **total** | | | | **{_fmt(self.saved_before, div)}** "
             f"| **{_fmt(self.saved_after, div)}** |",
             "",
             f"Saved for backward: {_fmt(self.saved_before, div)} {units} before, "
@@ -242,6 +243,7 @@ class AuditReport:
         table = Table(title=Text(self._title()), show_footer=True)
         table.add_column("block", footer="total")
         table.add_column("treatment")
+        table.add_column("pattern")
         table.add_column("output shape")
         table.add_column(f"before ({units})", justify="right", footer=_fmt(self.saved_before, div))
         table.add_column(f"after ({units})", justify="right", footer=_fmt(self.saved_after, div))
@@ -249,7 +251,8 @@ class AuditReport:
         for r in self.rows:
             table.add_row(  # Text, not str: "[stage state]" is no rich markup
                 Text(r.name), Text(r.treatment, style=style.get(r.treatment, "")),
-                _shape_text(r.output_shape), _fmt(r.bytes_before, div), _fmt(r.bytes_after, div),
+                Text(r.pattern), _shape_text(r.output_shape),
+                _fmt(r.bytes_before, div), _fmt(r.bytes_after, div),
             )
         peak = Table(title=f"training memory, ratio after/before {self._ratio_text()}")
         peak.add_column("")
@@ -677,7 +680,7 @@ def _rows(
             key = ("block", b.name)
             shape = shapes.get(b.name, (None, None))[0]
             rows.append(AuditRow(b.name, b.treatment, shape, before.get(key, 0),
-                                 after.get(key, 0), b.step or None))
+                                 after.get(key, 0), b.step or None, pattern=b.pattern))
         if step in steps:
             key = ("step", step)
             label, treatment = steps[step]

@@ -69,6 +69,7 @@ class Block:
     name: str  # module path, or ``Owner:residualN`` for an inline unit
     step: str  # name of the stage or segment that runs it
     treatment: str  # "reversible", "checkpointed" or "unchanged"
+    pattern: str = ""  # the residual pattern matched (units) or the segment's role
 
 
 @dataclass(eq=False)
@@ -613,17 +614,21 @@ def _build_plan(model: nn.Module, inputs: tuple[Any, ...], options: dict[str, An
     found = [c for c in chains(units) if len(c) >= options["min_units"]]
 
     report = _report_residuals(residuals, unit_modules, found, options)
-    stage_list = [_make_stage(model, c, options) for c in found]
+    stage_list = [_make_stage(model, c, options, unit_modules) for c in found]
     steps, segments = _make_steps(model, coarse, found, stage_list, options, report)
     output = next(n for n in coarse.nodes if n.op == "output").args[0]
     output = fx.node.map_arg(output, lambda n: _Ref(n.name))
     blocks = []
     for step in steps:
         if isinstance(step.run, ReversibleStage):
-            blocks += [Block(u.name, step.run.name, "reversible") for u in step.run.units]
+            blocks += [
+                Block(u.name, step.run.name, "reversible", u.pattern) for u in step.run.units
+            ]
         else:
             kind = "checkpointed" if step.run.checkpoint else "unchanged"
-            blocks += [Block(p, step.run.name, kind) for p in step.run.calls]
+            role = "stem" if step.run.name == "stem" else step.run.name == "tail" and "tail"
+            role = role or "transition"
+            blocks += [Block(p, step.run.name, kind, role) for p in step.run.calls]
     placeholders = [n.name for n in coarse.nodes if n.op == "placeholder"]
     return Plan(
         method, args, steps, output, stage_list, segments, report, options, blocks, placeholders
@@ -661,13 +666,31 @@ def _check_training_independent(
         )
 
 
-def _make_stage(model: nn.Module, chain: list[Unit], options: dict[str, Any]) -> ReversibleStage:
+def _pattern(residuals: list[Residual]) -> str:
+    """Name the residual pattern a whole-module unit matched, for reports."""
+    if len(residuals) > 1:
+        return f"{len(residuals)}-residual block (transformer)"
+    (r,) = residuals
+    if r.post is not None:
+        return "act(x + F(x)) block (ResNet v1)"
+    if r.skip:
+        return "x + F(x), Identity shortcut"
+    return "x + F(x) block (pre-activation)"
+
+
+def _make_stage(
+    model: nn.Module,
+    chain: list[Unit],
+    options: dict[str, Any],
+    unit_modules: dict[str, list[Residual]],
+) -> ReversibleStage:
     made = []
     paths = []
     for u in chain:
         if u.residual is None:
             path = str(u.exit.target)
             made.append(_ModuleUnit(path, model.get_submodule(path)))
+            made[-1].pattern = _pattern(unit_modules[path])
             paths.append(_prefixes(path)[:-1])
             continue
         r = u.residual
@@ -682,6 +705,7 @@ def _make_stage(model: nn.Module, chain: list[Unit], options: dict[str, Any]) ->
             and not only.kwargs
         ):
             made.append(_BranchUnit(str(only.target), model.get_submodule(only.target)))
+            made[-1].pattern = "inline x + f(x)"
         else:
             nodes = r.region + (r.skip[::-1] + [r.add, r.post] if r.post is not None else [])
             out = r.post if r.post is not None else r.branch
@@ -689,6 +713,7 @@ def _make_stage(model: nn.Module, chain: list[Unit], options: dict[str, Any]) ->
             modules, tensors = _params_of(model, nodes)
             made.append(_GraphUnit(name, code, model, modules, tensors,
                                    subtract_input=r.post is not None))
+            made[-1].pattern = "inline act(x + F(x))" if r.post is not None else "inline x + F(x)"
         paths.append(_prefixes(r.owner))
     lca = _lca(paths)  # the module holding the whole chain
     label = lca or (made[0].name if len(made) == 1 else f"{made[0].name}..{made[-1].name}")

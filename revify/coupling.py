@@ -35,6 +35,7 @@ class _BranchUnit:
         self.name = name
         self.module = module
         self.modules = [module]
+        self.pattern = ""  # the residual pattern matched, for reports
 
     def tensors(self) -> list[Tensor]:
         return [*self.module.parameters(), *self.module.buffers()]
@@ -76,6 +77,7 @@ class _GraphUnit:
         self.modules = modules
         self._tensors = tensors
         self.subtract_input = subtract_input
+        self.pattern = ""
 
     def tensors(self) -> list[Tensor]:
         return list(self._tensors)

@@ -305,3 +305,17 @@ def test_set_grad_checkpointing_after_conversion_is_ignored_with_warning():
     revify.revert(model)
     model.set_grad_checkpointing(True)
     assert model.grad_checkpointing is True
+
+
+def test_unit_patterns_are_reported():
+    resnet = revify.convert(timm_model("resnet50"), EXAMPLE)
+    assert {u.pattern for st in revify.stages(resnet) for u in st.units} == {
+        "act(x + F(x)) block (ResNet v1)"
+    }
+    inline = revify.convert(InlineNet(), torch.zeros(2, 3, 16, 16))
+    assert [u.pattern for u in revify.stages(inline)[0].units] == [
+        "inline x + f(x)", "inline x + F(x)", "inline act(x + F(x))"
+    ]
+    rows = revify.audit(resnet, (3, 32, 32), batch_size=2).rows
+    assert any(r.name == "layer2.1" and r.pattern == "act(x + F(x)) block (ResNet v1)"
+               for r in rows)
