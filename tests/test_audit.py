@@ -167,9 +167,9 @@ def test_json_round_trip(report50: AuditReport) -> None:
 
 def test_markdown(report50: AuditReport) -> None:
     md = report50.to_markdown()
-    assert "| block | treatment | output shape | before (MiB) | after (MiB) |" in md
+    assert "| block | treatment | pattern | output shape | before (MiB) | after (MiB) |" in md
     before, after = report50.saved_before / 2**20, report50.saved_after / 2**20
-    assert f"| **total** | | | **{before:.2f}** | **{after:.2f}** |" in md
+    assert f"| **total** | | | | **{before:.2f}** | **{after:.2f}** |" in md
     assert "layer1 -> layer2 (checkpointed)" in md
 
 
