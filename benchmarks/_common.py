@@ -1,0 +1,128 @@
+"""Helpers shared by the benchmark scripts: building the three training methods, units, JSON.
+
+Every benchmark compares the same three ways of training a timm model:
+
+- ``plain``: the model as timm builds it, ordinary autograd.
+- ``timm-ckpt``: timm's ``set_grad_checkpointing(True)``, one ``torch.utils.checkpoint`` per
+  residual block (the usual baseline for trading compute for memory).
+- ``revify``: ``revify.convert(model)`` with its defaults (reversible stages, checkpointed stem
+  and transitions).
+
+The scripts are run as files (``python benchmarks/saved_bytes.py``), so this module is imported
+as a top-level module from the script's own folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from rich.console import Console
+from torch import nn
+
+import revify
+
+__all__ = [
+    "METHODS",
+    "build_model",
+    "console",
+    "environment",
+    "mib",
+    "parse_list",
+    "ratio",
+    "write_json",
+]
+
+METHODS: tuple[str, ...] = ("plain", "timm-ckpt", "revify")
+
+_MIB = 1024**2
+
+
+def build_model(
+    name: str,
+    method: str,
+    *,
+    size: int = 224,
+    device: torch.device | str = "cpu",
+    channels_last: bool = False,
+    seed: int = 0,
+    **timm_kwargs: Any,
+) -> nn.Module:
+    """A freshly initialised timm model (random weights, train mode) set up for ``method``.
+
+    The model is moved to ``device`` (and ``channels_last``) *before* conversion, so revify
+    traces it where it will run; the example input of the conversion has that device too.
+
+    Args:
+        name: timm model name, e.g. ``"resnet50"``. Built locally, nothing is downloaded.
+        method: one of :data:`METHODS`.
+        size: input height and width, used for revify's example input (shapes only).
+        device: where the model lives.
+        channels_last: convert weights to ``torch.channels_last`` (the fast layout on GPUs).
+        seed: RNG seed for the weight initialisation, so every method gets the same weights.
+        timm_kwargs: passed to ``timm.create_model`` (e.g. ``zero_init_last=False``).
+    """
+    if method not in METHODS:
+        raise ValueError(f"benchmarks: unknown method {method!r}; expected one of {METHODS}")
+    torch.manual_seed(seed)
+    model = timm.create_model(name, pretrained=False, **timm_kwargs)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device=device, memory_format=memory_format).train()
+    if method == "timm-ckpt":
+        model.set_grad_checkpointing(True)
+    elif method == "revify":
+        example = torch.zeros(2, 3, size, size, device=device)
+        revify.convert(model, example, strict=True)
+    return model
+
+
+def console() -> Console:
+    """A rich console that does not squeeze tables to 80 columns when output is piped."""
+    out = Console()
+    return out if out.is_terminal else Console(width=140)
+
+
+def mib(n_bytes: float) -> float:
+    """Bytes to MiB."""
+    return n_bytes / _MIB
+
+
+def ratio(num: float, den: float) -> float:
+    """``num / den``, NaN when ``den`` is 0 (a table cell rather than a crash)."""
+    return num / den if den else float("nan")
+
+
+def parse_list(text: str) -> list[str]:
+    """``"resnet50,resnet152"`` -> ``["resnet50", "resnet152"]`` (argparse ``type=``)."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def environment() -> dict[str, Any]:
+    """Versions and machine description stored next to every JSON result."""
+    env: dict[str, Any] = {
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "revify": revify.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if hasattr(os, "getloadavg"):  # other processes on the machine skew CPU timings
+        env["loadavg_1_5_15min"] = list(os.getloadavg())
+    if torch.cuda.is_available():
+        env["cuda_device"] = torch.cuda.get_device_name()
+    return env
+
+
+def write_json(path: str | Path, results: Sequence[dict[str, Any]], **extra: Any) -> None:
+    """Write ``{"environment": ..., **extra, "results": results}`` to ``path``."""
+    payload = {"environment": environment(), **extra, "results": list(results)}
+    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
