@@ -97,22 +97,29 @@ def _branch_region(h: fx.Node, br: fx.Node, add: fx.Node) -> tuple[list[fx.Node]
 
 
 def _absorb_dead_ends(region: set[fx.Node], h: fx.Node, add: fx.Node) -> None:
-    """Add to ``region`` the nodes computed only from it whose every user is in it.
+    """Add to ``region`` the nodes computed only from it whose results never leave it.
 
-    Such nodes are metadata reads left unused (``B, N, C = x.shape`` with ``C`` unused) or
-    in-place side effects with no users (FX_SURVEY.md, corner case 5): they belong to the unit.
+    Such nodes are metadata reads and checks left unused (``B, N, C = x.shape`` with ``C``
+    unused; ``_assert(x.shape[1] == c)``) or in-place side effects with no users (FX_SURVEY.md,
+    corner case 5): they belong to the unit.
     """
-    changed = True
-    while changed:
-        changed = False
-        for n in list(region):
-            for u in n.users:
-                if u in region or u is add:
-                    continue
-                inputs_ok = all(a in region or a is h for a in u.all_input_nodes)
-                if inputs_ok and all(v in region for v in u.users):
-                    region.add(u)
-                    changed = True
+    candidates: set[fx.Node] = set()
+    frontier = [u for n in region for u in n.users]
+    while frontier:
+        u = frontier.pop()
+        if u in region or u in candidates or u is add:
+            continue
+        if all(a in region or a in candidates or a is h for a in u.all_input_nodes):
+            candidates.add(u)
+            frontier.extend(u.users)
+    pruned = True
+    while pruned:  # drop candidates whose value reaches anything outside
+        pruned = False
+        for c in list(candidates):
+            if any(v not in region and v not in candidates for v in c.users):
+                candidates.discard(c)
+                pruned = True
+    region |= candidates
 
 
 def _skip_path(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:

@@ -84,7 +84,15 @@ def trace_method(model: nn.Module, method: str, leaves: Iterable[nn.Module] = ()
     entry_cls = type("_Entry", (nn.Module,), {"forward": ns["forward"]})
     entry = entry_cls()
     entry.root = model
-    graph = _Tracer(leaves).trace(entry)
+    # Tracing runs Python code on real buffers (timm's BatchNormAct2d increments
+    # num_batches_tracked in its own forward): put every buffer back afterwards.
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        graph = _Tracer(leaves).trace(entry)
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
     for node in graph.nodes:
         if node.op == "get_attr" and not node.target.startswith(_PREFIX):
             node.target = _PREFIX + _keep_constant(model, getattr(entry, node.target))

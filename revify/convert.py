@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _mode
 from ._match import Residual, Unit, chains, find_residuals
@@ -532,6 +533,8 @@ def _probe_leaves(model: nn.Module, graph: fx.Graph, taken: set[str]) -> dict[st
         (h,) = node.args
         if type(module).__module__.startswith("torch.") or not isinstance(h, fx.Node):
             continue
+        if isinstance(module, _BatchNorm):  # a norm layer never hides a residual
+            continue
         if any(p in taken for p in _prefixes(node.target)):
             continue
         meta = h.meta.get("tensor_meta")
@@ -865,6 +868,8 @@ def _report_residuals(
                     path, "unchanged",
                     f"identity residual outside any chain of >= {min_units} units "
                     "(an intermediate value is read elsewhere, or it is nested)"))
+        elif any(path.startswith(m + ".") for m in converted_modules):
+            continue  # an add inside a unit that is reversible as a whole
         elif r.kind == "projection":
             kind = "checkpointed" if options["checkpoint_transitions"] else "unchanged"
             lines.append(ReportLine(path, kind, r.reason))

@@ -325,3 +325,20 @@ def test_unit_patterns_are_reported():
     rows = revify.audit(resnet, (3, 32, 32), batch_size=2).rows
     assert any(r.name == "layer2.1" and r.pattern == "act(x + F(x)) block (ResNet v1)"
                for r in rows)
+
+
+def test_convert_changes_no_buffer():
+    """Tracing runs Python code of timm's BatchNormAct2d on real buffers: none may change."""
+    model = timm.create_model("regnetx_002").train()
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    revify.convert(model, EXAMPLE)
+    after = dict(model.named_buffers())
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+
+
+def test_dead_end_checks_inside_a_branch_are_absorbed():
+    """skresnet18's attention asserts on shapes (a dead-end chain): still an identity unit."""
+    model = timm.create_model("skresnet18")
+    revify.convert(model, EXAMPLE)
+    assert [len(st.units) for st in revify.stages(model)] == [2, 1, 1, 1]
