@@ -52,6 +52,7 @@ def build_model(
     device: torch.device | str = "cpu",
     channels_last: bool = False,
     seed: int = 0,
+    convert_options: dict[str, Any] | None = None,
     **timm_kwargs: Any,
 ) -> nn.Module:
     """A freshly initialised timm model (random weights, train mode) set up for ``method``.
@@ -66,6 +67,7 @@ def build_model(
         device: where the model lives.
         channels_last: convert weights to ``torch.channels_last`` (the fast layout on GPUs).
         seed: RNG seed for the weight initialisation, so every method gets the same weights.
+        convert_options: extra keyword arguments of ``revify.convert`` (e.g. ``exact=True``).
         timm_kwargs: passed to ``timm.create_model`` (e.g. ``zero_init_last=False``).
     """
     if method not in METHODS:
@@ -78,7 +80,7 @@ def build_model(
         model.set_grad_checkpointing(True)
     elif method == "revify":
         example = torch.zeros(2, 3, size, size, device=device)
-        revify.convert(model, example, strict=True)
+        revify.convert(model, example, strict=True, **(convert_options or {}))
     return model
 
 

@@ -118,9 +118,11 @@ def _reconstruction_error(model: nn.Module) -> float:
     return max((float(e) for e in errs if e is not None), default=float("nan"))
 
 
-def measure(name: str, batch: int, size: int, seed: int) -> dict[str, Any]:
+def measure(name: str, batch: int, size: int, seed: int, exact: bool = False) -> dict[str, Any]:
     """All runs for one model; returns one result row."""
-    model = build_model(name, "revify", size=size, seed=seed, zero_init_last=False)
+    options = {"exact": True} if exact else None  # only passed when asked: older revify lacks it
+    model = build_model(name, "revify", size=size, seed=seed, convert_options=options,
+                        zero_init_last=False)
     model64 = copy.deepcopy(model).to(torch.float64)
     state = copy.deepcopy(model.state_dict())
     gen = torch.Generator().manual_seed(seed)
@@ -129,7 +131,8 @@ def measure(name: str, batch: int, size: int, seed: int) -> dict[str, Any]:
 
     ref, loss64 = gradients(model64, state, x.double(), target, plain=True)
     rev64, _ = gradients(model64, state, x.double(), target, plain=False)
-    row: dict[str, Any] = dict(model=name, batch=batch, size=size, seed=seed, loss_f64=loss64,
+    row: dict[str, Any] = dict(model=name, batch=batch, size=size, seed=seed, exact=exact,
+                               loss_f64=loss64,
                                f64_agreement=relative_errors(rev64, ref)[0],
                                f64_reconstruction_error=_reconstruction_error(model64))
     del rev64
@@ -151,7 +154,9 @@ def measure(name: str, batch: int, size: int, seed: int) -> dict[str, Any]:
 def display(rows: list[dict[str, Any]]) -> None:
     """One table row per model and precision."""
     b, s = rows[0]["batch"], rows[0]["size"]
-    table = Table(title=f"Gradient error vs float64 truth, batch {b}, {s}x{s}, BN train mode")
+    streams = ", exact streams" if rows[0]["exact"] else ""
+    table = Table(title=f"Gradient error vs float64 truth, batch {b}, {s}x{s}, BN train mode"
+                        f"{streams}")
     cols = ("model", "precision", "err revify", "err plain", "ratio", "median revify",
             "median plain", "revify vs plain", "recon. err", f"ratio <= {_TARGET_RATIO:g}")
     for col in cols:
@@ -181,10 +186,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--exact", action="store_true",
+                        help="convert with revify.convert(..., exact=True) (fixed-point streams)")
     parser.add_argument("--json", help="write the results to this JSON file")
     args = parser.parse_args(argv)
 
-    rows = [measure(name, args.batch, args.size, args.seed) for name in args.models]
+    rows = [measure(name, args.batch, args.size, args.seed, args.exact) for name in args.models]
     display(rows)
     if args.json:
         write_json(args.json, rows, benchmark="fidelity", target_ratio=_TARGET_RATIO)

@@ -694,6 +694,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--methods: need plain and timm-ckpt, from {METHODS}; got {args.methods}")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
+    source = _source_version()  # now: revify may change on disk while this runs
     out = console()
 
     data = load_data(32)
@@ -721,7 +722,7 @@ def main(argv: list[str] | None = None) -> None:
         summary=summarise(runs, args.methods, args.steps), step_times=times, saved_bytes=memory,
         sizes=dict(pre_train=len(data.pre_y), pre_test=len(data.pre_test_y),
                    ft_pool=len(data.ft_pool_y), ft_test=len(data.ft_test_y)),
-        seconds=time.perf_counter() - started, revify_source=_source_version(),
+        seconds=time.perf_counter() - started, revify_source=source,
     )
     display(result, args.methods)
     write_docs(result, runs, Path(args.out))
