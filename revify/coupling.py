@@ -364,7 +364,7 @@ def _run(
                 scaled, rem = _divide(x_prev, d, delta)
                 exact = scaled + _exact_parts(alpha, x_cur, r, delta)
                 top = torch.maximum(top, exact.abs().amax())
-            if remainders is not None and k > 0:
+            if remainders is not None and k > 0 and d > 1:  # X mod 1 is always 0
                 remainders.append(_pack(rem, d))
             del rem, scaled
             if torch.is_grad_enabled():
@@ -462,7 +462,12 @@ class _ReversibleFunction(torch.autograd.Function):
                 if exact:
                     # x_{-1} = x_0 needs no reconstruction (and has no remainder).
                     t = hi - _exact_parts(alpha, mid, z, delta)
-                    lo = _undivide(t, _unpack(remainders[k - 1], d, t), d, delta) if k else mid
+                    if k == 0:
+                        lo = mid
+                    elif d == 1:
+                        lo = t
+                    else:
+                        lo = _undivide(t, _unpack(remainders[k - 1], d, t), d, delta)
                     del t
                 else:
                     lo = hi.sub_(z) if hi_owned else hi - z

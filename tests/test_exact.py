@@ -141,3 +141,18 @@ def test_coefficients_of_the_forward_are_used_in_backward():
     w = torch.linspace(-1.0, 1.0, y.numel(), dtype=y.dtype).view_as(y)
     grads = torch.autograd.grad((y * w).sum(), [*params, xg])
     assert max_rel_err(grads, ref) <= 1e-10
+
+
+def test_exact_beta_one_stores_no_remainders():
+    model = timm_model("resnet50")
+    revify.convert(model, torch.zeros(2, 3, 32, 32), alpha=0.0, beta=1.0, exact=True)
+    stored = []
+
+    def pack(t):
+        if t.dtype == torch.uint8:
+            stored.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(torch.randn(2, 3, 32, 32))
+    assert stored == []
