@@ -17,14 +17,14 @@ from __future__ import annotations
 import json
 import os
 import platform
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
 from rich.console import Console
-from torch import nn
+from torch import Tensor, nn
 
 import revify
 
@@ -128,3 +128,36 @@ def write_json(path: str | Path, results: Sequence[dict[str, Any]], **extra: Any
     """Write ``{"environment": ..., **extra, "results": results}`` to ``path``."""
     payload = {"environment": environment(), **extra, "results": list(results)}
     Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+class SavedBytes:
+    """Pack hook counting the bytes saved for backward: each distinct storage once, except the
+    storages of ``excluded`` tensors (parameters). Packed tensors are kept until the counter is
+    dropped, so a storage id cannot be reused by another tensor during the pass.
+
+    Use as ``with SavedBytes(params) as counter: loss = ...`` then read ``counter.total``.
+    """
+
+    def __init__(self, excluded: Iterable[Tensor] = ()) -> None:
+        self.excluded = {t.untyped_storage()._cdata for t in excluded}
+        self.packed: list[Tensor] = []
+        self.sizes: dict[int, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+
+    def pack(self, t: Tensor) -> Tensor:
+        self.packed.append(t)
+        storage = t.untyped_storage()
+        if storage._cdata not in self.excluded:
+            self.sizes[storage._cdata] = storage.nbytes()
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes.values())
+
+    def __enter__(self) -> SavedBytes:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)

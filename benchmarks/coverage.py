@@ -58,7 +58,7 @@ from typing import Any
 import timm
 import torch
 import torchvision
-from _common import console, environment, mib, parse_list, ratio, write_json
+from _common import SavedBytes, console, environment, mib, parse_list, ratio, write_json
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
@@ -380,18 +380,7 @@ def saved_bytes(model: nn.Module, side: int) -> int:
         state[name] = fake_mode.from_tensor(p).requires_grad_(p.requires_grad)
     for name, b in model.named_buffers():
         state[name] = fake_mode.from_tensor(b)
-    real = [*model.parameters(), *model.buffers()]
-    excluded = {t.untyped_storage()._cdata for t in [*state.values(), *real]}
-    packed: list[Tensor] = []  # keeps storages alive so that their ids stay unique
-    sizes: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        packed.append(t)
-        storage = t.untyped_storage()
-        if storage._cdata not in excluded:
-            sizes[storage._cdata] = storage.nbytes()
-        return t
-
+    counter = SavedBytes([*state.values(), *model.parameters(), *model.buffers()])
     training = {m: m.training for m in model.modules()}
     model.train()
     try:
@@ -399,7 +388,7 @@ def saved_bytes(model: nn.Module, side: int) -> int:
             torch.random.fork_rng(devices=[]),
             fake_mode,
             torch.enable_grad(),
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+            counter,
         ):
             x = torch.empty(_BATCH, 3, side, side)
             out = torch.func.functional_call(model, state, (x,))
@@ -407,7 +396,7 @@ def saved_bytes(model: nn.Module, side: int) -> int:
     finally:
         for m, t in training.items():
             m.training = t
-    return sum(sizes.values())
+    return counter.total
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,7 +23,16 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
-from _common import METHODS, build_model, console, mib, parse_list, ratio, write_json
+from _common import (
+    METHODS,
+    SavedBytes,
+    build_model,
+    console,
+    mib,
+    parse_list,
+    ratio,
+    write_json,
+)
 from rich.table import Table
 from torch import Tensor, nn
 
@@ -39,24 +48,10 @@ def count_saved_bytes(model: nn.Module, x: Tensor, target: Tensor) -> tuple[int,
     Returns:
         ``(bytes, n_saved)``: total bytes of distinct storages, and the number of pack calls.
     """
-    param_storages = {p.untyped_storage()._cdata for p in model.parameters()}
-    packed: list[Tensor] = []  # keeps storages alive so that their ids stay unique
-    sizes: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        packed.append(t)
-        storage = t.untyped_storage()
-        if storage._cdata not in param_storages:
-            sizes[storage._cdata] = storage.nbytes()
-        return t
-
-    def unpack(t: Tensor) -> Tensor:
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+    with SavedBytes(model.parameters()) as counter:
         loss = F.cross_entropy(model(x), target)
     del loss  # frees the graph and, with it, the saved tensors
-    return sum(sizes.values()), len(packed)
+    return counter.total, len(counter.packed)
 
 
 def measure(name: str, batch: int, size: int, seed: int) -> list[dict[str, Any]]:
