@@ -29,6 +29,7 @@ from torch import Tensor, nn
 import revify
 
 __all__ = [
+    "EXACT",
     "METHODS",
     "build_model",
     "console",
@@ -40,6 +41,8 @@ __all__ = [
 ]
 
 METHODS: tuple[str, ...] = ("plain", "timm-ckpt", "revify")
+# Also accepted by build_model: revify with exact=True (fixed-point streams).
+EXACT = "revify-exact"
 
 _MIB = 1024**2
 
@@ -70,17 +73,20 @@ def build_model(
         convert_options: extra keyword arguments of ``revify.convert`` (e.g. ``exact=True``).
         timm_kwargs: passed to ``timm.create_model`` (e.g. ``zero_init_last=False``).
     """
-    if method not in METHODS:
-        raise ValueError(f"benchmarks: unknown method {method!r}; expected one of {METHODS}")
+    if method not in (*METHODS, EXACT):
+        raise ValueError(
+            f"benchmarks: unknown method {method!r}; expected one of {(*METHODS, EXACT)}"
+        )
     torch.manual_seed(seed)
     model = timm.create_model(name, pretrained=False, **timm_kwargs)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format).train()
     if method == "timm-ckpt":
         model.set_grad_checkpointing(True)
-    elif method == "revify":
+    elif method in ("revify", EXACT):
         example = torch.zeros(2, 3, size, size, device=device)
-        revify.convert(model, example, strict=True, **(convert_options or {}))
+        options = {**(convert_options or {}), **({"exact": True} if method == EXACT else {})}
+        revify.convert(model, example, strict=True, **options)
     return model
 
 

@@ -96,6 +96,7 @@ class _CheckpointFunction(torch.autograd.Function):
                 "forward and backward (requires_grad toggled mid-step?); recompute the forward"
             )
         with (
+            torch.profiler.record_function(f"revify.segment_backward: {seg.name}"),
             torch.enable_grad(),
             ctx.state.replay(),
             frozen_running_stats(batchnorms(seg.modules)),

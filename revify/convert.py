@@ -329,7 +329,7 @@ def _install_containers(
     that code calling them directly (timm's ``forward_intermediates``, ``model.layer1(x)``)
     computes the same converted function as the trunk. Their plans are built on first call."""
     for st in plan.stages:
-        if not st.name or not all(isinstance(u, _BranchUnit) for u in st.units):
+        if not st.name or any(isinstance(u, _GraphUnit) for u in st.units):
             continue
         try:
             container = model.get_submodule(st.name)

@@ -29,7 +29,14 @@ __all__ = ["ReversibleStage"]
 
 
 class _BranchUnit:
-    """A unit whose residual branch is one module call: ``R(h) = module(h)`` (``x + self.f(x)``)."""
+    """A unit whose residual branch is one module call: ``R(h) = module(h)`` (``x + self.f(x)``).
+
+    Every unit has ``raw(h)`` and ``subtract_input``: ``R(h) = raw(h) - h`` when
+    ``subtract_input``, else ``raw(h)``. The stage backward works with ``raw`` so that
+    ``U(h) - h`` is never materialised as a separate tensor (NOTE [ Stage backward ]).
+    """
+
+    subtract_input = False
 
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name = name
@@ -40,8 +47,12 @@ class _BranchUnit:
     def tensors(self) -> list[Tensor]:
         return [*self.module.parameters(), *self.module.buffers()]
 
-    def __call__(self, h: Tensor) -> Tensor:
+    def raw(self, h: Tensor) -> Tensor:
         return self.module(h)
+
+    def __call__(self, h: Tensor) -> Tensor:
+        out = self.raw(h)
+        return out - h if self.subtract_input else out
 
 
 class _ModuleUnit(_BranchUnit):
@@ -51,11 +62,10 @@ class _ModuleUnit(_BranchUnit):
     (a ViT block); as a black box ``U(h) - h`` stays an exact function of it (DESIGN.md §2).
     """
 
-    def __call__(self, h: Tensor) -> Tensor:
-        return self.module(h) - h
+    subtract_input = True
 
 
-class _GraphUnit:
+class _GraphUnit(_BranchUnit):
     """A unit given by a region of a traced graph, run as generated code on ``root``.
 
     The code returns ``R(h)``, or ``U(h)`` when the unit ends in a post-add op
@@ -82,9 +92,8 @@ class _GraphUnit:
     def tensors(self) -> list[Tensor]:
         return list(self._tensors)
 
-    def __call__(self, h: Tensor) -> Tensor:
-        out = self.code(self.root, h)
-        return out - h if self.subtract_input else out
+    def raw(self, h: Tensor) -> Tensor:
+        return self.code(self.root, h)
 
 
 def _stream_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -378,6 +387,15 @@ def _run(
     return x_prev, x_cur, delta, needed
 
 
+def _is_scratch(t: Tensor, *others: Tensor | None) -> bool:
+    """Whether ``t``, a recomputed unit output, may be overwritten: made by the recompute (not a
+    view, parameter or input) and sharing no memory with the tensors the backward still uses."""
+    if t.grad_fn is None or t._base is not None or _is_fake(t):
+        return False
+    ptr = t.untyped_storage().data_ptr()
+    return all(o is None or o.untyped_storage().data_ptr() != ptr for o in others)
+
+
 def _straight_through(value: Tensor, exact: Tensor) -> Tensor:
     """``exact`` in the forward, the gradient of ``value`` in the backward."""
     if not value.requires_grad:
@@ -420,107 +438,136 @@ class _ReversibleFunction(torch.autograd.Function):
         # then a_{k-1} = beta a_{k+1} and a_k += alpha a_{k+1} + dx_k. At the end x_{-1} and x_0
         # both reconstruct the input, and dL/dx = a_0 + a_{-1}. Tensors we allocated are updated
         # in place; saved tensors and autograd's g_out are never written.
-        stage: ReversibleStage = ctx.stage
-        alpha, beta, exact = ctx.alpha, ctx.beta, ctx.exact
-        x_prev, x_cur, *extra = ctx.saved_tensors
-        delta, *remainders = extra if exact else (None,)
-        d = round(1.0 / beta)
-        unit_tensors = stage.unit_tensors()
-        flat = stage.tensors()
-        needs = ctx.needs_input_grad[2:]
-        if len(flat) != len(needs):
-            raise RuntimeError(
-                f"revify: stage {stage.name}: the set of tensors requiring grad changed between "
-                "forward and backward (requires_grad toggled mid-step?); recompute the forward"
-            )
-        index = {id(t): i for i, t in enumerate(flat)}
-        grads: list[Tensor | None] = [None] * len(flat)
-        bns = batchnorms(stage.modules())
-        n = len(stage.units)
-        # need_dx[k]: is dL/dx_k needed, i.e. does anything at or before unit k-1 need a grad?
-        need_dx = [bool(ctx.needs_input_grad[1])] * (n + 1)
-        for k in range(1, n + 1):
-            need_dx[k] = need_dx[k - 1] or any(needs[index[id(t)]] for t in unit_tensors[k - 1])
+        with torch.profiler.record_function(f"revify.stage_backward: {ctx.stage.name}"):
+            return _stage_backward(ctx, g_out)
 
-        hi, hi_owned = x_cur, False  # x_{k+1}
-        mid, mid_owned = x_prev, False  # x_k
-        a_hi: Tensor | None = g_out.to(x_cur.dtype)  # a_{k+1}; None means zero
-        a_hi_owned = a_hi is not g_out
-        a_mid: Tensor | None = None  # a_k
-        a_mid_owned = False
-        completed = True
-        for k in reversed(range(n)):
-            unit = stage.units[k]
-            wanted = [t for t in unit_tensors[k] if needs[index[id(t)]]]
-            if not need_dx[k] and not wanted:
-                completed = False  # nothing at or below unit k needs a gradient
-                break
-            with torch.enable_grad(), ctx.states[k].replay(), frozen_running_stats(bns):
-                h = mid.detach().requires_grad_(need_dx[k])
-                z = unit(h.to(ctx.in_dtype)).to(h.dtype)
-            with torch.no_grad():
-                if exact:
-                    # x_{-1} = x_0 needs no reconstruction (and has no remainder).
-                    t = hi - _exact_parts(alpha, mid, z, delta)
-                    if k == 0:
-                        lo = mid
-                    elif d == 1:
-                        lo = t
-                    else:
-                        lo = _undivide(t, _unpack(remainders[k - 1], d, t), d, delta)
-                    del t
+
+def _stage_backward(ctx: Any, g_out: Tensor) -> tuple[Tensor | None, ...]:
+    """The body of :meth:`_ReversibleFunction.backward`."""
+    stage: ReversibleStage = ctx.stage
+    alpha, beta, exact = ctx.alpha, ctx.beta, ctx.exact
+    x_prev, x_cur, *extra = ctx.saved_tensors
+    delta, *remainders = extra if exact else (None,)
+    d = round(1.0 / beta)
+    unit_tensors = stage.unit_tensors()
+    flat = stage.tensors()
+    needs = ctx.needs_input_grad[2:]
+    if len(flat) != len(needs):
+        raise RuntimeError(
+            f"revify: stage {stage.name}: the set of tensors requiring grad changed between "
+            "forward and backward (requires_grad toggled mid-step?); recompute the forward"
+        )
+    index = {id(t): i for i, t in enumerate(flat)}
+    grads: list[Tensor | None] = [None] * len(flat)
+    bns = batchnorms(stage.modules())
+    n = len(stage.units)
+    # need_dx[k]: is dL/dx_k needed, i.e. does anything at or before unit k-1 need a grad?
+    need_dx = [bool(ctx.needs_input_grad[1])] * (n + 1)
+    for k in range(1, n + 1):
+        need_dx[k] = need_dx[k - 1] or any(needs[index[id(t)]] for t in unit_tensors[k - 1])
+
+    hi, hi_owned = x_cur, False  # x_{k+1}
+    mid, mid_owned = x_prev, False  # x_k
+    a_hi: Tensor | None = g_out.to(x_cur.dtype)  # a_{k+1}; None means zero
+    a_hi_owned = a_hi is not g_out
+    a_mid: Tensor | None = None  # a_k
+    a_mid_owned = False
+    completed = True
+    for k in reversed(range(n)):
+        unit = stage.units[k]
+        wanted = [t for t in unit_tensors[k] if needs[index[id(t)]]]
+        if not need_dx[k] and not wanted:
+            completed = False  # nothing at or below unit k needs a gradient
+            break
+        with torch.enable_grad(), ctx.states[k].replay(), frozen_running_stats(bns):
+            h = mid.detach().requires_grad_(need_dx[k])
+            h_in = h.to(ctx.in_dtype)
+            u = unit.raw(h_in)  # R_k(x_k), or U_k(x_k) with R_k = U_k - id
+        # The vjp first, through u alone (the "- id" part of R_k is added to a_k below), so that
+        # u's graph is freed before the reconstruction, which then reuses u's memory.
+        inputs = ([h] if need_dx[k] else []) + wanted
+        vjp: Sequence[Tensor | None] = (None,) * len(inputs)
+        if a_hi is not None and u.requires_grad:
+            vjp = torch.autograd.grad(u, inputs, a_hi.to(u.dtype), allow_unused=True)
+        with torch.no_grad():
+            # z = R_k(x_k) exactly as the forward computed it (in the unit's dtype, then cast).
+            reuse = _is_scratch(u, h, h_in, hi, mid, a_hi, a_mid, g_out)
+            z = u.detach()
+            if unit.subtract_input:
+                z = z.sub_(h_in) if reuse else z - h_in
+                reuse = True
+            del u, h, h_in
+            reuse = reuse and z.dtype == hi.dtype
+            z = z.to(hi.dtype)
+            if exact:
+                # x_{-1} = x_0 needs no reconstruction (and has no remainder).
+                t = hi - _exact_parts(alpha, mid, z, delta)
+                if k == 0:
+                    lo = mid
+                elif d == 1:
+                    lo = t
                 else:
-                    lo = hi.sub_(z) if hi_owned else hi - z
-                    if alpha != 0:
-                        lo.sub_(mid, alpha=alpha)
-                    if beta != 1:
-                        lo.div_(beta)
-            del hi
-            inputs = ([h] if need_dx[k] else []) + wanted
-            vjp: Sequence[Tensor | None] = (None,) * len(inputs)
-            if a_hi is not None and z.requires_grad:
-                vjp = torch.autograd.grad(z, inputs, a_hi, allow_unused=True)
-            del z, h
-            dh = vjp[0] if need_dx[k] else None
-            for t, g in zip(wanted, vjp[len(inputs) - len(wanted):], strict=True):
-                if g is not None:
-                    i = index[id(t)]
-                    grads[i] = g if grads[i] is None else grads[i] + g
-            del vjp
-            # a_{k-1} = beta a_{k+1};  a_k += alpha a_{k+1} + dx_k
-            if a_hi is None or beta == 1:
-                a_lo, a_lo_owned = a_hi, a_hi_owned
+                    lo = _undivide(t, _unpack(remainders[k - 1], d, t), d, delta)
+                del t
             else:
-                a_lo, a_lo_owned = a_hi * beta, True
-            terms = [(dh, 1.0)]
-            if alpha != 0 and a_hi is not None:
-                terms.append((a_hi, alpha))
-            for term, coef in terms:
-                if term is None:
-                    continue
-                if a_mid is None and coef == 1:
-                    # A pass-through branch can hand back a_{k+1} itself: never alias it.
-                    a_mid, a_mid_owned = (term.clone(), True) if term is a_hi else (term, False)
-                elif a_mid is None:
-                    a_mid, a_mid_owned = term * coef, True
-                elif a_mid_owned:
-                    a_mid.add_(term, alpha=coef)
+                # x_{k-1} = (x_{k+1} - z - alpha x_k) / beta, written into z's or x_{k+1}'s memory.
+                if reuse:
+                    lo = z.neg_().add_(hi)
+                elif hi_owned:
+                    lo = hi.sub_(z)
                 else:
-                    a_mid, a_mid_owned = torch.add(a_mid, term, alpha=coef), True
-            del dh, a_hi, terms
-            hi, hi_owned, mid, mid_owned = mid, mid_owned, lo, lo is not mid
-            a_hi, a_hi_owned, a_mid, a_mid_owned = a_mid, a_mid_owned, a_lo, a_lo_owned
-        if completed:
-            # hi = x_0 and mid = x_{-1}: two reconstructions of the stage input.
-            with torch.no_grad():
-                ref = hi if ctx.reference is None else ctx.reference.to(hi.dtype)
-                scale = ref.abs().max().clamp_min(torch.finfo(hi.dtype).tiny)
-                err = torch.maximum((mid - ref).abs().max(), (hi - ref).abs().max())
-                stage.last_reconstruction_error = err / scale
-        dx = None
-        if ctx.needs_input_grad[1]:
-            parts = [a for a in (a_hi, a_mid) if a is not None]
-            dx = parts[0] + parts[1] if len(parts) == 2 else parts[0] if parts else None
-            dx = torch.zeros_like(x_cur) if dx is None else dx
-            dx = dx.to(ctx.in_dtype)
-        return (None, dx, *grads)
+                    lo = hi - z
+                if alpha != 0:
+                    lo.sub_(mid, alpha=alpha)
+                if beta != 1:
+                    lo.div_(beta)
+            del z, hi
+        dh = vjp[0] if need_dx[k] else None
+        for t, g in zip(wanted, vjp[len(inputs) - len(wanted):], strict=True):
+            if g is not None:
+                i = index[id(t)]
+                grads[i] = g if grads[i] is None else grads[i] + g
+        del vjp
+        # a_{k-1} = beta a_{k+1};  a_k += alpha a_{k+1} + dx_k
+        if a_hi is None or beta == 1:
+            a_lo, a_lo_owned = a_hi, a_hi_owned
+        else:
+            a_lo, a_lo_owned = a_hi * beta, True
+        terms = [(dh, 1.0)]
+        coef = alpha - 1.0 if unit.subtract_input else alpha  # "- id" of R_k = U_k - id
+        if coef != 0 and a_hi is not None:
+            terms.append((a_hi, coef))
+        for term, coef in terms:
+            if term is None:
+                continue
+            if a_mid is None and coef == 1:
+                # A pass-through branch can hand back a_{k+1} itself: never alias it.
+                a_mid, a_mid_owned = (term.clone(), True) if term is a_hi else (term, False)
+            elif a_mid is None:
+                a_mid, a_mid_owned = term * coef, True
+            elif a_mid_owned:
+                a_mid.add_(term, alpha=coef)
+            else:
+                a_mid, a_mid_owned = torch.add(a_mid, term, alpha=coef), True
+        del dh, a_hi, terms
+        hi, hi_owned, mid, mid_owned = mid, mid_owned, lo, lo is not mid
+        a_hi, a_hi_owned, a_mid, a_mid_owned = a_mid, a_mid_owned, a_lo, a_lo_owned
+    if completed:
+        # hi = x_0 and mid = x_{-1}: two reconstructions of the stage input.
+        with torch.no_grad():
+            ref = hi if ctx.reference is None else ctx.reference.to(hi.dtype)
+            scale = ref.abs().max().clamp_min(torch.finfo(hi.dtype).tiny)
+            err = torch.maximum((mid - ref).abs().max(), (hi - ref).abs().max())
+            stage.last_reconstruction_error = err / scale
+    dx = None
+    if ctx.needs_input_grad[1]:
+        if a_hi is not None and a_mid is not None:
+            if a_mid_owned:
+                dx = a_mid.add_(a_hi)
+            else:
+                dx = a_hi.add_(a_mid) if a_hi_owned else a_hi + a_mid
+        else:
+            dx = a_hi if a_hi is not None else a_mid
+        dx = torch.zeros_like(x_cur) if dx is None else dx
+        dx = dx.to(ctx.in_dtype)
+    return (None, dx, *grads)

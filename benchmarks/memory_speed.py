@@ -1,0 +1,159 @@
+"""Peak memory and step time of plain training, timm checkpointing and revify, side by side.
+
+Every row is one (device, precision, model, method, batch) training step, with ratios against
+plain training and against timm's ``set_grad_checkpointing(True)`` measured in the same run.
+Methods: ``plain``, ``timm-ckpt`` (one ``torch.utils.checkpoint`` per residual block, which for
+these timm models is what wrapping each block in ``torch.utils.checkpoint`` by hand gives),
+``revify`` (defaults) and ``revify-exact`` (``exact=True``).
+
+CPU (``--cpu``): the peak of live tensor bytes during one training step after a warm-up step,
+from the allocation events of ``torch.profiler`` (``profile_memory=True``). It is the CPU
+counterpart of ``torch.cuda.max_memory_allocated``: exact and repeatable, unlike the process RSS,
+which follows glibc's caching (``peak_rss.py``). Gradients exist before the measured step, so the
+figure is what activations and the backward's working set cost.
+
+CUDA (when available): ``step_time.measure_cuda``: channels_last, SGD with momentum, fp32 (TF32)
+and bf16 autocast, ``max_memory_allocated`` above the weights+grads+optimizer baseline and the
+median step time from CUDA events. ``--budget-s`` stops starting new rows after that many
+seconds; the JSON is rewritten after every row, so a run cut short keeps what it measured.
+
+Run::
+
+    .venv/bin/python benchmarks/memory_speed.py --cpu --models resnet50,resnet152 --no-cuda
+    python benchmarks/memory_speed.py --models resnet50,resnet152 --json cuda.json   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+import traceback
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from _common import EXACT, build_model, console, mib, parse_list, ratio, write_json
+from rich.table import Table
+from step_time import _AMP, _batch, measure_cuda
+from torch.profiler import ProfilerActivity, profile
+
+METHODS = ("plain", "timm-ckpt", "revify", EXACT)
+
+
+def cpu_peak_live_bytes(name: str, method: str, batch: int, size: int) -> dict[str, Any]:
+    """Peak live tensor bytes of one CPU training step above what was live before it."""
+    model = build_model(name, method, size=size)
+    x, target = _batch(batch, size, "cpu", channels_last=False)
+    F.cross_entropy(model(x), target).backward()  # warm-up: the gradients now exist
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        F.cross_entropy(model(x), target).backward()
+    results = prof.profiler.kineto_results
+    events = sorted((e.start_ns(), e.nbytes()) for e in results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, n_bytes in events:
+        live += n_bytes
+        peak = max(peak, live)
+    return dict(device="cpu", precision="fp32", model=name, method=method, batch=batch, size=size,
+                peak_above_baseline_bytes=peak)
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Memory and time ratios against plain and timm-ckpt, same device, precision, model, batch."""
+    def key(r: dict[str, Any]) -> tuple[Any, ...]:
+        return r["device"], r["precision"], r["model"], r["batch"]
+
+    by = {(key(r), r["method"]): r for r in rows}
+    for r in rows:
+        for base in ("plain", "timm-ckpt"):
+            other = by.get((key(r), base))
+            suffix = base.replace("-", "_")
+            for field, short in (("peak_above_baseline_bytes", "mem"), ("median_s", "time")):
+                if other is not None and field in r and field in other:
+                    r[f"{short}_vs_{suffix}"] = ratio(r[field], other[field])
+
+
+def display(rows: list[dict[str, Any]]) -> None:
+    table = Table(title="Peak memory above the weights+grads+optimizer baseline, and step time")
+    cols = ("device", "precision", "model", "batch", "method", "act MiB", "MiB/sample",
+            "mem ÷ plain", "mem ÷ timm", "ms/step", "time ÷ plain", "time ÷ timm")
+    for col in cols:
+        left = col in ("device", "precision", "model", "method")
+        table.add_column(col, justify="left" if left else "right")
+
+    def cell(r: dict[str, Any], field: str, fmt: str) -> str:
+        return format(r[field], fmt) if field in r else "-"
+
+    for r in rows:
+        mem = r.get("peak_above_baseline_bytes")
+        table.add_row(
+            r["device"], r["precision"], r["model"], str(r["batch"]), r["method"],
+            "-" if mem is None else f"{mib(mem):.0f}",
+            "-" if mem is None else f"{mib(mem) / r['batch']:.1f}",
+            cell(r, "mem_vs_plain", ".2f"), cell(r, "mem_vs_timm_ckpt", ".2f"),
+            "-" if "median_s" not in r else f"{r['median_s'] * 1e3:.1f}",
+            cell(r, "time_vs_plain", ".2f"), cell(r, "time_vs_timm_ckpt", ".2f"),
+        )
+    console().print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", type=parse_list, default=["resnet50", "resnet152"])
+    parser.add_argument("--methods", type=parse_list, default=list(METHODS))
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--cpu", action="store_true", help="measure CPU peak live bytes")
+    parser.add_argument("--cpu-batch", type=int, default=8)
+    parser.add_argument("--no-cuda", action="store_true", help="skip CUDA even if present")
+    parser.add_argument("--precisions", type=parse_list, default=list(_AMP))
+    parser.add_argument("--cuda-batches", type=parse_list, default=["64"])
+    parser.add_argument("--cuda-warmup", type=int, default=3)
+    parser.add_argument("--cuda-steps", type=int, default=10)
+    parser.add_argument("--budget-s", type=float, default=float("inf"),
+                        help="start no new row after this many seconds")
+    parser.add_argument("--json", help="write the results to this JSON file (after every row)")
+    args = parser.parse_args(argv)
+
+    jobs: list[tuple[str, Any]] = []
+    if args.cpu:
+        jobs += [("cpu", (m, meth)) for m in args.models for meth in args.methods]
+    if torch.cuda.is_available() and not args.no_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+        jobs += [("cuda", (m, meth, p, int(b))) for b in args.cuda_batches
+                 for p in args.precisions for m in args.models for meth in args.methods]
+    start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    for device, job in jobs:
+        if time.perf_counter() - start > args.budget_s:
+            console().print(f"budget spent, skipped: {device} {job}")
+            continue
+        try:
+            if device == "cpu":
+                row = cpu_peak_live_bytes(*job, batch=args.cpu_batch, size=args.size)
+            else:
+                name, method, precision, batch = job
+                row = measure_cuda(name, method, precision, batch, args.size, args.cuda_warmup,
+                                   args.cuda_steps)
+        except Exception:  # noqa: BLE001 - one failing configuration must not lose the others
+            console().print(f"[red]failed: {device} {job}[/red]\n{traceback.format_exc()}")
+            continue
+        finally:
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+        console().print(f"{time.perf_counter() - start:6.0f}s {device} {job}: "
+                        f"{mib(row['peak_above_baseline_bytes']):.0f} MiB"
+                        + (f", {row['median_s'] * 1e3:.1f} ms" if "median_s" in row else ""))
+        if args.json:
+            add_ratios(rows)
+            write_json(args.json, rows, benchmark="memory_speed")
+    if rows:
+        add_ratios(rows)
+        display(rows)
+
+
+if __name__ == "__main__":
+    main()
