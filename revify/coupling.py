@@ -468,8 +468,9 @@ def _stage_backward(ctx: Any, g_out: Tensor) -> tuple[Tensor | None, ...]:
 
     hi, hi_owned = x_cur, False  # x_{k+1}
     mid, mid_owned = x_prev, False  # x_k
-    a_hi: Tensor | None = g_out.to(x_cur.dtype)  # a_{k+1}; None means zero
-    a_hi_owned = a_hi is not g_out
+    # The adjoints stay in the stage input's dtype, as plain autograd's gradients would be.
+    a_hi: Tensor | None = g_out  # a_{k+1}; None means zero
+    a_hi_owned = False
     a_mid: Tensor | None = None  # a_k
     a_mid_owned = False
     completed = True
@@ -480,9 +481,8 @@ def _stage_backward(ctx: Any, g_out: Tensor) -> tuple[Tensor | None, ...]:
             completed = False  # nothing at or below unit k needs a gradient
             break
         with torch.enable_grad(), ctx.states[k].replay(), frozen_running_stats(bns):
-            h = mid.detach().requires_grad_(need_dx[k])
-            h_in = h.to(ctx.in_dtype)
-            u = unit.raw(h_in)  # R_k(x_k), or U_k(x_k) with R_k = U_k - id
+            h = mid.detach().to(ctx.in_dtype).requires_grad_(need_dx[k])
+            u = unit.raw(h)  # R_k(x_k), or U_k(x_k) with R_k = U_k - id
         # The vjp first, through u alone (the "- id" part of R_k is added to a_k below), so that
         # u's graph is freed before the reconstruction, which then reuses u's memory.
         inputs = ([h] if need_dx[k] else []) + wanted
@@ -491,12 +491,12 @@ def _stage_backward(ctx: Any, g_out: Tensor) -> tuple[Tensor | None, ...]:
             vjp = torch.autograd.grad(u, inputs, a_hi.to(u.dtype), allow_unused=True)
         with torch.no_grad():
             # z = R_k(x_k) exactly as the forward computed it (in the unit's dtype, then cast).
-            reuse = _is_scratch(u, h, h_in, hi, mid, a_hi, a_mid, g_out)
+            reuse = _is_scratch(u, h, hi, mid, a_hi, a_mid, g_out)
             z = u.detach()
             if unit.subtract_input:
-                z = z.sub_(h_in) if reuse else z - h_in
+                z = z.sub_(h) if reuse else z - h
                 reuse = True
-            del u, h, h_in
+            del u, h
             reuse = reuse and z.dtype == hi.dtype
             z = z.to(hi.dtype)
             if exact:
@@ -568,6 +568,5 @@ def _stage_backward(ctx: Any, g_out: Tensor) -> tuple[Tensor | None, ...]:
                 dx = a_hi.add_(a_mid) if a_hi_owned else a_hi + a_mid
         else:
             dx = a_hi if a_hi is not None else a_mid
-        dx = torch.zeros_like(x_cur) if dx is None else dx
-        dx = dx.to(ctx.in_dtype)
+        dx = torch.zeros_like(x_cur, dtype=ctx.in_dtype) if dx is None else dx
     return (None, dx, *grads)
