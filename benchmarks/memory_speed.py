@@ -41,21 +41,29 @@ from torch.profiler import ProfilerActivity, profile
 METHODS = ("plain", "timm-ckpt", "revify", EXACT)
 
 
-def cpu_peak_live_bytes(name: str, method: str, batch: int, size: int) -> dict[str, Any]:
+def cpu_peak_live_bytes(
+    name: str, method: str, precision: str, batch: int, size: int
+) -> dict[str, Any]:
     """Peak live tensor bytes of one CPU training step above what was live before it."""
     model = build_model(name, method, size=size)
     x, target = _batch(batch, size, "cpu", channels_last=False)
-    F.cross_entropy(model(x), target).backward()  # warm-up: the gradients now exist
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = model(x)
+        F.cross_entropy(logits.float(), target).backward()
+
+    step()  # warm-up: the gradients now exist
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        F.cross_entropy(model(x), target).backward()
+        step()
     results = prof.profiler.kineto_results
     events = sorted((e.start_ns(), e.nbytes()) for e in results.events() if e.name() == "[memory]")
     live = peak = 0
     for _, n_bytes in events:
         live += n_bytes
         peak = max(peak, live)
-    return dict(device="cpu", precision="fp32", model=name, method=method, batch=batch, size=size,
-                peak_above_baseline_bytes=peak)
+    return dict(device="cpu", precision=precision, model=name, method=method, batch=batch,
+                size=size, peak_above_baseline_bytes=peak)
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -116,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
 
     jobs: list[tuple[str, Any]] = []
     if args.cpu:
-        jobs += [("cpu", (m, meth)) for m in args.models for meth in args.methods]
+        jobs += [("cpu", (m, meth, p)) for p in args.precisions for m in args.models
+                 for meth in args.methods]
     if torch.cuda.is_available() and not args.no_cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -365,10 +365,12 @@ def _run(
     for k, unit in enumerate(stage.units):
         if states is not None:
             states.append(_ForwardState(x.device))
-        r = unit(x_cur.to(in_dtype)).to(sdtype)
+        # A half-precision r is added to the fp32 streams by type promotion, without a copy.
+        r = unit(x_cur.to(in_dtype))
         if delta is None:
             x_prev, x_cur = x_cur, _combine(alpha, beta, x_prev, x_cur, r)
         else:
+            r = r.to(sdtype)  # the grid ops below mix r with 0-dim delta: no promotion there
             with torch.no_grad():
                 scaled, rem = _divide(x_prev, d, delta)
                 exact = scaled + _exact_parts(alpha, x_cur, r, delta)
@@ -498,8 +500,8 @@ def _stage_backward(ctx: Any, g_out: Tensor) -> tuple[Tensor | None, ...]:
                 reuse = True
             del u, h
             reuse = reuse and z.dtype == hi.dtype
-            z = z.to(hi.dtype)
             if exact:
+                z = z.to(hi.dtype)
                 # x_{-1} = x_0 needs no reconstruction (and has no remainder).
                 t = hi - _exact_parts(alpha, mid, z, delta)
                 if k == 0:
@@ -555,9 +557,12 @@ def _stage_backward(ctx: Any, g_out: Tensor) -> tuple[Tensor | None, ...]:
     if completed:
         # hi = x_0 and mid = x_{-1}: two reconstructions of the stage input.
         with torch.no_grad():
+            inf = float("inf")
             ref = hi if ctx.reference is None else ctx.reference.to(hi.dtype)
-            scale = ref.abs().max().clamp_min(torch.finfo(hi.dtype).tiny)
-            err = torch.maximum((mid - ref).abs().max(), (hi - ref).abs().max())
+            err = torch.linalg.vector_norm(mid - ref, inf)
+            if ref is not hi:
+                err = torch.maximum(err, torch.linalg.vector_norm(hi - ref, inf))
+            scale = torch.linalg.vector_norm(ref, inf).clamp_min(torch.finfo(hi.dtype).tiny)
             stage.last_reconstruction_error = err / scale
     dx = None
     if ctx.needs_input_grad[1]:
