@@ -186,7 +186,8 @@ def classify_add(add: fx.Node) -> Residual | None:
         reasons.append(why)
     common = _ancestors(a) & _ancestors(b)
     if any(n.op != "get_attr" for n in common):
-        return Residual(add, "projection", reason="shortcut has layers of its own (transition)")
+        why = "no identity side: both operands have layers of their own (projection or sum)"
+        return Residual(add, "projection", reason=why)
     return Residual(add, "other", reason="not a residual: " + "; ".join(dict.fromkeys(reasons)))
 
 

@@ -603,11 +603,18 @@ def _build_plan(model: nn.Module, inputs: tuple[Any, ...], options: dict[str, An
     _check_training_independent(model, method, leaves, coarse)
     _propagate(model, coarse, inputs, method)
     units: list[Unit] = []
+    rejected: dict[str, str] = {}  # unit modules called with more than their stream
     for n in coarse.nodes:
         if n.op == "call_module" and n.target in unit_modules:
             (h,) = n.args if len(n.args) == 1 and not n.kwargs else (None,)
             if isinstance(h, fx.Node) and tensor_shape(h) == tensor_shape(n) is not None:
                 units.append(Unit(h, n, {n}))
+            elif len(n.args) > 1 or n.kwargs:
+                extra = [f"{k}=" for k in n.kwargs] or [f"{len(n.args)} positional arguments"]
+                rejected[str(n.target)] = (
+                    f"identity residual, but the module is called with more than its input "
+                    f"({', '.join(extra)}); side inputs of units are not supported yet"
+                )
     unit_calls = {u.exit for u in units}
     for r in find_residuals(coarse):
         if r.kind == "identity" and not unit_calls & set(r.region):
@@ -616,7 +623,7 @@ def _build_plan(model: nn.Module, inputs: tuple[Any, ...], options: dict[str, An
     units.sort(key=lambda u: order[u.exit])
     found = [c for c in chains(units) if len(c) >= options["min_units"]]
 
-    report = _report_residuals(residuals, unit_modules, found, options)
+    report = _report_residuals(residuals, unit_modules, found, options, rejected)
     stage_list = [_make_stage(model, c, options, unit_modules) for c in found]
     steps, segments = _make_steps(model, coarse, found, stage_list, options, report)
     output = next(n for n in coarse.nodes if n.op == "output").args[0]
@@ -852,6 +859,7 @@ def _report_residuals(
     unit_modules: dict[str, list[Residual]],
     found: list[list[Unit]],
     options: dict[str, Any],
+    rejected: dict[str, str],
 ) -> list[ReportLine]:
     min_units = options["min_units"]
     converted_modules = {str(u.exit.target) for c in found for u in c if u.residual is None}
@@ -863,6 +871,8 @@ def _report_residuals(
         if r.kind == "identity":
             if path in converted_modules or _add_key(r) in converted_adds:
                 lines.append(ReportLine(path, "reversible", "identity residual"))
+            elif path in rejected:
+                lines.append(ReportLine(path, "unchanged", rejected[path]))
             else:
                 lines.append(ReportLine(
                     path, "unchanged",

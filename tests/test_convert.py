@@ -180,8 +180,38 @@ def test_projection_only_model_says_why():
         def forward(self, x):
             return self.a(x) + self.b(x)
 
-    with pytest.warns(UserWarning, match="transition"):
+    with pytest.warns(UserWarning, match="no identity side"):
         revify.convert(Proj(), torch.zeros(1, 3, 8, 8))
+
+
+class _SideBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Linear(8, 8)
+
+    def forward(self, x, scale=None):
+        return x + self.f(x) * scale
+
+
+class _SideNet(nn.Module):
+    """Blocks called with a second tensor, as EVA-02 passes ``rope=`` to each block."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("base", torch.ones(8))
+        self.blocks = nn.ModuleList(_SideBlock() for _ in range(2))
+
+    def forward(self, x):
+        scale = self.base * 2
+        for block in self.blocks:
+            x = block(x, scale=scale)
+        return x
+
+
+def test_unit_called_with_side_input_says_why():
+    with pytest.warns(UserWarning, match=r"blocks\.0: identity residual, but the module is called "
+                      r"with more than its input \(scale=\)"):
+        revify.convert(_SideNet(), torch.zeros(2, 8))
 
 
 class DataDependent(nn.Module):
