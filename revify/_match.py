@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -89,6 +90,8 @@ def _branch_region(h: fx.Node, br: fx.Node, add: fx.Node) -> tuple[list[fx.Node]
         return None, "branch does not read the skip value"
     _absorb_dead_ends(region, h, add)
     for n in region:
+        if n.op == "get_attr":
+            continue  # an attribute read elsewhere too (a shared parameter) is fetched by each
         outside = [u for u in n.users if u not in region and not (n is br and u is add)]
         if outside:
             return None, f"branch value {n.name} is also used by {outside[0].name}"
@@ -210,6 +213,9 @@ class Unit:
     exit: fx.Node
     members: set[fx.Node]
     residual: Residual | None = None  # None for a whole-module unit (a call_module node)
+    # A whole-module unit's call arguments after its input (side inputs such as ``rope=``).
+    side_args: tuple[Any, ...] = ()
+    side_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 def chains(units: list[Unit]) -> list[list[Unit]]:

@@ -76,6 +76,9 @@ class _CheckpointFunction(torch.autograd.Function):
         ctx.seg, ctx.n_in = seg, n_in
         out = seg.code(seg.root, *inputs)
         outs = out if isinstance(out, tuple) else (out,)
+        # An output that is a buffer itself must not become a node of this graph: give an alias.
+        own = {id(t) for t in seg.tensors if not t.requires_grad}
+        outs = tuple(o.detach() if id(o) in own else o for o in outs)
         ctx.tensor_idx = [i for i, a in enumerate(inputs) if isinstance(a, Tensor)]
         ctx.others = [None if isinstance(a, Tensor) else a for a in inputs]
         ctx.save_for_backward(*(inputs[i] for i in ctx.tensor_idx))

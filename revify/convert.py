@@ -43,7 +43,7 @@ from ._trace import (
     trace_method,
 )
 from .checkpoint import Segment
-from .coupling import ReversibleStage, _BranchUnit, _GraphUnit, _ModuleUnit
+from .coupling import ReversibleStage, _Attr, _BranchUnit, _GraphUnit, _ModuleUnit
 
 __all__ = ["convert", "revert", "stages", "ConversionError"]
 
@@ -603,18 +603,17 @@ def _build_plan(model: nn.Module, inputs: tuple[Any, ...], options: dict[str, An
     _check_training_independent(model, method, leaves, coarse)
     _propagate(model, coarse, inputs, method)
     units: list[Unit] = []
-    rejected: dict[str, str] = {}  # unit modules called with more than their stream
+    rejected: dict[str, str] = {}  # unit modules whose other call arguments cannot be side inputs
     for n in coarse.nodes:
-        if n.op == "call_module" and n.target in unit_modules:
-            (h,) = n.args if len(n.args) == 1 and not n.kwargs else (None,)
-            if isinstance(h, fx.Node) and tensor_shape(h) == tensor_shape(n) is not None:
-                units.append(Unit(h, n, {n}))
-            elif len(n.args) > 1 or n.kwargs:
-                extra = [f"{k}=" for k in n.kwargs] or [f"{len(n.args)} positional arguments"]
-                rejected[str(n.target)] = (
-                    f"identity residual, but the module is called with more than its input "
-                    f"({', '.join(extra)}); side inputs of units are not supported yet"
-                )
+        if n.op == "call_module" and n.target in unit_modules and n.args:
+            h = n.args[0]
+            if not (isinstance(h, fx.Node) and tensor_shape(h) == tensor_shape(n) is not None):
+                continue
+            why = _side_problem(n)
+            if why:
+                rejected[str(n.target)] = f"identity residual, but {why}"
+            else:
+                units.append(Unit(h, n, {n}, side_args=n.args[1:], side_kwargs=dict(n.kwargs)))
     unit_calls = {u.exit for u in units}
     for r in find_residuals(coarse):
         if r.kind == "identity" and not unit_calls & set(r.region):
@@ -688,6 +687,21 @@ def _pattern(residuals: list[Residual]) -> str:
     return "x + F(x) block (pre-activation)"
 
 
+def _side_problem(call: fx.Node) -> str | None:
+    """Why a unit module's other call arguments cannot be passed to it as they are, or None.
+
+    Constants and model attributes (EVA-02's ``rope=``, a buffer) are; a value computed in the
+    trunk would have to be computed before the stage and kept for its backward: not supported.
+    """
+    nodes: list[fx.Node] = []
+    fx.node.map_arg((call.args[1:], call.kwargs), nodes.append)
+    for n in nodes:
+        if n.op != "get_attr":
+            return (f"it is called with a computed value ({n.name}) besides its input; only "
+                    "constants and model attributes are supported there")
+    return None
+
+
 def _make_stage(
     model: nn.Module,
     chain: list[Unit],
@@ -699,7 +713,10 @@ def _make_stage(
     for u in chain:
         if u.residual is None:
             path = str(u.exit.target)
-            made.append(_ModuleUnit(path, model.get_submodule(path)))
+            args, kwargs = fx.node.map_arg(
+                (u.side_args, u.side_kwargs), lambda n: _Attr(model, str(n.target))
+            )
+            made.append(_ModuleUnit(path, model.get_submodule(path), args, kwargs))
             made[-1].pattern = _pattern(unit_modules[path])
             paths.append(_prefixes(path)[:-1])
             continue
@@ -752,6 +769,8 @@ def _make_steps(
     for n in graph.nodes:
         if n.op in ("placeholder", "output") or n in members:
             continue
+        if n.op == "get_attr" and all(u.op != "output" for u in n.users):
+            continue  # attributes are fetched by each step that reads them (_make_segment)
         buckets[sum(1 for e in ends if e < order[n])].append(n)
 
     steps: list[_Step] = []
@@ -793,13 +812,20 @@ def _make_segment(
     options: dict[str, Any],
     report: list[ReportLine],
 ) -> _Step:
+    # Attributes are fetched by the code that reads them, never passed between steps.
+    attrs = [a for n in nodes for a in n.all_input_nodes if a.op == "get_attr"]
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    nodes = sorted(set(nodes) | set(attrs), key=order.__getitem__)
     inside = set(nodes)
     ins: list[fx.Node] = []
     for n in nodes:
         for a in n.all_input_nodes:
             if a not in inside and a not in ins:
                 ins.append(a)
-    outs = [n for n in nodes if any(u not in inside for u in n.users)]
+    outs = [
+        n for n in nodes
+        if any(u not in inside and (n.op != "get_attr" or u.op == "output") for u in n.users)
+    ]
     modules, tensors = _params_of(model, nodes)
     if index == 0:
         name, wanted = "stem", options["checkpoint_stem"]

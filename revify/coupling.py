@@ -55,14 +55,55 @@ class _BranchUnit:
         return out - h if self.subtract_input else out
 
 
+class _Attr:
+    """Stands for the tensor ``root.<target>`` in a unit's call arguments, looked up at each call
+    (``model.to()`` replaces buffers)."""
+
+    def __init__(self, root: nn.Module, target: str) -> None:
+        self.root, self.target = root, target
+
+    def get(self) -> Any:
+        obj: Any = self.root
+        for part in self.target.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+
+def _fill(template: Any) -> Any:
+    """``template`` with every :class:`_Attr` replaced by its tensor."""
+    if isinstance(template, _Attr):
+        return template.get()
+    if isinstance(template, (tuple, list)):
+        return type(template)(_fill(t) for t in template)
+    if isinstance(template, dict):
+        return {k: _fill(v) for k, v in template.items()}
+    return template
+
+
 class _ModuleUnit(_BranchUnit):
     """A unit that is one module's whole forward, ``U(h) = module(h)``, so ``R(h) = U(h) - h``.
 
     The unit may end in an activation (ResNet: ``relu(h + F(h))``) or hold several residuals
     (a ViT block); as a black box ``U(h) - h`` stays an exact function of it (DESIGN.md §2).
+    Further call arguments are constants or model attributes (EVA-02 blocks take ``rope=``, a
+    buffer), the same at every call.
     """
 
     subtract_input = True
+
+    def __init__(
+        self, name: str, module: nn.Module, args: tuple = (), kwargs: dict | None = None
+    ) -> None:
+        super().__init__(name, module)
+        self.args, self.kwargs = args, dict(kwargs or {})
+        attrs: list[Any] = [*args, *self.kwargs.values()]
+        self._attrs = [a for a in attrs if isinstance(a, _Attr)]
+
+    def tensors(self) -> list[Tensor]:
+        return [*super().tensors(), *(a.get() for a in self._attrs)]
+
+    def raw(self, h: Tensor) -> Tensor:
+        return self.module(h, *_fill(self.args), **_fill(self.kwargs))
 
 
 class _GraphUnit(_BranchUnit):

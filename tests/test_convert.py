@@ -190,28 +190,53 @@ class _SideBlock(nn.Module):
         self.f = nn.Linear(8, 8)
 
     def forward(self, x, scale=None):
-        return x + self.f(x) * scale
+        return x + torch.tanh(self.f(x)) * scale
 
 
 class _SideNet(nn.Module):
     """Blocks called with a second tensor, as EVA-02 passes ``rope=`` to each block."""
 
-    def __init__(self):
+    def __init__(self, side: str = "attribute"):
         super().__init__()
-        self.register_buffer("base", torch.ones(8))
+        self.side = side
+        self.w = nn.Parameter(torch.rand(8) + 0.5)
         self.blocks = nn.ModuleList(_SideBlock() for _ in range(2))
 
     def forward(self, x):
-        scale = self.base * 2
-        for block in self.blocks:
+        mean = x.mean()
+        for i, block in enumerate(self.blocks):
+            if self.side == "attribute":  # the parameter itself
+                scale = self.w
+            elif self.side == "computed":  # computed from the parameter before the block
+                scale = self.w * (i + 2)
+            else:  # computed from the trunk's input: not a function of the block's input
+                scale = mean * self.w
             x = block(x, scale=scale)
         return x
 
 
-def test_unit_called_with_side_input_says_why():
-    with pytest.warns(UserWarning, match=r"blocks\.0: identity residual, but the module is called "
-                      r"with more than its input \(scale=\)"):
-        revify.convert(_SideNet(), torch.zeros(2, 8))
+@pytest.mark.parametrize("side", ["attribute", "computed"])
+def test_side_input_gets_its_gradient(side):
+    # Both units read a tensor besides their input: the parameter w itself, or a value computed
+    # from it before the block (recomputed inside the unit). w's gradient must come out of the
+    # stage backward.
+    torch.manual_seed(0)
+    model = _SideNet(side).double()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    revify.convert(model, x)
+    (stage,) = revify.stages(model)
+    assert len(stage.units) == 2
+    y_ref, g_ref = step_grads(model, x, plain=True)
+    y_rev, g_rev = step_grads(model, x, plain=False)
+    torch.testing.assert_close(y_rev, y_ref, rtol=1e-12, atol=0)
+    assert g_rev[0] is not None and g_rev[0].abs().sum() > 0  # w
+    assert max_rel_err(g_rev, g_ref) < 1e-10
+
+
+def test_side_input_computed_from_the_input_is_refused():
+    # mean(x) is read by both blocks and is not a function of the second block's input.
+    with pytest.warns(UserWarning, match=r"blocks\.0: not a residual: .*reads another input"):
+        revify.convert(_SideNet("input"), torch.zeros(2, 8))
 
 
 class DataDependent(nn.Module):

@@ -26,6 +26,7 @@ import pytest
 import timm
 import torch
 from conftest import max_rel_err, step_grads, timm_model
+from timm.models.eva import Eva
 from timm.models.mlp_mixer import MlpMixer
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
@@ -252,6 +253,23 @@ def test_vit_drop_path():
     assert {r.name for r in model._revify_plan.report if r.kind == "reversible"} == {
         f"blocks.{i}" for i in range(4)
     }
+
+
+def test_eva02_rotary_side_input():
+    # EVA-02 blocks take the rotary embedding as rope=: 3 blocks, one stage of 3 whose units
+    # read it as a side input.
+    torch.manual_seed(0)
+    model = Eva(
+        img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=2, mlp_ratio=2.0,
+        swiglu_mlp=True, use_rot_pos_emb=True, ref_feat_shape=(4, 4), drop_path_rate=0.5,
+    )
+    with torch.no_grad():  # EVA's init scales the output projections down by depth
+        for m in model.blocks.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.normal_(0, 0.2, generator=_gen(3))
+    _check_family(model, 32, [3])
+    (stage,) = revify.stages(model)
+    assert all(u.kwargs["rope"].target == "rope.pos_embed" for u in stage.units)
 
 
 def test_swin_windows_and_shift():
