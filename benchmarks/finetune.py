@@ -25,7 +25,7 @@ Protocol (everything offline, on CPU, scikit-learn's 8x8 handwritten digits):
    - ``plain``: ordinary autograd;
    - ``timm-ckpt``: timm's ``set_grad_checkpointing(True)``;
    - ``revify``: ``revify.convert(model, x)`` (``alpha=0, beta=1``);
-   - ``faithful+schedule``: ``convert(..., alpha=1, beta=1/16, exact=True)`` with a
+   - ``faithful+schedule``: ``convert(..., alpha=15/16, beta=1/16, exact=True)`` with a
      ``revify.Schedule`` that holds the faithful coupling for the first third of the steps,
      moves to ``alpha=0, beta=1`` over the second third and trains the last third there;
    - ``faithful``: the same conversion, coefficients kept for the whole run.
@@ -86,7 +86,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after selecting the non-interactive backend)
 
 _ROOT = Path(__file__).resolve().parent.parent
-_FAITHFUL = dict(alpha=1.0, beta=1 / 16, exact=True)
+_FAITHFUL = dict(alpha=15 / 16, beta=1 / 16, exact=True)
 METHODS: tuple[str, ...] = ("plain", "timm-ckpt", "revify", "faithful+schedule", "faithful")
 # Extra conversions whose agreement with the pretrained model is reported (no fine-tuning).
 _AGREEMENT_ONLY = {
@@ -211,7 +211,7 @@ def prepare(model: nn.Module, method: str, example: Tensor) -> nn.Module:
 
 
 def schedule_for(model: nn.Module, method: str, steps: int) -> revify.Schedule | None:
-    """The ``faithful+schedule`` schedule: hold ``(1, 1/16)`` for a third of the steps, move to
+    """The ``faithful+schedule`` schedule: hold ``(15/16, 1/16)`` for a third of the steps, move to
     ``(0, 1)`` over the next third, train there for the last third (see ``docs/finetune.md``)."""
     if method != "faithful+schedule":
         return None
@@ -429,7 +429,7 @@ def saved_bytes(args: argparse.Namespace) -> list[dict[str, Any]]:
 def step_times(args: argparse.Namespace, data: Digits, path: Path) -> list[dict[str, Any]]:
     """Median step time per method on one fixed fine-tuning batch, steps interleaved.
 
-    ``faithful`` is timed at ``alpha=1, beta=1/16`` and ``faithful+schedule`` at the end of its
+    ``faithful`` is timed at ``alpha=15/16, beta=1/16`` and ``faithful+schedule`` at the end of its
     schedule, ``alpha=0, beta=1`` (still with exact streams).
     """
     x, y = data.ft_pool_x[: args.batch], data.ft_pool_y[: args.batch]
@@ -545,12 +545,12 @@ def markdown(result: dict[str, Any], methods: list[str]) -> str:
         f"rate from {args['lr']}, the same data order, shifts and new head for every method; "
         f"{args['seeds']} seeds.",
         "",
-        "`faithful+schedule` holds `alpha=1, beta=1/16` for the first third of the steps (the "
+        "`faithful+schedule` holds `alpha=15/16, beta=1/16` for the first third of the steps (the "
         "new head and the backbone adapt while the network still computes nearly the "
         "pretrained function), moves linearly in alpha and geometrically in beta (`beta = 1/d`, "
         "d rounded, as exact streams need) to `alpha=0, beta=1` over the second third, and "
         "trains the last third at the final coupling, so that the evaluated network is the one "
-        "the weights were last trained for. `faithful` keeps `alpha=1, beta=1/16` throughout: "
+        "the weights were last trained for. `faithful` keeps `alpha=15/16, beta=1/16` throughout: "
         "with exact streams its reconstruction is exact at any beta, so nothing forces the move.",
         "",
         "## Accuracy and fidelity",
@@ -607,7 +607,7 @@ def markdown(result: dict[str, Any], methods: list[str]) -> str:
         "",
         f"Training step on the fine-tuning batch ({batch} images, 32 px), methods interleaved "
         f"in one process, {args['time_warmup']} warm-up and {args['time_steps']} timed rounds; "
-        "ratios are medians of per-round ratios. `faithful` is timed at `alpha=1, beta=1/16`, "
+        "ratios are medians of per-round ratios. `faithful` is timed at `alpha=15/16, beta=1/16`, "
         "`faithful+schedule` at the end of its schedule (`alpha=0, beta=1`, exact streams).",
         "",
         "| method | median ms | ÷ plain | ÷ timm-ckpt |",

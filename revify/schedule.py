@@ -1,10 +1,10 @@
 """Move a converted model's coupling from faithful to stable during fine-tuning.
 
-Right after conversion with ``alpha=1`` and a small ``beta`` the network computes nearly the
-pretrained function (``x_{k+1} = x_k + R_k(x_k) + beta * x_{k-1}``). A :class:`Schedule` called
-once per training step moves every stage towards the RevNet coupling ``alpha=0, beta=1``, as
-Dr2Net does, so that the end of fine-tuning uses the coupling whose float gradients are as
-accurate as plain autograd's.
+Right after conversion with a small ``beta`` and ``alpha = 1 - beta`` the network computes nearly
+the pretrained function (``x_{k+1} = x_k + R_k(x_k) + beta * (x_{k-1} - x_k)``). A
+:class:`Schedule` called once per training step moves every stage towards the RevNet coupling
+``alpha=0, beta=1``, as Dr2Net does, so that the end of fine-tuning uses the coupling whose float
+gradients are as accurate as plain autograd's.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ class Schedule:
     Args:
         model: a converted model.
         steps: number of :meth:`step` calls over which to move from ``start`` to ``end``.
-        start, end: ``(alpha, beta)`` pairs. Default: ``(1, 1/16)`` to ``(0, 1)``.
+        start, end: ``(alpha, beta)`` pairs. Default: from the coefficients the model was
+            converted with (the faithful ``(15/16, 1/16)``, say) to ``(0, 1)``.
         warmup: steps to hold ``start`` before moving.
 
     With exact streams ``beta`` must stay ``1/d`` for an integer ``d``: the schedule moves
@@ -30,7 +31,7 @@ class Schedule:
 
     Example::
 
-        model = revify.convert(model, alpha=1.0, beta=1 / 16, exact=True)
+        model = revify.convert(model, alpha=15 / 16, beta=1 / 16, exact=True)
         schedule = revify.Schedule(model, steps=len(loader) * epochs // 2)
         for x, y in loader:
             loss_fn(model(x), y).backward()
@@ -42,7 +43,7 @@ class Schedule:
         self,
         model: nn.Module,
         steps: int,
-        start: tuple[float, float] = (1.0, 1.0 / 16),
+        start: tuple[float, float] | None = None,
         end: tuple[float, float] = (0.0, 1.0),
         warmup: int = 0,
     ) -> None:
@@ -50,6 +51,9 @@ class Schedule:
             raise ValueError(f"revify.Schedule: steps must be >= 1, got {steps}")
         if not stages(model):
             raise ValueError("revify.Schedule: model has no reversible stage; convert it first")
+        if start is None:
+            first = stages(model)[0]
+            start = (first.alpha, first.beta)
         for beta in (start[1], end[1]):
             if not 0 < beta <= 1:
                 raise ValueError(f"revify.Schedule: beta must be in (0, 1], got {beta}")

@@ -8,7 +8,7 @@ from conftest import InlineNet, max_rel_err, step_grads, timm_model
 
 import revify
 
-FAITHFUL = dict(alpha=1.0, beta=1 / 16, exact=True)
+FAITHFUL = dict(alpha=15 / 16, beta=1 / 16, exact=True)
 
 
 @pytest.mark.parametrize("coeffs", [FAITHFUL, dict(alpha=0.0, beta=1.0, exact=True),
@@ -71,10 +71,11 @@ def test_small_beta_needs_exact_streams():
 
 
 def test_faithful_setting_stays_close_to_the_original():
-    """alpha=1 with a smaller beta is closer to the pretrained function; RevNet is far."""
+    """A smaller beta (alpha = 1 - beta) is closer to the pretrained function; RevNet is far."""
     x = torch.randn(8, 3, 32, 32)
     errors = {}
-    for name, kw in (("revnet", {}), ("1/16", FAITHFUL), ("1/64", {**FAITHFUL, "beta": 1 / 64})):
+    finer = {**FAITHFUL, "alpha": 63 / 64, "beta": 1 / 64}
+    for name, kw in (("revnet", {}), ("1/16", FAITHFUL), ("1/64", finer)):
         model = timm_model("resnet50").eval()
         revify.convert(model, x[:2], **kw)
         errors[name] = revify.check(model, x, gradients=False)
@@ -112,9 +113,9 @@ def test_schedule_moves_every_stage_and_keeps_exact_beta_valid():
     model = revify.convert(timm_model("resnet50"), torch.zeros(2, 3, 32, 32), **FAITHFUL)
     schedule = revify.Schedule(model, steps=4, warmup=1)
     seen = [(st.alpha, st.beta) for st in revify.stages(model)]
-    assert set(seen) == {(1.0, 1 / 16)}
+    assert set(seen) == {(15 / 16, 1 / 16)}
     path = [schedule.step() for _ in range(6)]
-    assert path[0] == (1.0, 1 / 16)  # warm-up step
+    assert path[0] == (15 / 16, 1 / 16)  # warm-up step, from the converted coefficients
     assert path[-1] == (0.0, 1.0)
     alphas = [a for a, _ in path]
     assert alphas == sorted(alphas, reverse=True)
