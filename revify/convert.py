@@ -895,6 +895,9 @@ def _report_residuals(
     lines = []
     for r in residuals:
         path = in_module.get(id(r), r.owner or r.add.name)
+        inside_unit = any(path.startswith(m + ".") for m in converted_modules)
+        if r.kind == "identity" and inside_unit and path not in rejected:
+            continue  # nested in a unit that is reversible as a whole (ConvNeXt-V2's GRN)
         if r.kind == "identity":
             if path in converted_modules or _add_key(r) in converted_adds:
                 lines.append(ReportLine(path, "reversible", "identity residual"))
@@ -905,7 +908,7 @@ def _report_residuals(
                     path, "unchanged",
                     f"identity residual outside any chain of >= {min_units} units "
                     "(an intermediate value is read elsewhere, or it is nested)"))
-        elif any(path.startswith(m + ".") for m in converted_modules):
+        elif inside_unit:
             continue  # an add inside a unit that is reversible as a whole
         elif r.kind == "projection":
             kind = "checkpointed" if options["checkpoint_transitions"] else "unchanged"
