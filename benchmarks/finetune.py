@@ -678,6 +678,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--time-warmup", type=int, default=2)
     parser.add_argument("--time-steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--faithful-d", type=int, default=16,
+                        help="faithful coupling beta = 1/d, alpha = 1 - beta (the Markdown "
+                             "texts describe the default, 16)")
     parser.add_argument("--checkpoint", help="where to save the pretrained weights "
                         "(default: a temporary file)")
     parser.add_argument("--out", default=str(_ROOT / "docs" / "finetune"),
@@ -689,6 +692,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.render:
         render(args.render, Path(args.out))
         return
+    _FAITHFUL.update(alpha=1 - 1 / args.faithful_d, beta=1 / args.faithful_d)
     unknown = set(args.methods) - set(METHODS)
     if unknown or not {"plain", "timm-ckpt"} <= set(args.methods):
         parser.error(f"--methods: need plain and timm-ckpt, from {METHODS}; got {args.methods}")
