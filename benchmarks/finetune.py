@@ -25,7 +25,7 @@ Protocol (everything offline, on CPU, scikit-learn's 8x8 handwritten digits):
    - ``plain``: ordinary autograd;
    - ``timm-ckpt``: timm's ``set_grad_checkpointing(True)``;
    - ``revify``: ``revify.convert(model, x)`` (``alpha=0, beta=1``);
-   - ``faithful+schedule``: ``convert(..., alpha=15/16, beta=1/16, exact=True)`` with a
+   - ``faithful+schedule``: ``convert(..., alpha=63/64, beta=1/64, exact=True)`` with a
      ``revify.Schedule`` that holds the faithful coupling for the first third of the steps,
      moves to ``alpha=0, beta=1`` over the second third and trains the last third there;
    - ``faithful``: the same conversion, coefficients kept for the whole run.
@@ -86,7 +86,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after selecting the non-interactive backend)
 
 _ROOT = Path(__file__).resolve().parent.parent
-_FAITHFUL = dict(alpha=15 / 16, beta=1 / 16, exact=True)
+_FAITHFUL = dict(alpha=63 / 64, beta=1 / 64, exact=True)
 METHODS: tuple[str, ...] = ("plain", "timm-ckpt", "revify", "faithful+schedule", "faithful")
 # Extra conversions whose agreement with the pretrained model is reported (no fine-tuning).
 _AGREEMENT_ONLY = {
@@ -211,8 +211,8 @@ def prepare(model: nn.Module, method: str, example: Tensor) -> nn.Module:
 
 
 def schedule_for(model: nn.Module, method: str, steps: int) -> revify.Schedule | None:
-    """The ``faithful+schedule`` schedule: hold ``(15/16, 1/16)`` for a third of the steps, move to
-    ``(0, 1)`` over the next third, train there for the last third (see ``docs/finetune.md``)."""
+    """The ``faithful+schedule`` schedule: hold the faithful coupling for a third of the steps,
+    move to ``(0, 1)`` over the next third, and train there for the last third."""
     if method != "faithful+schedule":
         return None
     hold = steps // 3
@@ -429,7 +429,7 @@ def saved_bytes(args: argparse.Namespace) -> list[dict[str, Any]]:
 def step_times(args: argparse.Namespace, data: Digits, path: Path) -> list[dict[str, Any]]:
     """Median step time per method on one fixed fine-tuning batch, steps interleaved.
 
-    ``faithful`` is timed at ``alpha=15/16, beta=1/16`` and ``faithful+schedule`` at the end of its
+    ``faithful`` is timed at its coupling and ``faithful+schedule`` at the end of its
     schedule, ``alpha=0, beta=1`` (still with exact streams).
     """
     x, y = data.ft_pool_x[: args.batch], data.ft_pool_y[: args.batch]
@@ -515,6 +515,9 @@ def markdown(result: dict[str, Any], methods: list[str]) -> str:
     agree = {r["setting"]: r for r in result["fidelity"]}
     times = {r["method"]: r for r in result["step_times"]}
     pre, sizes = result["pretrain"], result["sizes"]
+    d = args.get("faithful_d", 16)
+    fl = f"alpha={d - 1}/{d}, beta=1/{d}"  # the faithful coupling of this run
+    bits = "4 bits" if d <= 16 else "1 byte"
 
     def agreement(method: str) -> str:
         r = agree.get("faithful" if method.startswith("faithful") else method)
@@ -545,12 +548,12 @@ def markdown(result: dict[str, Any], methods: list[str]) -> str:
         f"rate from {args['lr']}, the same data order, shifts and new head for every method; "
         f"{args['seeds']} seeds.",
         "",
-        "`faithful+schedule` holds `alpha=15/16, beta=1/16` for the first third of the steps (the "
+        f"`faithful+schedule` holds `{fl}` for the first third of the steps (the "
         "new head and the backbone adapt while the network still computes nearly the "
         "pretrained function), moves linearly in alpha and geometrically in beta (`beta = 1/d`, "
         "d rounded, as exact streams need) to `alpha=0, beta=1` over the second third, and "
         "trains the last third at the final coupling, so that the evaluated network is the one "
-        "the weights were last trained for. `faithful` keeps `alpha=15/16, beta=1/16` throughout: "
+        f"the weights were last trained for. `faithful` keeps `{fl}` throughout: "
         "with exact streams its reconstruction is exact at any beta, so nothing forces the move.",
         "",
         "## Accuracy and fidelity",
@@ -593,7 +596,7 @@ def markdown(result: dict[str, Any], methods: list[str]) -> str:
         "",
         "Bytes saved for backward by one training forward at 224x224, batch 2 (saved-tensor "
         "hooks, one count per storage, parameters excluded; timm checkpoints re-entrant for the "
-        "count). `faithful` stores the remainders of the division by 16 (4 bits per element "
+        f"count). `faithful` stores the remainders of the division by {d} ({bits} per element "
         "and unit) on top of the two streams.",
         "",
         "| architecture | setting | saved MiB | ÷ plain | ÷ timm-ckpt |",
@@ -607,7 +610,7 @@ def markdown(result: dict[str, Any], methods: list[str]) -> str:
         "",
         f"Training step on the fine-tuning batch ({batch} images, 32 px), methods interleaved "
         f"in one process, {args['time_warmup']} warm-up and {args['time_steps']} timed rounds; "
-        "ratios are medians of per-round ratios. `faithful` is timed at `alpha=15/16, beta=1/16`, "
+        f"ratios are medians of per-round ratios. `faithful` is timed at `{fl}`, "
         "`faithful+schedule` at the end of its schedule (`alpha=0, beta=1`, exact streams).",
         "",
         "| method | median ms | ÷ plain | ÷ timm-ckpt |",
@@ -678,9 +681,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--time-warmup", type=int, default=2)
     parser.add_argument("--time-steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
-    parser.add_argument("--faithful-d", type=int, default=16,
-                        help="faithful coupling beta = 1/d, alpha = 1 - beta (the Markdown "
-                             "texts describe the default, 16)")
+    parser.add_argument("--faithful-d", type=int, default=64,
+                        help="faithful coupling beta = 1/d, alpha = 1 - beta")
     parser.add_argument("--checkpoint", help="where to save the pretrained weights "
                         "(default: a temporary file)")
     parser.add_argument("--out", default=str(_ROOT / "docs" / "finetune"),

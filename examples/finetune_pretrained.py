@@ -13,7 +13,7 @@ The user's path, end to end, offline on CPU:
    the model's ``num_classes`` with the config's (1000 for ``resnet34``) and, if they differ,
    silently drops the checkpoint's classifier. For a new task with another head, leave it out
    (or call ``model.reset_classifier(n)`` as below);
-3. ``revify.convert`` with the *faithful* coupling ``alpha=15/16, beta=1/16, exact=True``:
+3. ``revify.convert`` with the *faithful* coupling ``alpha=63/64, beta=1/64, exact=True``:
    ``x_{k+1} = x_k + R_k(x_k) + x_{k-1} / 16`` stays close to the pretrained network and is
    exactly reversible thanks to fixed-point streams;
 4. ``revify.audit``: how many bytes a training step keeps for backward, before and after;
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"loaded {path.name}: digits 0-4 test accuracy {accuracy(model, x_old, y_old):.2%}")
 
     # 3. Faithful conversion: close to the pretrained function, exactly reversible.
-    revify.convert(model, x_old[:2], alpha=15 / 16, beta=1 / 16, exact=True)
+    revify.convert(model, x_old[:2], alpha=63 / 64, beta=1 / 64, exact=True)
 
     # 4. What it saves, and what it changes.
     revify.audit(model, (3, 32, 32), batch_size=args.batch).print_rich()

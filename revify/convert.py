@@ -226,7 +226,7 @@ def convert(
         alpha, beta: coupling coefficients for every stage. ``alpha=0, beta=1`` (the default)
             is the RevNet coupling; gradients through it were as accurate as plain autograd's
             (DESIGN.md §3). ``alpha=1, beta=1`` grows like Fibonacci and loses precision.
-            A small ``beta`` with ``alpha = 1 - beta`` (``15/16, 1/16``) stays close to the
+            A small ``beta`` with ``alpha = 1 - beta`` (``63/64, 1/64``) stays close to the
             original network (the *faithful* setting for pretrained weights) but needs
             ``exact=True``.
         exact: keep the streams on a fixed-point grid so that reconstruction is exact at any

@@ -23,7 +23,7 @@ class Schedule:
         model: a converted model.
         steps: number of :meth:`step` calls over which to move from ``start`` to ``end``.
         start, end: ``(alpha, beta)`` pairs. Default: from the coefficients the model was
-            converted with (the faithful ``(15/16, 1/16)``, say) to ``(0, 1)``.
+            converted with (the faithful ``(63/64, 1/64)``, say) to ``(0, 1)``.
         warmup: steps to hold ``start`` before moving.
 
     With exact streams ``beta`` must stay ``1/d`` for an integer ``d``: the schedule moves
@@ -31,7 +31,7 @@ class Schedule:
 
     Example::
 
-        model = revify.convert(model, alpha=15 / 16, beta=1 / 16, exact=True)
+        model = revify.convert(model, alpha=63 / 64, beta=1 / 64, exact=True)
         schedule = revify.Schedule(model, steps=len(loader) * epochs // 2)
         for x, y in loader:
             loss_fn(model(x), y).backward()

@@ -2,7 +2,7 @@
 
 A small ResNet-34 (stage widths 8-64, reversible chains of 2, 3, 5 and 2 units) is pre-trained
 briefly on scikit-learn's digits 0-4, saved, and loaded back the way users load local pretrained
-weights (``pretrained_cfg_overlay=dict(file=...)``). Converted with ``alpha=15/16, beta=1/16,
+weights (``pretrained_cfg_overlay=dict(file=...)``). Converted with ``alpha=63/64, beta=1/64,
 exact=True`` it must still predict what the pretrained model predicts, compute the same float64
 gradients as ordinary autograd of the same function, and fine-tune on digits 5-9.
 """
@@ -27,7 +27,7 @@ from sklearn.datasets import load_digits  # noqa: E402
 
 ARCH = "resnet34"
 CHANNELS = (8, 16, 32, 64)
-FAITHFUL = dict(alpha=15 / 16, beta=1 / 16, exact=True)
+FAITHFUL = dict(alpha=63 / 64, beta=1 / 64, exact=True)
 PRETRAIN_STEPS = 150
 SIZE = 32
 
@@ -179,7 +179,7 @@ def test_finetuning_with_schedule_reduces_loss(checkpoint, data):
             assert st.last_reconstruction_error == 0
     assert losses[-1] < 0.5 * losses[0], losses
     alpha, beta = schedule.coefficients()
-    assert 0 < alpha < 1 and 1 / 16 < beta < 1  # on its way from (15/16, 1/16) to (0, 1)
+    assert 0 < alpha < 1 and 1 / 64 < beta < 1  # on its way from (63/64, 1/64) to (0, 1)
     assert all(st.alpha == alpha for st in revify.stages(model))
     # Gradients reached the units inside the reversible stages, not only the new head.
     after = model.state_dict()
