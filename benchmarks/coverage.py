@@ -50,7 +50,6 @@ import statistics
 import time
 import traceback
 import warnings
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +62,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 
 import revify
+from revify.check import _branch_ratios
 
 _TV = "torchvision/"  # prefix of torchvision model names in --models
 _TOL = 1e-8
@@ -436,34 +436,6 @@ def max_rel_err(a, b) -> float:
     return worst
 
 
-class _Probe:
-    """Wraps a stage unit to record ``||R(h)|| / ||h||`` (is the check vacuous?)."""
-
-    def __init__(self, unit: Any, ratios: list[float]) -> None:
-        self._unit, self._ratios = unit, ratios
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._unit, name)
-
-    def __call__(self, h: Tensor) -> Tensor:
-        r = self._unit(h)
-        with torch.no_grad():
-            self._ratios.append(float(r.norm() / h.norm().clamp_min(1e-300)))
-        return r
-
-
-@contextlib.contextmanager
-def _probed(model: nn.Module, ratios: list[float]) -> Iterator[None]:
-    saved = [(st, list(st.units)) for st in revify.stages(model)]
-    try:
-        for st, units in saved:
-            st.units = [_Probe(u, ratios) for u in units]
-        yield
-    finally:
-        for st, units in saved:
-            st.units = units
-
-
 def grad_check(spec: Spec) -> GradResult:
     model, notes = _build_for_grad(spec)
     model = model.double().train()
@@ -479,8 +451,7 @@ def grad_check(spec: Spec) -> GradResult:
     res.units = sum(len(s.units) for s in revify.stages(model))
     x = torch.randn(_BATCH, 3, side, side, dtype=torch.float64,
                     generator=torch.Generator().manual_seed(3))
-    ratios: list[float] = []
-    with _probed(model, ratios):  # the reference pass also measures the branches
+    with _branch_ratios(model) as ratios:  # the reference pass also measures the branches
         y_ref, g_ref = step_grads(model, x, plain=True)
     if ratios:  # a unit whose samples DropPath all dropped has R(h) = 0: look at the median
         res.min_branch_ratio, res.median_branch_ratio = min(ratios), statistics.median(ratios)

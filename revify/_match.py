@@ -91,7 +91,7 @@ def _branch_region(h: fx.Node, br: fx.Node, add: fx.Node) -> tuple[list[fx.Node]
     _absorb_dead_ends(region, h, add)
     for n in region:
         if n.op == "get_attr":
-            continue  # an attribute read elsewhere too (a shared parameter) is fetched by each
+            continue  # an attribute may be read elsewhere too: each reader fetches it itself
         outside = [u for u in n.users if u not in region and not (n is br and u is add)]
         if outside:
             return None, f"branch value {n.name} is also used by {outside[0].name}"

@@ -219,3 +219,37 @@ def _ratio(a: float, b: float) -> float:
     if b == 0:
         return 1.0 if a == 0 else math.inf
     return a / b
+
+
+class _Probe:
+    """Stands in for a stage unit and records ``||R(h)|| / ||h||`` of each call."""
+
+    def __init__(self, unit: Any, ratios: list[float]) -> None:
+        self._unit, self._ratios = unit, ratios
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._unit, name)
+
+    def __call__(self, h: Tensor) -> Tensor:
+        r = self._unit(h)
+        with torch.no_grad():
+            self._ratios.append(float(r.norm() / h.norm().clamp_min(1e-300)))
+        return r
+
+
+@contextmanager
+def _branch_ratios(model: nn.Module) -> Iterator[list[float]]:
+    """Record ``||R(h)|| / ||h||`` for every unit call of the forward passes run inside.
+
+    A gradient check is only as strong as the residual branches are large: with branches near
+    zero (timm's ``zero_init_last=True``) any coupling computes nearly the identity.
+    """
+    ratios: list[float] = []
+    saved = [(st, list(st.units)) for st in stages(model)]
+    try:
+        for st, units in saved:
+            st.units = [_Probe(u, ratios) for u in units]
+        yield ratios
+    finally:
+        for st, units in saved:
+            st.units = units

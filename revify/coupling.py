@@ -474,19 +474,21 @@ class _ReversibleFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g_out: Tensor) -> tuple[Tensor | None, ...]:
-        # NOTE [ Stage backward ]
-        # Walking k = n-1 .. 0 we hold x_{k+1}, x_k ("hi", "mid") and the adjoints a_{k+1}
-        # (complete) and a_k (partial). One recompute z = R_k(x_k) with grad gives both
-        # x_{k-1} = (x_{k+1} - alpha x_k - z) / beta and the vjp (dx_k, dtheta_k) = z'^T a_{k+1};
-        # then a_{k-1} = beta a_{k+1} and a_k += alpha a_{k+1} + dx_k. At the end x_{-1} and x_0
-        # both reconstruct the input, and dL/dx = a_0 + a_{-1}. Tensors we allocated are updated
-        # in place; saved tensors and autograd's g_out are never written.
         with torch.profiler.record_function(f"revify.stage_backward: {ctx.stage.name}"):
             return _stage_backward(ctx, g_out)
 
 
 def _stage_backward(ctx: Any, g_out: Tensor) -> tuple[Tensor | None, ...]:
     """The body of :meth:`_ReversibleFunction.backward`."""
+    # NOTE [ Stage backward ]
+    # Walking k = n-1 .. 0 we hold x_{k+1}, x_k ("hi", "mid") and the adjoints a_{k+1}
+    # (complete) and a_k (partial). One recompute z = R_k(x_k) with grad gives both
+    # x_{k-1} = (x_{k+1} - alpha x_k - z) / beta and the vjp (dx_k, dtheta_k) = z'^T a_{k+1};
+    # then a_{k-1} = beta a_{k+1} and a_k += alpha a_{k+1} + dx_k. At the end x_{-1} and x_0
+    # both reconstruct the input, and dL/dx = a_0 + a_{-1}. Tensors we allocated are updated
+    # in place; saved tensors and autograd's g_out are never written. For a unit R_k = U_k - id
+    # the vjp runs through U_k alone and the "- id" part is added to a_k directly, so U_k - id
+    # is never an autograd output; x_{k-1} is then written into U_k's memory.
     stage: ReversibleStage = ctx.stage
     alpha, beta, exact = ctx.alpha, ctx.beta, ctx.exact
     x_prev, x_cur, *extra = ctx.saved_tensors

@@ -17,10 +17,8 @@ BatchNorm too ill-conditioned for 1e-10), batch 2; transformers are built small.
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import warnings
-from collections.abc import Iterator
 
 import pytest
 import timm
@@ -33,6 +31,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 import revify
+from revify.check import _branch_ratios
 
 F64 = torch.float64
 
@@ -51,33 +50,6 @@ def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-class _Probe:
-    """Stands in for a stage unit and records ``||R(h)|| / ||h||``."""
-
-    def __init__(self, unit, ratios: list[float]) -> None:
-        self._unit, self._ratios = unit, ratios
-
-    def __getattr__(self, name):
-        return getattr(self._unit, name)
-
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        r = self._unit(h)
-        self._ratios.append(float(r.norm() / h.norm()))
-        return r
-
-
-@contextlib.contextmanager
-def _probed(model: nn.Module, ratios: list[float]) -> Iterator[None]:
-    saved = [(st, list(st.units)) for st in revify.stages(model)]
-    try:
-        for st, units in saved:
-            st.units = [_Probe(u, ratios) for u in units]
-        yield
-    finally:
-        for st, units in saved:
-            st.units = units
-
-
 def _check_family(model: nn.Module, size: int, units: list[int], tol: float = 1e-10) -> None:
     """Convert ``model`` (float64, train mode) and run every check of the module docstring."""
     model = model.double().train()
@@ -92,10 +64,9 @@ def _check_family(model: nn.Module, size: int, units: list[int], tol: float = 1e
 
     x = torch.randn(2, 3, size, size, dtype=F64, generator=_gen(1))
     # Branches in eval mode: DropPath (rate up to 0.5 here) may drop a whole batch of 2.
-    ratios: list[float] = []
     state = {k: v.clone() for k, v in model.named_buffers()}
     model.eval()
-    with torch.no_grad(), _probed(model, ratios):
+    with torch.no_grad(), _branch_ratios(model) as ratios:
         model(x)
     model.train()
     assert len(ratios) == sum(units)
