@@ -8,10 +8,13 @@ peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``), runs exactly one forward + back
 fresh process per measurement matters: the peak RSS never goes down, and the allocator keeps
 freed memory around, so a second measurement in one process would see the first one's peak.
 
-The increase holds everything the step allocates: activations and the backward's working set,
-the gradients (one copy of the weights) and library workspaces. Plain SGD (no momentum) keeps
-no optimizer state, so the optimizer adds nothing. The peak before the step can exceed the
-current RSS (model initialisation has temporaries); both are reported.
+The gradients are allocated before the first peak reading (zeros, as they are from the second
+step of training on with ``zero_grad(set_to_none=False)``), so they are part of the baseline, as
+in ``memory_speed.py``'s CUDA figures: the increase is what activations, the backward's working
+set and library workspaces cost. ``--grads step`` leaves them to the step instead (one more copy
+of the weights in every method's increase). Plain SGD (no momentum) keeps no optimizer state.
+The peak before the step can exceed the current RSS (model initialisation has temporaries);
+both are reported.
 
 The RSS also holds memory the C allocator keeps after tensors are freed. glibc raises its mmap
 threshold each time a large mmapped block is freed (up to 32 MiB), after which tensors of that
@@ -58,11 +61,16 @@ def _current_rss_bytes() -> int | None:
     return pages * resource.getpagesize()
 
 
-def run_child(method: str, name: str, batch: int, size: int, threads: int) -> dict[str, Any]:
+def run_child(
+    method: str, name: str, batch: int, size: int, threads: int, grads: str = "before"
+) -> dict[str, Any]:
     """Child process body: one training step from cold, peak RSS before and after."""
     torch.set_num_threads(threads)
     model = build_model(name, method, size=size)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    if grads == "before":
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=gen)
     target = torch.randint(0, model.num_classes, (batch,), generator=gen)
@@ -73,17 +81,18 @@ def run_child(method: str, name: str, batch: int, size: int, threads: int) -> di
     loss.backward()
     optimizer.step()
     peak_after = _peak_rss_bytes()
-    return dict(model=name, method=method, batch=batch, size=size, threads=threads,
+    return dict(model=name, method=method, batch=batch, size=size, threads=threads, grads=grads,
                 peak_before=peak_before, current_before=current_before, peak_after=peak_after,
                 increase=peak_after - peak_before, loss=loss.item())
 
 
 def measure(
-    method: str, name: str, batch: int, size: int, threads: int, mmap_threshold: int | None
+    method: str, name: str, batch: int, size: int, threads: int, mmap_threshold: int | None,
+    grads: str = "before",
 ) -> dict[str, Any]:
     """Run :func:`run_child` in a fresh interpreter and return its result."""
     cmd = [sys.executable, __file__, "--child", method, name, "--batch", str(batch),
-           "--size", str(size), "--threads", str(threads)]
+           "--size", str(size), "--threads", str(threads), "--grads", grads]
     env = dict(os.environ)
     if mmap_threshold is not None:
         env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
@@ -100,12 +109,13 @@ def measure(
 
 def measure_repeated(
     method: str, name: str, batch: int, size: int, threads: int, mmap_threshold: int | None,
-    repeats: int,
+    repeats: int, grads: str = "before",
 ) -> dict[str, Any]:
     """The median run of ``repeats`` fresh processes (RSS peaks vary from run to run by tens of
     MiB: with several threads, glibc hands out memory from per-thread arenas in timing-dependent
     order)."""
-    runs = [measure(method, name, batch, size, threads, mmap_threshold) for _ in range(repeats)]
+    runs = [measure(method, name, batch, size, threads, mmap_threshold, grads)
+            for _ in range(repeats)]
     runs.sort(key=lambda r: r["increase"])
     row = runs[len(runs) // 2]
     row["increases"] = [r["increase"] for r in runs]
@@ -127,8 +137,10 @@ def display(
 ) -> None:
     """Print one row per model and method."""
     malloc = "glibc default" if mmap_threshold is None else f"mmap threshold {mmap_threshold}"
+    grads = "gradients in the baseline" if rows and rows[0].get("grads") == "before" else (
+        "gradients allocated by the step")
     table = Table(title=f"Peak RSS increase of one training step, batch {batch}, "
-                        f"{size}x{size}, malloc: {malloc}")
+                        f"{size}x{size}, malloc: {malloc}, {grads}")
     cols = ("model", "method", "RSS before MiB", "peak before MiB", "peak after MiB",
             "increase MiB", "all runs MiB", "÷ plain", "÷ timm-ckpt")
     for col in cols:
@@ -154,20 +166,23 @@ def main(argv: list[str] | None = None) -> None:
                         help="fresh processes per measurement; the median is reported")
     parser.add_argument("--mmap-threshold", type=int, default=None, metavar="BYTES",
                         help="set MALLOC_MMAP_THRESHOLD_ in the children (e.g. 131072)")
+    parser.add_argument("--grads", choices=("before", "step"), default="before",
+                        help="allocate the gradients before the step (baseline) or in it")
     parser.add_argument("--json", help="write the results to this JSON file")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.child:
         method, name = args.child
-        print(json.dumps(run_child(method, name, args.batch, args.size, args.threads)))
+        print(json.dumps(run_child(method, name, args.batch, args.size, args.threads,
+                                   args.grads)))
         return
 
     rows = []
     for name in args.models:
         for method in args.methods:
             rows.append(measure_repeated(method, name, args.batch, args.size, args.threads,
-                                         args.mmap_threshold, args.repeats))
+                                         args.mmap_threshold, args.repeats, args.grads))
     add_ratios(rows)
     display(rows, args.batch, args.size, args.mmap_threshold)
     if args.json:

@@ -222,7 +222,8 @@ def _ratio(a: float, b: float) -> float:
 
 
 class _Probe:
-    """Stands in for a stage unit and records ``||R(h)|| / ||h||`` of each call."""
+    """Stands in for a stage unit and records ``||R(h)|| / ||h||`` of each ``raw`` call (so
+    use it for forward passes only: a reversible backward calls ``raw`` again)."""
 
     def __init__(self, unit: Any, ratios: list[float]) -> None:
         self._unit, self._ratios = unit, ratios
@@ -230,11 +231,12 @@ class _Probe:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._unit, name)
 
-    def __call__(self, h: Tensor) -> Tensor:
-        r = self._unit(h)
+    def raw(self, h: Tensor) -> Tensor:
+        u = self._unit.raw(h)
         with torch.no_grad():
+            r = u - h if self._unit.subtract_input else u
             self._ratios.append(float(r.norm() / h.norm().clamp_min(1e-300)))
-        return r
+        return u
 
 
 @contextmanager

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 
 from . import _mode
 from ._replay import _ForwardState, batchnorms, frozen_running_stats
@@ -31,6 +32,9 @@ class Segment:
         tensors: parameters and buffers the code reads.
         checkpoint: store only the inputs and recompute in backward.
         calls: paths of the submodules called, in order (for reports).
+        pieces: the same computation split at single-tensor cuts (the stem, then a first block):
+            ``pieces[0]`` takes the inputs, each next piece the one tensor the previous returns,
+            the last returns what ``code`` does. The backward recomputes one piece at a time.
     """
 
     def __init__(
@@ -42,6 +46,7 @@ class Segment:
         tensors: Sequence[Tensor],
         checkpoint: bool,
         calls: Sequence[str] = (),
+        pieces: Sequence[Any] | None = None,
     ) -> None:
         self.name = name
         self.code = code
@@ -50,6 +55,7 @@ class Segment:
         self.tensors = list(tensors)
         self.checkpoint = checkpoint
         self.calls = list(calls)
+        self.pieces = list(pieces) if pieces else [code]
 
     def __call__(self, *inputs: Any) -> tuple[Any, ...]:
         tensors = [t for t in self.tensors if t.requires_grad]
@@ -65,6 +71,10 @@ class Segment:
         return f"Segment({self.name!r}, checkpoint={self.checkpoint})"
 
 
+def _tuple(out: Any) -> tuple[Any, ...]:
+    return out if isinstance(out, tuple) else (out,)
+
+
 class _CheckpointFunction(torch.autograd.Function):
     """Runs a :class:`Segment` without storing activations; recomputes them in backward."""
 
@@ -72,10 +82,13 @@ class _CheckpointFunction(torch.autograd.Function):
     def forward(ctx: Any, seg: Segment, n_in: int, *args: Any) -> tuple[Tensor, ...]:
         inputs = args[:n_in]
         device = next((a.device for a in args if isinstance(a, Tensor)), torch.device("cpu"))
-        ctx.state = _ForwardState(device)
         ctx.seg, ctx.n_in = seg, n_in
-        out = seg.code(seg.root, *inputs)
-        outs = out if isinstance(out, tuple) else (out,)
+        # Each piece's RNG/autocast state, so that the backward can recompute any one alone.
+        ctx.states = []
+        outs: tuple[Any, ...] = inputs
+        for piece in seg.pieces:
+            ctx.states.append(_ForwardState(device))
+            outs = _tuple(piece(seg.root, *outs))
         # An output that is a buffer itself must not become a node of this graph: give an alias.
         own = {id(t) for t in seg.tensors if not t.requires_grad}
         outs = tuple(o.detach() if id(o) in own else o for o in outs)
@@ -87,40 +100,73 @@ class _CheckpointFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grad_outs: Tensor | None) -> tuple[Tensor | None, ...]:
-        seg: Segment = ctx.seg
-        inputs = list(ctx.others)
-        needs = ctx.needs_input_grad[2:]
-        for i, t in zip(ctx.tensor_idx, ctx.saved_tensors, strict=True):
-            inputs[i] = t.detach().requires_grad_(needs[i])
-        tensors = [t for t in seg.tensors if t.requires_grad]
-        if ctx.n_in + len(tensors) != len(needs):
-            raise RuntimeError(
-                f"revify: segment {seg.name}: the set of tensors requiring grad changed between "
-                "forward and backward (requires_grad toggled mid-step?); recompute the forward"
-            )
-        with (
-            torch.profiler.record_function(f"revify.segment_backward: {seg.name}"),
-            torch.enable_grad(),
-            ctx.state.replay(),
-            frozen_running_stats(batchnorms(seg.modules)),
-        ):
-            out = seg.code(seg.root, *inputs)
-        outs = out if isinstance(out, tuple) else (out,)
+        with torch.profiler.record_function(f"revify.segment_backward: {ctx.seg.name}"):
+            return _segment_backward(ctx, *grad_outs)
+
+
+def _segment_backward(ctx: Any, *grad_outs: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The body of :meth:`_CheckpointFunction.backward`.
+
+    With one piece: recompute, then one vjp. With several, the pieces before the last are first
+    run without grad to rebuild their outputs, then each piece, last first, is recomputed with
+    grad and backpropagated on its own, so only one piece's activations exist at a time (the
+    earlier pieces run twice)."""
+    seg: Segment = ctx.seg
+    inputs = list(ctx.others)
+    needs = ctx.needs_input_grad[2:]
+    for i, t in zip(ctx.tensor_idx, ctx.saved_tensors, strict=True):
+        inputs[i] = t.detach().requires_grad_(needs[i])
+    tensors = [t for t in seg.tensors if t.requires_grad]
+    if ctx.n_in + len(tensors) != len(needs):
+        raise RuntimeError(
+            f"revify: segment {seg.name}: the set of tensors requiring grad changed between "
+            "forward and backward (requires_grad toggled mid-step?); recompute the forward"
+        )
+    bns = batchnorms(seg.modules)
+    # boundary[p]: the inputs of piece p.
+    boundary: list[tuple[Any, ...]] = [tuple(inputs)]
+    with torch.no_grad(), frozen_running_stats(bns):
+        for piece, state in zip(seg.pieces[:-1], ctx.states, strict=False):
+            with state.replay():
+                boundary.append(_tuple(piece(seg.root, *boundary[-1])))
+    wanted_t = [j for j, _ in enumerate(tensors) if needs[ctx.n_in + j]]
+    grads_t: list[Tensor | None] = [None] * len(wanted_t)
+    wanted_in = [i for i in ctx.tensor_idx if needs[i]]
+    grads_in: Sequence[Tensor | None] = [None] * len(wanted_in)
+    g_outs: Sequence[Tensor | None] = grad_outs
+    for p in reversed(range(len(seg.pieces))):
+        first = p == 0
+        ins = boundary.pop()
+        if not first:  # the piece's input: a detached leaf whose gradient goes to piece p-1
+            ins = tuple(t.detach().requires_grad_(True) for t in ins)
+        with torch.enable_grad(), ctx.states[p].replay(), frozen_running_stats(bns):
+            outs = _tuple(seg.pieces[p](seg.root, *ins))
+        # Gradient edges, not the outputs themselves: an output is freed as soon as the vjp is
+        # past the op that made it.
         pairs = [
-            (o, g)
-            for o, g in zip(outs, grad_outs, strict=True)
+            (get_gradient_edge(o) if o.grad_fn is not None else o, g)
+            for o, g in zip(outs, g_outs, strict=True)
             if g is not None and isinstance(o, Tensor) and o.requires_grad
         ]
-        wanted_in = [i for i in ctx.tensor_idx if needs[i]]
-        wanted_t = [j for j, _ in enumerate(tensors) if needs[ctx.n_in + j]]
-        wanted = [inputs[i] for i in wanted_in] + [tensors[j] for j in wanted_t]
+        del outs
+        wrt = [ins[i] for i in wanted_in] if first else list(ins)
+        wanted = wrt + [tensors[j] for j in wanted_t]
         grads: Sequence[Tensor | None] = [None] * len(wanted)
         if pairs and wanted:
             grads = torch.autograd.grad(
                 [o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True
             )
-        del out, outs, pairs
-        result: list[Tensor | None] = [None] * (ctx.n_in + len(tensors))
-        for pos, g in zip(wanted_in + [ctx.n_in + j for j in wanted_t], grads, strict=True):
-            result[pos] = g
-        return (None, None, *result)
+        del pairs, ins
+        for j, g in enumerate(grads[len(wrt):]):
+            if g is not None:
+                grads_t[j] = g if grads_t[j] is None else grads_t[j] + g
+        if first:
+            grads_in = grads[: len(wrt)]
+        else:
+            g_outs = grads[: len(wrt)]
+        del grads
+    result: list[Tensor | None] = [None] * (ctx.n_in + len(tensors))
+    for pos, g in zip(wanted_in + [ctx.n_in + j for j in wanted_t], [*grads_in, *grads_t],
+                      strict=True):
+        result[pos] = g
+    return (None, None, *result)

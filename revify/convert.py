@@ -850,10 +850,75 @@ def _make_segment(
         )
         report.append(ReportLine(name, "unchanged", f"{detail} ({why})"))
     calls = [str(n.target) for n in nodes if n.op == "call_module"]
+    pieces = None
+    if checkpoint:
+        cuts = _piece_cuts(model, nodes, ins, outs)
+        if len(cuts) > 1:
+            pieces = [GraphCode(extract(*cut)) for cut in cuts]
     seg = Segment(
-        name, GraphCode(extract(nodes, ins, outs)), model, modules, tensors, checkpoint, calls
+        name, GraphCode(extract(nodes, ins, outs)), model, modules, tensors, checkpoint, calls,
+        pieces=pieces,
     )
     return _Step(seg, [a.name for a in ins], [o.name for o in outs])
+
+
+def _piece_cuts(
+    model: nn.Module, nodes: list[fx.Node], ins: list[fx.Node], outs: list[fx.Node]
+) -> list[tuple[list[fx.Node], list[fx.Node], list[fx.Node]]]:
+    """Split a checkpointed segment into pieces (nodes, inputs, outputs) at the blocks it calls.
+
+    A cut goes where one tensor alone crosses and the enclosing block changes (the stem and a
+    first projection block, say), and every piece calls a module with parameters. The segment
+    backward then recomputes piece by piece, so its working set is one block's, not the whole
+    segment's (``checkpoint._segment_backward``)."""
+    body = [n for n in nodes if n.op != "get_attr"]
+    pos = {n: i for i, n in enumerate(body)}
+    # last[i]: the last position using a value defined at i (len(body) for segment outputs).
+    last = [len(body) if n in outs else max((pos[u] for u in n.users if u in pos), default=i)
+            for i, n in enumerate(body)]
+    ins_last = max((pos[u] for a in ins for u in a.users if u in pos), default=-1)
+
+    def key(n: fx.Node) -> str:
+        owners = _owner_paths(n)
+        return owners[min(1, len(owners) - 1)] if owners else ""
+
+    def has_params(piece: list[fx.Node]) -> bool:
+        return any(
+            n.op == "call_module" and any(True for _ in model.get_submodule(n.target).parameters())
+            for n in piece
+        )
+
+    cross: dict[int, fx.Node] = {}  # start of a piece -> the one value that crosses into it
+    for i in range(1, len(body)):
+        crossing = [j for j in range(i) if last[j] >= i]
+        if (
+            i > ins_last
+            and len(crossing) == 1
+            and tensor_shape(body[crossing[0]]) is not None
+            and key(body[i]) != key(body[i - 1])
+        ):
+            cross[i] = body[crossing[0]]
+    starts = [0, *cross]
+    groups = [body[a:b] for a, b in zip(starts, [*starts[1:], len(body)], strict=True)]
+    merged: list[list[fx.Node]] = []
+    for g in groups:
+        # A piece without parameters, or not fed by the piece before it, joins that piece.
+        if merged and (not has_params(g) or cross[pos[g[0]]] not in merged[-1]):
+            merged[-1] += g
+        else:
+            merged.append(list(g))
+    if len(merged) > 1 and not has_params(merged[0]):
+        merged[1] = merged[0] + merged[1]
+        del merged[0]
+    attrs = [n for n in nodes if n.op == "get_attr"]
+    order = {n: j for j, n in enumerate(nodes)}
+    cuts = []
+    for i, g in enumerate(merged):
+        used = [a for a in attrs if any(u in set(g) for u in a.users)]
+        piece_ins = ins if i == 0 else [cross[pos[g[0]]]]
+        piece_outs = outs if i == len(merged) - 1 else [cross[pos[merged[i + 1][0]]]]
+        cuts.append((sorted([*used, *g], key=order.__getitem__), piece_ins, piece_outs))
+    return cuts
 
 
 def _owner_paths(node: fx.Node) -> list[str]:

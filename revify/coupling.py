@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 
 from . import _mode
 from ._replay import _ForwardState, batchnorms, frozen_running_stats
@@ -137,6 +138,15 @@ class _GraphUnit(_BranchUnit):
         return self.code(self.root, h)
 
 
+def _grad_tensors(unit: Any) -> list[Tensor]:
+    """The tensors ``unit`` reads that require grad, once each."""
+    ts: dict[int, Tensor] = {}
+    for t in unit.tensors():
+        if t.requires_grad:
+            ts.setdefault(id(t), t)
+    return list(ts.values())
+
+
 def _stream_dtype(dtype: torch.dtype) -> torch.dtype:
     # NOTE: streams are never kept in half precision: bf16 unit outputs added to fp32 streams
     # subtract back almost exactly, bf16 streams gave 35-100 % gradient error (DESIGN.md §3).
@@ -146,7 +156,11 @@ def _stream_dtype(dtype: torch.dtype) -> torch.dtype:
 def _combine(alpha: float, beta: float, x_prev: Tensor, x_cur: Tensor, r: Tensor) -> Tensor:
     """``beta * x_prev + alpha * x_cur + r``, skipping the terms whose coefficient is 0."""
     out = r if beta == 0 else torch.add(r, x_prev, alpha=beta)
-    return out if alpha == 0 else torch.add(out, x_cur, alpha=alpha)
+    if alpha == 0:
+        return out
+    if out is not r and not torch.is_grad_enabled():
+        return out.add_(x_cur, alpha=alpha)  # no second full-size temporary
+    return torch.add(out, x_cur, alpha=alpha)
 
 
 class ReversibleStage:
@@ -232,14 +246,7 @@ class ReversibleStage:
 
         A module shared by two units (``x + f(x)`` twice) appears in both lists.
         """
-        out = []
-        for u in self.units:
-            ts: dict[int, Tensor] = {}
-            for t in u.tensors():
-                if t.requires_grad:
-                    ts.setdefault(id(t), t)
-            out.append(list(ts.values()))
-        return out
+        return [_grad_tensors(u) for u in self.units]
 
     def tensors(self) -> list[Tensor]:
         """All tensors requiring grad read by the stage, once each (inputs of the function)."""
@@ -257,9 +264,8 @@ class ReversibleStage:
             )
         tensors = self.tensors()
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or bool(tensors))
-        if not needs_grad or _mode.is_plain():
-            return _forward(self, x, states=None)
-        return _ReversibleFunction.apply(self, x, *tensors)
+        graph = needs_grad and not _mode.is_plain()
+        return _forward(self, x, graph)
 
     def __repr__(self) -> str:
         return (
@@ -299,8 +305,8 @@ def _on_grid(v: Tensor, delta: Tensor) -> Tensor:
 def _exact_parts(alpha: float, x_cur: Tensor, r: Tensor, delta: Tensor) -> Tensor:
     """``q(alpha * x_k) + q(R_k(x_k))``: the part of a step recomputable from ``x_k``."""
     part = _on_grid(r, delta)
-    if alpha == 1:
-        return part + x_cur
+    if alpha in (1, -1):
+        return part.add_(x_cur, alpha=alpha)
     if alpha != 0:
         return part + _on_grid(alpha * x_cur, delta)
     return part
@@ -335,38 +341,119 @@ def _unpack(packed: Tensor, d: int, like: Tensor) -> Tensor:
     return out[: like.numel()].view(like.shape)
 
 
-def _forward(
-    stage: ReversibleStage,
-    x: Tensor,
-    states: list[_ForwardState] | None,
-    remainders: list[Tensor] | None = None,
-) -> tuple[Tensor, ...] | Tensor:
-    """The coupled recurrence. With ``states`` it also records each unit's RNG/autocast state
-    (and, in exact mode, the packed remainders) and returns ``(x_{n-1}, x_n, delta)``; without,
-    it returns ``x_n`` (plain or no-grad path, differentiable)."""
-    if not stage.exact:
-        out = _run(stage, x, states, remainders, None)
-        return out[:2] + (None,) if states is not None else out[1].to(x.dtype)
-    start = _ForwardState(x.device)
-    x_prev, x_cur, delta, needed = _run(stage, x, states, remainders, stage.headroom_bits)
-    if needed > stage.headroom_bits or not _fits(x_cur, x_prev, delta):
+class _Walk:
+    """One stage forward and its backward: the coefficients they run with and the two newest
+    states, ``(x_{k-1}, x_k)`` before forward step k and ``(x_k, x_{k+1})`` before backward step k.
+
+    The graph of a stage is a chain of :class:`_Step` nodes, one per unit, closed by a
+    :class:`_StageEnd` node; the walk is what they share, since the states travel outside the
+    graph (only ``_StageEnd`` saves tensors; NOTE [ Stage backward ]).
+    """
+
+    def __init__(self, stage: ReversibleStage, x: Tensor, headroom: int | None) -> None:
+        self.stage = stage
+        self.in_dtype = x.dtype
+        # The coefficients of this forward: a schedule may change the stage's before backward.
+        self.alpha, self.beta, self.exact = stage.alpha, stage.beta, headroom is not None
+        self.d = round(1.0 / self.beta)
+        self.bns = batchnorms(stage.modules())
+        x0 = x.to(_stream_dtype(x.dtype))
+        self.delta: Tensor | None = None
+        if headroom is not None:
+            self.delta = _grid(x0, headroom)
+            x0 = _straight_through(x0, _on_grid(x0, self.delta))
+            self.base = x0.detach().abs().amax()
+            self.top = self.base.clone()
+        self.pair: tuple[Tensor, Tensor] | None = (x0, x0)
+        self.owned = (False, False)  # backward: whether a step may write into each of pair
+        self.reference: Tensor | None = None  # revify.check: the true input
+
+    def advance(self, k: int) -> Tensor | None:
+        """Forward step k: ``pair`` becomes ``(x_k, x_{k+1})``; returns the packed remainder of
+        ``x_{k-1} / d`` that the inverse needs (exact mode), else None."""
+        unit = self.stage.units[k]
+        x_prev, x_cur = self.pair
+        # R_k = U_k - id is taken as (alpha - 1) x_k + U_k(x_k): no U_k(h) - h temporary, and the
+        # inverse subtracts U_k(h) as computed (a half-precision U_k(h) is added to the fp32
+        # streams by type promotion, without a copy).
+        a = _coefficient(self.alpha, unit)
+        u = unit.raw(x_cur.to(self.in_dtype))
+        rem = None
+        if self.delta is None:
+            x_next = _combine(a, self.beta, x_prev, x_cur, u)
+        else:
+            u = u.to(x_cur.dtype)  # the grid ops mix u with 0-dim delta: no promotion there
+            with torch.no_grad():
+                scaled, rem = _divide(x_prev, self.d, self.delta)
+                x_next = scaled.add_(_exact_parts(a, x_cur, u, self.delta))
+                self.top = torch.maximum(self.top, x_next.abs().amax())
+            if torch.is_grad_enabled():
+                x_next = _straight_through(_combine(a, self.beta, x_prev, x_cur, u), x_next)
+            rem = _pack(rem, self.d) if k > 0 and self.d > 1 else None  # X mod 1 is always 0
+        self.pair = (x_cur, x_next)
+        return rem
+
+    def outgrew(self, headroom: int) -> int | None:
+        """Exact mode: the bits of growth to allow next time if the streams left the grid."""
+        if _is_fake(self.top):
+            return None
+        ratio = (self.top / self.base.clamp_min(torch.finfo(self.top.dtype).tiny)).clamp_min(1.0)
+        needed = int(torch.ceil(torch.log2(ratio)).item()) + 1  # +1: rounding up to 2^k
+        x_prev, x_cur = self.pair
+        if needed > headroom or not _fits(x_cur, x_prev, self.delta):
+            return needed
+        return None
+
+
+def _coefficient(alpha: float, unit: Any) -> float:
+    """The coefficient of ``x_k`` beside ``unit.raw(x_k)`` in the step (``- id`` folded in)."""
+    return alpha - 1.0 if unit.subtract_input else alpha
+
+
+def _forward(stage: ReversibleStage, x: Tensor, graph: bool) -> Tensor:
+    """The coupled recurrence, ``x_n``. With ``graph`` it is run by step nodes that store
+    nothing (the reversible path); without, by ordinary differentiable ops (plain or no-grad)."""
+    headroom = stage.headroom_bits if stage.exact else None
+    start = _ForwardState(x.device) if stage.exact else None
+    walk, tokens = _run(stage, x, headroom, graph)
+    needed = walk.outgrew(headroom) if headroom is not None else None
+    if needed is not None:
         # The streams outgrew the grid: redo with a coarser one, with the same random draws,
         # BatchNorm statistics already updated. The stage keeps the larger headroom.
-        stage.headroom_bits = needed + _MARGIN_BITS
+        stage.headroom_bits = headroom = needed + _MARGIN_BITS
         start.restart()
-        for collected in (states, remainders):
-            if collected is not None:
-                collected.clear()
         with frozen_running_stats(batchnorms(stage.modules())):
-            x_prev, x_cur, delta, needed = _run(stage, x, states, remainders, stage.headroom_bits)
-        if not _fits(x_cur, x_prev, delta):
+            walk, tokens = _run(stage, x, headroom, graph)
+        if walk.outgrew(headroom) is not None:
             raise RuntimeError(
                 f"revify: stage {stage.name}: exact streams outgrew their fixed-point grid "
                 f"({needed} bits of growth); use exact=False for this model"
             )
-    if states is not None:
-        return x_prev, x_cur, delta
-    return x_cur.to(x.dtype)
+    if not graph:
+        return walk.pair[1].to(x.dtype)
+    if stage.record_input:  # exact streams start from the input rounded onto their grid
+        walk.reference = x.detach().to(walk.pair[1].dtype)
+        walk.reference = (
+            _on_grid(walk.reference, walk.delta) if walk.exact else walk.reference.clone()
+        )
+    return _StageEnd.apply(walk, *tokens)
+
+
+def _run(
+    stage: ReversibleStage, x: Tensor, headroom: int | None, graph: bool
+) -> tuple[_Walk, tuple[Tensor, Tensor] | None]:
+    """One pass of the recurrence, on the fixed-point grid when ``headroom`` is given; with
+    ``graph``, as a chain of step nodes whose last two outputs are returned."""
+    if not graph:
+        walk = _Walk(stage, x, headroom)
+        for k in range(len(stage.units)):
+            walk.advance(k)
+        return walk, None
+    walk = _Walk(stage, x.detach(), headroom)
+    tokens = (x, x)
+    for k, tensors in enumerate(stage.unit_tensors()):
+        tokens = _Step.apply(walk, k, *tokens, *tensors)
+    return walk, tokens
 
 
 def _is_fake(t: Tensor) -> bool:
@@ -383,62 +470,6 @@ def _fits(x_cur: Tensor, x_prev: Tensor, delta: Tensor) -> bool:
     return bool(torch.maximum(x_cur.detach().abs().amax(), x_prev.detach().abs().amax()) < limit)
 
 
-def _run(
-    stage: ReversibleStage,
-    x: Tensor,
-    states: list[_ForwardState] | None,
-    remainders: list[Tensor] | None,
-    headroom: int | None,
-) -> tuple[Any, ...]:
-    """One pass of the recurrence: ``(x_{n-1}, x_n, delta, bits of growth needed)``, on the
-    fixed-point grid when ``headroom`` is given."""
-    alpha, beta = stage.alpha, stage.beta
-    in_dtype = x.dtype
-    sdtype = _stream_dtype(in_dtype)
-    x_prev = x_cur = x.to(sdtype)
-    delta = None
-    if headroom is not None:
-        delta = _grid(x_cur, headroom)
-        x_prev = x_cur = _straight_through(x_cur, _on_grid(x_cur, delta))
-        d = stage.divisor
-        base = x_cur.detach().abs().amax()
-        top = base.clone()
-    for k, unit in enumerate(stage.units):
-        if states is not None:
-            states.append(_ForwardState(x.device))
-        # A half-precision r is added to the fp32 streams by type promotion, without a copy.
-        r = unit(x_cur.to(in_dtype))
-        if delta is None:
-            x_prev, x_cur = x_cur, _combine(alpha, beta, x_prev, x_cur, r)
-        else:
-            r = r.to(sdtype)  # the grid ops below mix r with 0-dim delta: no promotion there
-            with torch.no_grad():
-                scaled, rem = _divide(x_prev, d, delta)
-                exact = scaled + _exact_parts(alpha, x_cur, r, delta)
-                top = torch.maximum(top, exact.abs().amax())
-            if remainders is not None and k > 0 and d > 1:  # X mod 1 is always 0
-                remainders.append(_pack(rem, d))
-            del rem, scaled
-            if torch.is_grad_enabled():
-                exact = _straight_through(_combine(alpha, beta, x_prev, x_cur, r), exact)
-            x_prev, x_cur = x_cur, exact
-        del r
-    needed = 0
-    if delta is not None and not _is_fake(top):
-        ratio = (top / base.clamp_min(torch.finfo(sdtype).tiny)).clamp_min(1.0)
-        needed = int(torch.ceil(torch.log2(ratio)).item()) + 1  # +1: rounding up to 2^k
-    return x_prev, x_cur, delta, needed
-
-
-def _is_scratch(t: Tensor, *others: Tensor | None) -> bool:
-    """Whether ``t``, a recomputed unit output, may be overwritten: made by the recompute (not a
-    view, parameter or input) and sharing no memory with the tensors the backward still uses."""
-    if t.grad_fn is None or t._base is not None or _is_fake(t):
-        return False
-    ptr = t.untyped_storage().data_ptr()
-    return all(o is None or o.untyped_storage().data_ptr() != ptr for o in others)
-
-
 def _straight_through(value: Tensor, exact: Tensor) -> Tensor:
     """``exact`` in the forward, the gradient of ``value`` in the backward."""
     if not value.requires_grad:
@@ -446,175 +477,186 @@ def _straight_through(value: Tensor, exact: Tensor) -> Tensor:
     return value + (exact - value).detach()
 
 
-class _ReversibleFunction(torch.autograd.Function):
-    """Runs a :class:`ReversibleStage`, storing only ``(x_{n-1}, x_n)``.
+def _token(like: Tensor) -> Tensor:
+    """A stand-in for a state in the graph: ``like``'s shape and dtype, one element of memory.
 
-    Inputs are ``(stage, x, *tensors)`` where ``tensors`` are every parameter/buffer of the units
-    that requires grad, so that ``torch.autograd.grad(loss, params)``, DDP hooks and frozen
-    parameters all behave as with ordinary autograd: gradients are returned, never assigned.
+    The states themselves are fp32 streams kept by the walk; the graph carries their adjoints,
+    which in the stage input's dtype are what plain autograd would hold (bf16 under autocast).
+    """
+    return torch.empty_strided(
+        like.shape, (0,) * like.dim(), dtype=like.dtype, device=like.device
+    )
+
+
+class _Step(torch.autograd.Function):
+    """Unit k of a stage: ``(x_{k-1}, x_k) -> (x_k, x_{k+1})`` on tokens, saving nothing but
+    the packed remainder of exact mode. Its backward is :func:`_step_backward`.
+
+    Inputs are ``(walk, k, token_prev, token_cur, *tensors)`` where ``tensors`` are the unit's
+    parameters and buffers that require grad: gradients are returned, never assigned, so
+    ``torch.autograd.grad(loss, params)``, DDP hooks and frozen parameters all behave as with
+    ordinary autograd, and each unit's gradients are handed over as soon as they exist.
     """
 
     @staticmethod
-    def forward(ctx: Any, stage: ReversibleStage, x: Tensor, *tensors: Tensor) -> Tensor:
-        states: list[_ForwardState] = []
-        remainders: list[Tensor] = []
-        x_prev, x_cur, delta = _forward(stage, x, states, remainders)
-        out = x_cur.to(x.dtype)
-        ctx.stage = stage
-        ctx.states = states
-        ctx.in_dtype = x.dtype
-        # The coefficients of this forward: a schedule may change them before backward.
-        ctx.alpha, ctx.beta, ctx.exact = stage.alpha, stage.beta, stage.exact
-        ctx.save_for_backward(x_prev, x_cur, *([delta] if ctx.exact else []), *remainders)
-        ctx.reference = None
-        if stage.record_input:  # exact streams start from the input rounded onto their grid
-            ctx.reference = x.detach().to(x_cur.dtype)
-            ctx.reference = _on_grid(ctx.reference, delta) if ctx.exact else ctx.reference.clone()
+    def forward(
+        ctx: Any, walk: _Walk, k: int, prev: Tensor, cur: Tensor, *tensors: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        ctx.set_materialize_grads(False)
+        ctx.walk, ctx.k = walk, k
+        ctx.state = _ForwardState(cur.device)
+        rem = walk.advance(k)
+        if rem is not None:
+            ctx.save_for_backward(rem)
+        return _token(cur), _token(cur)
+
+    @staticmethod
+    def backward(ctx: Any, g_cur: Tensor | None, g_next: Tensor | None) -> tuple[Any, ...]:
+        unit = ctx.walk.stage.units[ctx.k]
+        with torch.profiler.record_function(f"revify.stage_backward: {unit.name}"):
+            return _step_backward(ctx, g_cur, g_next)
+
+
+class _StageEnd(torch.autograd.Function):
+    """Closes a stage: returns ``x_n`` in the input's dtype and saves ``(x_{n-1}, x_n)``, the
+    only activations a stage stores. Its backward hands them to the walk."""
+
+    @staticmethod
+    def forward(ctx: Any, walk: _Walk, prev: Tensor, cur: Tensor) -> Tensor:
+        ctx.set_materialize_grads(False)
+        ctx.walk = walk
+        x_prev, x_cur = walk.pair
+        walk.pair = None  # saved below, where saved-tensor hooks (offloading) see them
+        out = x_cur.to(walk.in_dtype)
+        ctx.save_for_backward(x_prev, x_cur)
         return out
 
     @staticmethod
-    def backward(ctx: Any, g_out: Tensor) -> tuple[Tensor | None, ...]:
-        with torch.profiler.record_function(f"revify.stage_backward: {ctx.stage.name}"):
-            return _stage_backward(ctx, g_out)
+    def backward(ctx: Any, g_out: Tensor | None) -> tuple[Tensor | None, ...]:
+        ctx.walk.pair = ctx.saved_tensors
+        ctx.walk.owned = (False, False)
+        return None, None, g_out
 
 
-def _stage_backward(ctx: Any, g_out: Tensor) -> tuple[Tensor | None, ...]:
-    """The body of :meth:`_ReversibleFunction.backward`."""
+def _is_alias(t: Tensor, *others: Tensor | None) -> bool:
+    ptr = t.untyped_storage().data_ptr()
+    return any(o is not None and o.untyped_storage().data_ptr() == ptr for o in others)
+
+
+def _step_backward(ctx: Any, g_cur: Tensor | None, g_next: Tensor | None) -> tuple[Any, ...]:
+    """The backward of unit k: rebuilds ``x_{k-1}`` and returns the adjoints of the step."""
     # NOTE [ Stage backward ]
-    # Walking k = n-1 .. 0 we hold x_{k+1}, x_k ("hi", "mid") and the adjoints a_{k+1}
-    # (complete) and a_k (partial). One recompute z = R_k(x_k) with grad gives both
-    # x_{k-1} = (x_{k+1} - alpha x_k - z) / beta and the vjp (dx_k, dtheta_k) = z'^T a_{k+1};
-    # then a_{k-1} = beta a_{k+1} and a_k += alpha a_{k+1} + dx_k. At the end x_{-1} and x_0
-    # both reconstruct the input, and dL/dx = a_0 + a_{-1}. Tensors we allocated are updated
-    # in place; saved tensors and autograd's g_out are never written. For a unit R_k = U_k - id
-    # the vjp runs through U_k alone and the "- id" part is added to a_k directly, so U_k - id
-    # is never an autograd output; x_{k-1} is then written into U_k's memory.
-    stage: ReversibleStage = ctx.stage
-    alpha, beta, exact = ctx.alpha, ctx.beta, ctx.exact
-    x_prev, x_cur, *extra = ctx.saved_tensors
-    delta, *remainders = extra if exact else (None,)
-    d = round(1.0 / beta)
-    unit_tensors = stage.unit_tensors()
-    flat = stage.tensors()
-    needs = ctx.needs_input_grad[2:]
-    if len(flat) != len(needs):
+    # Step k receives the adjoints a_k (partial: only what reached x_k through step k+1's
+    # pass-through) and a_{k+1}, and finds x_k, x_{k+1} in the walk. One recompute u = U_k(x_k)
+    # (R_k = U_k, or U_k - id folded into the coefficient a of x_k) with grad gives both
+    #   x_{k-1} = (x_{k+1} - a x_k - u) / beta   (into x_{k+1}'s memory when it is ours) and
+    #   (dx_k, dtheta_k) = u'^T a_{k+1},  then a_{k-1} = beta a_{k+1}, a_k += a a_{k+1} + dx_k.
+    # The reconstruction comes first and the vjp starts from u's gradient edge, not from u,
+    # so u's memory is freed as soon as the vjp is past the op that made it. Tensors we
+    # allocated are updated in place; saved tensors and autograd's grads are never written.
+    # Only _StageEnd saves states, so x_n and x_{n-1} are freed once the walk moves past them,
+    # and the engine hands each unit's parameter gradients on right after its step.
+    walk: _Walk = ctx.walk
+    k, stage = ctx.k, walk.stage
+    unit = stage.units[k]
+    if walk.pair is None:
+        raise RuntimeError(
+            f"revify: stage {stage.name}: backward reached unit {k} without the states of the "
+            "unit after it (was part of the graph backpropagated separately?)"
+        )
+    mid, hi = walk.pair  # x_k, x_{k+1}
+    hi_owned = walk.owned[1]
+    walk.pair = None
+    need_dx = bool(ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
+    tensors = _grad_tensors(unit)
+    needs = ctx.needs_input_grad[4:]
+    if len(tensors) != len(needs):
         raise RuntimeError(
             f"revify: stage {stage.name}: the set of tensors requiring grad changed between "
             "forward and backward (requires_grad toggled mid-step?); recompute the forward"
         )
-    index = {id(t): i for i, t in enumerate(flat)}
-    grads: list[Tensor | None] = [None] * len(flat)
-    bns = batchnorms(stage.modules())
-    n = len(stage.units)
-    # need_dx[k]: is dL/dx_k needed, i.e. does anything at or before unit k-1 need a grad?
-    need_dx = [bool(ctx.needs_input_grad[1])] * (n + 1)
-    for k in range(1, n + 1):
-        need_dx[k] = need_dx[k - 1] or any(needs[index[id(t)]] for t in unit_tensors[k - 1])
+    wanted = [t for t, need in zip(tensors, needs, strict=True) if need]
+    alpha, beta = _coefficient(walk.alpha, unit), walk.beta
 
-    hi, hi_owned = x_cur, False  # x_{k+1}
-    mid, mid_owned = x_prev, False  # x_k
-    # The adjoints stay in the stage input's dtype, as plain autograd's gradients would be.
-    a_hi: Tensor | None = g_out  # a_{k+1}; None means zero
-    a_hi_owned = False
-    a_mid: Tensor | None = None  # a_k
-    a_mid_owned = False
-    completed = True
-    for k in reversed(range(n)):
-        unit = stage.units[k]
-        wanted = [t for t in unit_tensors[k] if needs[index[id(t)]]]
-        if not need_dx[k] and not wanted:
-            completed = False  # nothing at or below unit k needs a gradient
-            break
-        with torch.enable_grad(), ctx.states[k].replay(), frozen_running_stats(bns):
-            h = mid.detach().to(ctx.in_dtype).requires_grad_(need_dx[k])
-            u = unit.raw(h)  # R_k(x_k), or U_k(x_k) with R_k = U_k - id
-        # The vjp first, through u alone (the "- id" part of R_k is added to a_k below), so that
-        # u's graph is freed before the reconstruction, which then reuses u's memory.
-        inputs = ([h] if need_dx[k] else []) + wanted
-        vjp: Sequence[Tensor | None] = (None,) * len(inputs)
-        if a_hi is not None and u.requires_grad:
-            vjp = torch.autograd.grad(u, inputs, a_hi.to(u.dtype), allow_unused=True)
-        with torch.no_grad():
-            # z = R_k(x_k) exactly as the forward computed it (in the unit's dtype, then cast).
-            reuse = _is_scratch(u, h, hi, mid, a_hi, a_mid, g_out)
-            z = u.detach()
-            if unit.subtract_input:
-                z = z.sub_(h) if reuse else z - h
-                reuse = True
-            del u, h
-            reuse = reuse and z.dtype == hi.dtype
-            if exact:
-                z = z.to(hi.dtype)
-                # x_{-1} = x_0 needs no reconstruction (and has no remainder).
-                t = hi - _exact_parts(alpha, mid, z, delta)
-                if k == 0:
-                    lo = mid
-                elif d == 1:
+    with torch.enable_grad(), ctx.state.replay(), frozen_running_stats(walk.bns):
+        h = mid.detach().to(walk.in_dtype).requires_grad_(need_dx)
+        u = unit.raw(h)
+    with torch.no_grad():
+        lo = None
+        if need_dx and k == 0:
+            # No step needs x_{-1}: like x_0 it rebuilds the stage input, and only the
+            # difference of the two is kept.
+            _record_error(walk, hi, u, mid, alpha)
+        elif need_dx:  # earlier steps will run: rebuild x_{k-1}
+            if walk.exact:
+                parts = _exact_parts(alpha, mid, u.detach().to(hi.dtype), walk.delta)
+                t = hi.sub_(parts) if hi_owned else hi - parts
+                del parts
+                if walk.d == 1:
                     lo = t
                 else:
-                    lo = _undivide(t, _unpack(remainders[k - 1], d, t), d, delta)
+                    (packed,) = ctx.saved_tensors
+                    lo = _undivide(t, _unpack(packed, walk.d, t), walk.d, walk.delta)
                 del t
             else:
-                # x_{k-1} = (x_{k+1} - z - alpha x_k) / beta, written into z's or x_{k+1}'s memory.
-                if reuse:
-                    lo = z.neg_().add_(hi)
-                elif hi_owned:
-                    lo = hi.sub_(z)
-                else:
-                    lo = hi - z
+                lo = hi.sub_(u) if hi_owned else torch.sub(hi, u)
                 if alpha != 0:
                     lo.sub_(mid, alpha=alpha)
                 if beta != 1:
                     lo.div_(beta)
-            del z, hi
-        dh = vjp[0] if need_dx[k] else None
-        for t, g in zip(wanted, vjp[len(inputs) - len(wanted):], strict=True):
-            if g is not None:
-                i = index[id(t)]
-                grads[i] = g if grads[i] is None else grads[i] + g
-        del vjp
-        # a_{k-1} = beta a_{k+1};  a_k += alpha a_{k+1} + dx_k
-        if a_hi is None or beta == 1:
-            a_lo, a_lo_owned = a_hi, a_hi_owned
+        del hi
+    inputs = ([h] if need_dx else []) + wanted
+    vjp: Sequence[Tensor | None] = (None,) * len(inputs)
+    if g_next is not None and u.requires_grad:
+        out = get_gradient_edge(u) if u.grad_fn is not None else u
+        g = g_next.to(u.dtype)
+        del u, h
+        vjp = torch.autograd.grad([out], inputs, [g], allow_unused=True)
+        del out, g
+    else:
+        del u, h
+    grads = iter(vjp[len(inputs) - len(wanted):])
+    grads_out = [next(grads) if need else None for need in needs]
+    if not need_dx:
+        return (None, None, None, None, *grads_out)
+    if k > 0:
+        walk.pair, walk.owned = (lo, mid), (True, walk.owned[0])
+    del lo, mid
+    # a_{k-1} = beta a_{k+1};  a_k += a a_{k+1} + dx_k, in dx_k's memory (the vjp made it)
+    dx, dx_owned = vjp[0], True
+    del vjp
+    if dx is not None and _is_alias(dx, g_next, g_cur):
+        dx = dx.clone()  # a pass-through branch can hand back a_{k+1} itself: never alias it
+    # Step 0's two inputs are both the stage input x: dL/dx = a_0 + a_{-1}, summed here.
+    for term, coef in ((g_cur, 1.0), (g_next, alpha + beta if k == 0 else alpha)):
+        if term is None or coef == 0:
+            continue
+        if dx is None:
+            dx, dx_owned = (term, False) if coef == 1 else (term * coef, True)
+        elif dx_owned:
+            dx.add_(term, alpha=coef)
         else:
-            a_lo, a_lo_owned = a_hi * beta, True
-        terms = [(dh, 1.0)]
-        coef = alpha - 1.0 if unit.subtract_input else alpha  # "- id" of R_k = U_k - id
-        if coef != 0 and a_hi is not None:
-            terms.append((a_hi, coef))
-        for term, coef in terms:
-            if term is None:
-                continue
-            if a_mid is None and coef == 1:
-                # A pass-through branch can hand back a_{k+1} itself: never alias it.
-                a_mid, a_mid_owned = (term.clone(), True) if term is a_hi else (term, False)
-            elif a_mid is None:
-                a_mid, a_mid_owned = term * coef, True
-            elif a_mid_owned:
-                a_mid.add_(term, alpha=coef)
-            else:
-                a_mid, a_mid_owned = torch.add(a_mid, term, alpha=coef), True
-        del dh, a_hi, terms
-        hi, hi_owned, mid, mid_owned = mid, mid_owned, lo, lo is not mid
-        a_hi, a_hi_owned, a_mid, a_mid_owned = a_mid, a_mid_owned, a_lo, a_lo_owned
-    if completed:
-        # hi = x_0 and mid = x_{-1}: two reconstructions of the stage input.
-        with torch.no_grad():
-            inf = float("inf")
-            ref = hi if ctx.reference is None else ctx.reference.to(hi.dtype)
-            err = torch.linalg.vector_norm(mid - ref, inf)
-            if ref is not hi:
-                err = torch.maximum(err, torch.linalg.vector_norm(hi - ref, inf))
-            scale = torch.linalg.vector_norm(ref, inf).clamp_min(torch.finfo(hi.dtype).tiny)
-            stage.last_reconstruction_error = err / scale
-    dx = None
-    if ctx.needs_input_grad[1]:
-        if a_hi is not None and a_mid is not None:
-            if a_mid_owned:
-                dx = a_mid.add_(a_hi)
-            else:
-                dx = a_hi.add_(a_mid) if a_hi_owned else a_hi + a_mid
-        else:
-            dx = a_hi if a_hi is not None else a_mid
-        dx = torch.zeros_like(x_cur, dtype=ctx.in_dtype) if dx is None else dx
-    return (None, dx, *grads)
+            dx, dx_owned = torch.add(dx, term, alpha=coef), True
+    g_prev = None if g_next is None or k == 0 else (g_next if beta == 1 else g_next * beta)
+    return (None, None, g_prev, dx, *grads_out)
+
+
+def _record_error(walk: _Walk, x_1: Tensor, u: Tensor, x_0: Tensor, alpha: float) -> None:
+    """``last_reconstruction_error = max|x_{-1} - x_0| / max|x_0|`` (against the true input
+    when it was recorded), with ``x_{-1} = (x_1 - alpha x_0 - u) / beta`` formed a batch slice
+    at a time, so that it costs no full-size tensor."""
+    inf = float("inf")
+    ref = x_0 if walk.reference is None else walk.reference.to(x_0.dtype)
+    err = torch.linalg.vector_norm(x_0 - ref, inf) if ref is not x_0 else x_0.new_zeros(())
+    if not walk.exact:  # exact streams have x_{-1} = x_0 by construction
+        step = max(1, x_0.shape[0] // 8) if x_0.dim() else 1
+        slices = zip(*(t.split(step) for t in (x_1, u, x_0, ref)), strict=True)
+        for x1, uu, x0, r in slices if x_0.dim() else [(x_1, u, x_0, ref)]:
+            x_m1 = torch.sub(x1, uu)
+            if alpha != 0:
+                x_m1.sub_(x0, alpha=alpha)
+            if walk.beta != 1:
+                x_m1.div_(walk.beta)
+            err = torch.maximum(err, torch.linalg.vector_norm(x_m1.sub_(r), inf))
+    scale = torch.linalg.vector_norm(ref, inf).clamp_min(torch.finfo(ref.dtype).tiny)
+    walk.stage.last_reconstruction_error = err / scale

@@ -8,7 +8,7 @@ from conftest import InlineNet, bn_state, max_rel_err, restore, step_grads, timm
 
 import revify
 from revify.checkpoint import _CheckpointFunction
-from revify.coupling import _ReversibleFunction
+from revify.coupling import _Step
 
 SIZE = 32
 
@@ -77,7 +77,7 @@ def test_caller_tensors_are_not_modified(model):
 def test_no_grad_and_eval_run_plain_forward(model, monkeypatch):
     calls = []
     monkeypatch.setattr(
-        _ReversibleFunction, "apply", lambda *a: calls.append(a) or pytest.fail("apply called")
+        _Step, "apply", lambda *a: calls.append(a) or pytest.fail("apply called")
     )
     monkeypatch.setattr(
         _CheckpointFunction, "apply", lambda *a: calls.append(a) or pytest.fail("apply called")
