@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from _common import EXACT, build_model, console, mib, parse_list, ratio, write_json
 from rich.table import Table
 from step_time import _AMP, _batch, measure_cuda
-from torch.profiler import ProfilerActivity, profile
+
+from revify.check import _peak_live_bytes
 
 METHODS = ("plain", "timm-ckpt", "revify", EXACT)
 
@@ -54,14 +55,7 @@ def cpu_peak_live_bytes(
         F.cross_entropy(logits.float(), target).backward()
 
     step()  # warm-up: the gradients now exist
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    results = prof.profiler.kineto_results
-    events = sorted((e.start_ns(), e.nbytes()) for e in results.events() if e.name() == "[memory]")
-    live = peak = 0
-    for _, n_bytes in events:
-        live += n_bytes
-        peak = max(peak, live)
+    peak = _peak_live_bytes(step)
     return dict(device="cpu", precision=precision, model=name, method=method, batch=batch,
                 size=size, peak_above_baseline_bytes=peak)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -255,3 +255,25 @@ def _branch_ratios(model: nn.Module) -> Iterator[list[float]]:
     finally:
         for st, units in saved:
             st.units = units
+
+
+def _peak_live_bytes(fn: Callable[[], Any]) -> int:
+    """Peak of live CPU tensor bytes while ``fn()`` runs, above what was live before.
+
+    From ``torch.profiler``'s allocation events: the CPU counterpart of
+    ``torch.cuda.max_memory_allocated``, exact and repeatable (unlike the process RSS).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]"
+    )
+    live = peak = 0
+    for _, n_bytes in events:
+        live += n_bytes
+        peak = max(peak, live)
+    return peak

@@ -292,9 +292,16 @@ _HEADROOM_BITS = 8
 _MARGIN_BITS = 2
 
 
+def _max_abs(x: Tensor) -> Tensor:
+    """``max |x|`` (0-dim) in one pass without a temporary (``aminmax`` was ~7x faster on CPU
+    than ``linalg.vector_norm(x, inf)``)."""
+    lo, hi = torch.aminmax(x)
+    return torch.maximum(hi, -lo)
+
+
 def _grid(x: Tensor, headroom: int) -> Tensor:
     """Grid step ``delta`` (0-dim, a power of two) leaving ``headroom`` bits of growth."""
-    top = x.detach().abs().amax().clamp_min(torch.finfo(x.dtype).tiny)
+    top = _max_abs(x.detach()).clamp_min(torch.finfo(x.dtype).tiny)
     return torch.exp2(torch.ceil(torch.log2(top)) + headroom - _GRID_BITS)
 
 
@@ -313,15 +320,18 @@ def _exact_parts(alpha: float, x_cur: Tensor, r: Tensor, delta: Tensor) -> Tenso
 
 
 def _divide(x: Tensor, d: int, delta: Tensor) -> tuple[Tensor, Tensor]:
-    """``floor(X / d) * delta`` and the remainder ``X mod d`` (uint8) for ``x = X * delta``."""
-    big = torch.round(x / delta).to(torch.int64)
-    quotient = torch.div(big, d, rounding_mode="floor")
-    return quotient.to(x.dtype) * delta, (big - quotient * d).to(torch.uint8)
+    """``floor(X / d) * delta`` and the remainder ``X mod d`` (uint8) for ``x = X * delta``.
+
+    In the stream's float dtype: X is an integer below 2^24, so ``remainder`` and the division of
+    ``X - rem`` by d are exact, and no int64 copy (twice the stream's size) is needed."""
+    big = torch.div(x, delta).round_()
+    rem = torch.remainder(big, d)
+    return big.sub_(rem).div_(d).mul_(delta), rem.to(torch.uint8)
 
 
 def _undivide(t: Tensor, rem: Tensor, d: int, delta: Tensor) -> Tensor:
-    big = torch.round(t / delta).to(torch.int64) * d + rem.to(torch.int64)
-    return big.to(t.dtype) * delta
+    """The inverse of :func:`_divide`, computed in ``t``'s memory."""
+    return t.div_(delta).round_().mul_(d).add_(rem).mul_(delta)
 
 
 def _pack(rem: Tensor, d: int) -> Tensor:
@@ -362,7 +372,7 @@ class _Walk:
         if headroom is not None:
             self.delta = _grid(x0, headroom)
             x0 = _straight_through(x0, _on_grid(x0, self.delta))
-            self.base = x0.detach().abs().amax()
+            self.base = _max_abs(x0.detach())
             self.top = self.base.clone()
         self.pair: tuple[Tensor, Tensor] | None = (x0, x0)
         self.owned = (False, False)  # backward: whether a step may write into each of pair
@@ -386,7 +396,7 @@ class _Walk:
             with torch.no_grad():
                 scaled, rem = _divide(x_prev, self.d, self.delta)
                 x_next = scaled.add_(_exact_parts(a, x_cur, u, self.delta))
-                self.top = torch.maximum(self.top, x_next.abs().amax())
+                self.top = torch.maximum(self.top, _max_abs(x_next))
             if torch.is_grad_enabled():
                 x_next = _straight_through(_combine(a, self.beta, x_prev, x_cur, u), x_next)
             rem = _pack(rem, self.d) if k > 0 and self.d > 1 else None  # X mod 1 is always 0
@@ -467,7 +477,7 @@ def _fits(x_cur: Tensor, x_prev: Tensor, delta: Tensor) -> bool:
     if _is_fake(x_cur):
         return True
     limit = delta * 2.0**_GRID_BITS
-    return bool(torch.maximum(x_cur.detach().abs().amax(), x_prev.detach().abs().amax()) < limit)
+    return bool(torch.maximum(_max_abs(x_cur.detach()), _max_abs(x_prev.detach())) < limit)
 
 
 def _straight_through(value: Tensor, exact: Tensor) -> Tensor:
@@ -645,9 +655,8 @@ def _record_error(walk: _Walk, x_1: Tensor, u: Tensor, x_0: Tensor, alpha: float
     """``last_reconstruction_error = max|x_{-1} - x_0| / max|x_0|`` (against the true input
     when it was recorded), with ``x_{-1} = (x_1 - alpha x_0 - u) / beta`` formed a batch slice
     at a time, so that it costs no full-size tensor."""
-    inf = float("inf")
     ref = x_0 if walk.reference is None else walk.reference.to(x_0.dtype)
-    err = torch.linalg.vector_norm(x_0 - ref, inf) if ref is not x_0 else x_0.new_zeros(())
+    err = _max_abs(x_0 - ref) if ref is not x_0 else x_0.new_zeros(())
     if not walk.exact:  # exact streams have x_{-1} = x_0 by construction
         step = max(1, x_0.shape[0] // 8) if x_0.dim() else 1
         slices = zip(*(t.split(step) for t in (x_1, u, x_0, ref)), strict=True)
@@ -657,6 +666,6 @@ def _record_error(walk: _Walk, x_1: Tensor, u: Tensor, x_0: Tensor, alpha: float
                 x_m1.sub_(x0, alpha=alpha)
             if walk.beta != 1:
                 x_m1.div_(walk.beta)
-            err = torch.maximum(err, torch.linalg.vector_norm(x_m1.sub_(r), inf))
-    scale = torch.linalg.vector_norm(ref, inf).clamp_min(torch.finfo(ref.dtype).tiny)
+            err = torch.maximum(err, _max_abs(x_m1.sub_(r)))
+    scale = _max_abs(ref).clamp_min(torch.finfo(ref.dtype).tiny)
     walk.stage.last_reconstruction_error = err / scale
