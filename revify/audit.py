@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _mode
+from .checkpoint import Segment
 from .convert import Block, Plan, ReportLine, convert
 from .coupling import ReversibleStage, _stream_dtype
 
@@ -701,19 +702,31 @@ def _working_set(
     """Estimated extra memory of the backward: the largest recompute plus four streams.
 
     A reversible unit's recompute stores what the unit stored before conversion, a checkpointed
-    segment's recompute what the segment stored; the stage's backward also holds two streams
-    and two adjoints of the stream's size.
+    segment's recompute what its largest piece stored; the stage's backward also holds two
+    streams and two adjoints of the stream's size.
     """
     if plan is None:
         return 0
     blocks = [r for r in rows if r.kind == "block"]
     unit = max((r.bytes_before for r in blocks if r.treatment == "reversible"), default=0)
-    segments = [s.name for s in plan.segments if s.checkpoint]
     segment = max(
-        (sum(r.bytes_before for r in rows if r.step == s) for s in segments), default=0
+        (_piece_bytes(s, rows) for s in plan.segments if s.checkpoint), default=0
     )
     stream = max((_stream_bytes(s, rows, shapes) for s in plan.stages), default=0)
     return max(unit, segment) + 4 * stream
+
+
+def _piece_bytes(segment: Segment, rows: list[AuditRow]) -> int:
+    """What the largest piece of a checkpointed segment stored before conversion: its backward
+    recomputes one piece at a time."""
+    mine = [r for r in rows if r.step == segment.name]
+    if len(segment.piece_calls) < 2:
+        return sum(r.bytes_before for r in mine)
+
+    def runs(r: AuditRow, calls: list[str]) -> bool:
+        return r.kind == "block" and any(c == r.name or c.startswith(r.name + ".") for c in calls)
+
+    return max(sum(r.bytes_before for r in mine if runs(r, calls)) for calls in segment.piece_calls)
 
 
 def _stream_bytes(

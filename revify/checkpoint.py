@@ -35,6 +35,7 @@ class Segment:
         pieces: the same computation split at single-tensor cuts (the stem, then a first block):
             ``pieces[0]`` takes the inputs, each next piece the one tensor the previous returns,
             the last returns what ``code`` does. The backward recomputes one piece at a time.
+        piece_calls: per piece, the paths of the submodules it calls (for reports).
     """
 
     def __init__(
@@ -47,6 +48,7 @@ class Segment:
         checkpoint: bool,
         calls: Sequence[str] = (),
         pieces: Sequence[Any] | None = None,
+        piece_calls: Sequence[Sequence[str]] | None = None,
     ) -> None:
         self.name = name
         self.code = code
@@ -56,6 +58,9 @@ class Segment:
         self.checkpoint = checkpoint
         self.calls = list(calls)
         self.pieces = list(pieces) if pieces else [code]
+        self.piece_calls = [list(c) for c in piece_calls] if pieces and piece_calls else [
+            self.calls
+        ]
 
     def __call__(self, *inputs: Any) -> tuple[Any, ...]:
         tensors = [t for t in self.tensors if t.requires_grad]

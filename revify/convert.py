@@ -850,14 +850,11 @@ def _make_segment(
         )
         report.append(ReportLine(name, "unchanged", f"{detail} ({why})"))
     calls = [str(n.target) for n in nodes if n.op == "call_module"]
-    pieces = None
-    if checkpoint:
-        cuts = _piece_cuts(model, nodes, ins, outs)
-        if len(cuts) > 1:
-            pieces = [GraphCode(extract(*cut)) for cut in cuts]
+    cuts = _piece_cuts(model, nodes, ins, outs) if checkpoint else []
     seg = Segment(
         name, GraphCode(extract(nodes, ins, outs)), model, modules, tensors, checkpoint, calls,
-        pieces=pieces,
+        pieces=[GraphCode(extract(*cut)) for cut in cuts] if len(cuts) > 1 else None,
+        piece_calls=[[str(n.target) for n in cut[0] if n.op == "call_module"] for cut in cuts],
     )
     return _Step(seg, [a.name for a in ins], [o.name for o in outs])
 

@@ -1,4 +1,4 @@
-"""The two-stream reversible coupling and the autograd function that runs it.
+"""The two-stream reversible coupling and the autograd nodes that run it.
 
 A reversible stage replaces a chain of identity residual units ``x <- x + R_k(x)`` with
 
@@ -9,9 +9,10 @@ coupling ``y1 = x1 + F(x2), y2 = x2 + G(y1)`` with consecutive units as F and G.
 
     x_{k-1} = (x_{k+1} - alpha * x_k - R_k(x_k)) / beta,
 
-the stage only keeps its last two states ``(x_{n-1}, x_n)``; ``_ReversibleFunction.backward`` walks
-the units in reverse, recomputing each ``R_k`` once and using that one recompute both to rebuild
-the previous state and for the vector-Jacobian product. See NOTE [ Stage backward ].
+the stage only keeps its last two states ``(x_{n-1}, x_n)``. Its graph is one ``_UnitStep`` node
+per unit; walking the units in reverse, each step's backward (``_step_backward``) recomputes its
+``R_k`` once and uses that one recompute both to rebuild the previous state and for the
+vector-Jacobian product. See NOTE [ Stage backward ].
 """
 
 from __future__ import annotations
@@ -355,7 +356,7 @@ class _Walk:
     """One stage forward and its backward: the coefficients they run with and the two newest
     states, ``(x_{k-1}, x_k)`` before forward step k and ``(x_k, x_{k+1})`` before backward step k.
 
-    The graph of a stage is a chain of :class:`_Step` nodes, one per unit, closed by a
+    The graph of a stage is a chain of :class:`_UnitStep` nodes, one per unit, closed by a
     :class:`_StageEnd` node; the walk is what they share, since the states travel outside the
     graph (only ``_StageEnd`` saves tensors; NOTE [ Stage backward ]).
     """
@@ -462,7 +463,7 @@ def _run(
     walk = _Walk(stage, x.detach(), headroom)
     tokens = (x, x)
     for k, tensors in enumerate(stage.unit_tensors()):
-        tokens = _Step.apply(walk, k, *tokens, *tensors)
+        tokens = _UnitStep.apply(walk, k, *tokens, *tensors)
     return walk, tokens
 
 
@@ -498,7 +499,7 @@ def _token(like: Tensor) -> Tensor:
     )
 
 
-class _Step(torch.autograd.Function):
+class _UnitStep(torch.autograd.Function):
     """Unit k of a stage: ``(x_{k-1}, x_k) -> (x_k, x_{k+1})`` on tokens, saving nothing but
     the packed remainder of exact mode. Its backward is :func:`_step_backward`.
 

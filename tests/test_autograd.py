@@ -8,7 +8,7 @@ from conftest import InlineNet, bn_state, max_rel_err, restore, step_grads, timm
 
 import revify
 from revify.checkpoint import _CheckpointFunction
-from revify.coupling import _Step
+from revify.coupling import _UnitStep
 
 SIZE = 32
 
@@ -77,7 +77,7 @@ def test_caller_tensors_are_not_modified(model):
 def test_no_grad_and_eval_run_plain_forward(model, monkeypatch):
     calls = []
     monkeypatch.setattr(
-        _Step, "apply", lambda *a: calls.append(a) or pytest.fail("apply called")
+        _UnitStep, "apply", lambda *a: calls.append(a) or pytest.fail("apply called")
     )
     monkeypatch.setattr(
         _CheckpointFunction, "apply", lambda *a: calls.append(a) or pytest.fail("apply called")
