@@ -685,12 +685,13 @@ def _record_error(
     ref = x_0 if walk.reference is None else walk.reference.to(x_0.dtype)
     err = _max_abs(x_0 - ref) if ref is not x_0 else x_0.new_zeros(())
     if not walk.exact:  # exact streams have x_{-1} = x_0 by construction
-        m = u.new_zeros(()).expand_as(u) if m is None else m
-        ts = (x_1, u, m, x_0, ref)
+        ts = (x_1, u, x_0, ref) if m is None else (x_1, u, x_0, ref, m)
         step = max(1, x_0.shape[0] // 8) if x_0.dim() else 1
         slices = zip(*(t.split(step) for t in ts), strict=True) if x_0.dim() else [ts]
-        for x1, uu, mm, x0, r in slices:
-            x_m1 = torch.sub(x1, uu).add_(mm)
+        for x1, uu, x0, r, *mm in slices:
+            x_m1 = torch.sub(x1, uu)
+            if mm:
+                x_m1.add_(mm[0])
             if a != 0:
                 x_m1.sub_(x0, alpha=a)
             if walk.beta != 1:
