@@ -68,8 +68,7 @@ class Segment:
             bool(tensors) or any(isinstance(a, Tensor) and a.requires_grad for a in inputs)
         )
         if not self.checkpoint or not needs_grad or _mode.is_plain():
-            out = self.code(self.root, *inputs)
-            return out if isinstance(out, tuple) else (out,)
+            return _tuple(self.code(self.root, *inputs))
         return _CheckpointFunction.apply(self, len(inputs), *inputs, *tensors)
 
     def __repr__(self) -> str:

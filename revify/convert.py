@@ -911,7 +911,8 @@ def _piece_cuts(
     order = {n: j for j, n in enumerate(nodes)}
     cuts = []
     for i, g in enumerate(merged):
-        used = [a for a in attrs if any(u in set(g) for u in a.users)]
+        inside = set(g)
+        used = [a for a in attrs if any(u in inside for u in a.users)]
         piece_ins = ins if i == 0 else [cross[pos[g[0]]]]
         piece_outs = outs if i == len(merged) - 1 else [cross[pos[merged[i + 1][0]]]]
         cuts.append((sorted([*used, *g], key=order.__getitem__), piece_ins, piece_outs))

@@ -17,6 +17,7 @@ vector-Jacobian product. See NOTE [ Stage backward ].
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -263,10 +264,9 @@ class ReversibleStage:
                 f"revify: stage {self.name} expects a floating-point tensor, got "
                 f"{type(x).__name__ if not isinstance(x, Tensor) else x.dtype}"
             )
-        tensors = self.tensors()
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or bool(tensors))
-        graph = needs_grad and not _mode.is_plain()
-        return _forward(self, x, graph)
+        unit_tensors = self.unit_tensors()
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(unit_tensors))
+        return _forward(self, x, unit_tensors if needs_grad and not _mode.is_plain() else None)
 
     def __repr__(self) -> str:
         return (
@@ -366,8 +366,7 @@ class _Walk:
         self.in_dtype = x.dtype
         # The coefficients of this forward: a schedule may change the stage's before backward.
         self.alpha, self.beta, self.exact = stage.alpha, stage.beta, headroom is not None
-        self.d = round(1.0 / self.beta)
-        self.bns = batchnorms(stage.modules())
+        self.d = stage.divisor
         x0 = x.to(_stream_dtype(x.dtype))
         self.delta: Tensor | None = None
         if headroom is not None:
@@ -378,6 +377,12 @@ class _Walk:
         self.pair: tuple[Tensor, Tensor] | None = (x0, x0)
         self.owned = (False, False)  # backward: whether a step may write into each of pair
         self.reference: Tensor | None = None  # revify.check: the true input
+
+    @functools.cached_property
+    def bns(self) -> list[nn.Module]:
+        """The stage's BatchNorms, whose statistics a recompute must leave alone (looked up only
+        when a backward or a redone forward needs them, not at every forward)."""
+        return batchnorms(self.stage.modules())
 
     def advance(self, k: int) -> Tensor | None:
         """Forward step k: ``pair`` becomes ``(x_k, x_{k+1})``; returns the packed remainder of
@@ -439,20 +444,24 @@ def _step_terms(alpha: float, unit: Any, x_cur: Tensor, h: Tensor) -> tuple[floa
     return alpha, h
 
 
-def _forward(stage: ReversibleStage, x: Tensor, graph: bool) -> Tensor:
-    """The coupled recurrence, ``x_n``. With ``graph`` it is run by step nodes that store
-    nothing (the reversible path); without, by ordinary differentiable ops (plain or no-grad)."""
+def _forward(
+    stage: ReversibleStage, x: Tensor, unit_tensors: list[list[Tensor]] | None
+) -> Tensor:
+    """The coupled recurrence, ``x_n``. Given each unit's tensors requiring grad it is run by
+    step nodes that store nothing (the reversible path); without, by ordinary differentiable
+    ops (plain or no-grad)."""
+    graph = unit_tensors is not None
     headroom = stage.headroom_bits if stage.exact else None
     start = _ForwardState(x.device) if stage.exact else None
-    walk, tokens = _run(stage, x, headroom, graph)
+    walk, tokens = _run(stage, x, headroom, unit_tensors)
     needed = walk.outgrew(headroom) if headroom is not None else None
     if needed is not None:
         # The streams outgrew the grid: redo with a coarser one, with the same random draws,
         # BatchNorm statistics already updated. The stage keeps the larger headroom.
         stage.headroom_bits = headroom = needed + _MARGIN_BITS
         start.restart()
-        with frozen_running_stats(batchnorms(stage.modules())):
-            walk, tokens = _run(stage, x, headroom, graph)
+        with frozen_running_stats(walk.bns):
+            walk, tokens = _run(stage, x, headroom, unit_tensors)
         if walk.outgrew(headroom) is not None:
             raise RuntimeError(
                 f"revify: stage {stage.name}: exact streams outgrew their fixed-point grid "
@@ -469,18 +478,21 @@ def _forward(stage: ReversibleStage, x: Tensor, graph: bool) -> Tensor:
 
 
 def _run(
-    stage: ReversibleStage, x: Tensor, headroom: int | None, graph: bool
+    stage: ReversibleStage,
+    x: Tensor,
+    headroom: int | None,
+    unit_tensors: list[list[Tensor]] | None,
 ) -> tuple[_Walk, tuple[Tensor, Tensor] | None]:
     """One pass of the recurrence, on the fixed-point grid when ``headroom`` is given; with
-    ``graph``, as a chain of step nodes whose last two outputs are returned."""
-    if not graph:
+    ``unit_tensors``, as a chain of step nodes whose last two outputs are returned."""
+    if unit_tensors is None:
         walk = _Walk(stage, x, headroom)
         for k in range(len(stage.units)):
             walk.advance(k)
         return walk, None
     walk = _Walk(stage, x.detach(), headroom)
     tokens = (x, x)
-    for k, tensors in enumerate(stage.unit_tensors()):
+    for k, tensors in enumerate(unit_tensors):
         tokens = _UnitStep.apply(walk, k, *tokens, *tensors)
     return walk, tokens
 
@@ -631,13 +643,7 @@ def _step_backward(ctx: Any, g_cur: Tensor | None, g_next: Tensor | None) -> tup
                     lo = _undivide(t, _unpack(packed, walk.d, t), walk.d, walk.delta)
                 del t
             else:
-                lo = hi.sub_(u) if hi_owned else torch.sub(hi, u)
-                if m is not None:
-                    lo.add_(m)
-                if a != 0:
-                    lo.sub_(mid, alpha=a)
-                if beta != 1:
-                    lo.div_(beta)
+                lo = _rebuild(hi, u, mid, a, m, beta, inplace=hi_owned)
         del hi, m
     inputs = ([h] if need_dx else []) + wanted
     vjp: Sequence[Tensor | None] = (None,) * len(inputs)
@@ -676,6 +682,21 @@ def _step_backward(ctx: Any, g_cur: Tensor | None, g_next: Tensor | None) -> tup
     return (None, None, g_prev, dx, *grads_out)
 
 
+def _rebuild(
+    x_next: Tensor, u: Tensor, x_k: Tensor, a: float, m: Tensor | None, beta: float, inplace: bool
+) -> Tensor:
+    """``x_{k-1} = (x_{k+1} - u + m - a x_k) / beta``, the inverse of one forward step
+    (:meth:`_Walk.advance`), in ``x_next``'s memory when ``inplace``."""
+    t = x_next.sub_(u) if inplace else torch.sub(x_next, u)
+    if m is not None:
+        t.add_(m)
+    if a != 0:
+        t.sub_(x_k, alpha=a)
+    if beta != 1:
+        t.div_(beta)
+    return t
+
+
 def _record_error(
     walk: _Walk, x_1: Tensor, u: Tensor, x_0: Tensor, a: float, m: Tensor | None
 ) -> None:
@@ -689,13 +710,7 @@ def _record_error(
         step = max(1, x_0.shape[0] // 8) if x_0.dim() else 1
         slices = zip(*(t.split(step) for t in ts), strict=True) if x_0.dim() else [ts]
         for x1, uu, x0, r, *mm in slices:
-            x_m1 = torch.sub(x1, uu)
-            if mm:
-                x_m1.add_(mm[0])
-            if a != 0:
-                x_m1.sub_(x0, alpha=a)
-            if walk.beta != 1:
-                x_m1.div_(walk.beta)
+            x_m1 = _rebuild(x1, uu, x0, a, mm[0] if mm else None, walk.beta, inplace=False)
             err = torch.maximum(err, _max_abs(x_m1.sub_(r)))
     scale = _max_abs(ref).clamp_min(torch.finfo(ref.dtype).tiny)
     walk.stage.last_reconstruction_error = err / scale
