@@ -9,10 +9,10 @@ use these helpers.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__: list[str] = []
@@ -102,3 +102,23 @@ def frozen_running_stats(bns: Iterable[_BatchNorm]) -> Iterator[None]:
     finally:
         for bn in switched:
             bn.track_running_stats = True
+
+
+def check_same_tensors(what: str, forward_ids: Sequence[int], tensors: Sequence[Tensor]) -> None:
+    """Raise if the tensors requiring grad that a recompute reads are not those of the forward.
+
+    A recompute reads the model's attributes when it runs. Swapped parameters, as in
+    ``torch.func.functional_call``, are swapped back by then, so the recompute would silently
+    use other weights.
+    """
+    if [id(t) for t in tensors] == list(forward_ids):
+        return
+    if len(tensors) != len(forward_ids):
+        why = "the set of tensors requiring grad changed (requires_grad toggled mid-step?)"
+    else:
+        why = ("its parameters are not the ones the forward used (torch.func.functional_call or "
+               "another parameter swap that ends before backward)")
+    raise RuntimeError(
+        f"revify: {what}: {why}; the recompute in backward reads the model's own parameters, "
+        "so run forward and backward with the same ones"
+    )

@@ -8,7 +8,7 @@ parameters are inputs of the autograd function, so ``torch.autograd.grad(loss, p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
 from . import _mode
-from ._replay import _ForwardState, batchnorms, frozen_running_stats
+from ._replay import _ForwardState, batchnorms, check_same_tensors, frozen_running_stats
 
 __all__ = ["Segment"]
 
@@ -29,7 +29,7 @@ class Segment:
         code: callable ``code(root, *inputs)`` returning one tensor or a tuple.
         root: the module the code runs on (``self`` in the generated code).
         modules: the submodules the code calls (their BatchNorms are protected on recompute).
-        tensors: parameters and buffers the code reads.
+        reads: returns the parameters and buffers the code reads, looked up at each call.
         checkpoint: store only the inputs and recompute in backward.
         calls: paths of the submodules called, in order (for reports).
         pieces: the same computation split at single-tensor cuts (the stem, then a first block):
@@ -44,7 +44,7 @@ class Segment:
         code: Any,
         root: nn.Module,
         modules: Sequence[nn.Module],
-        tensors: Sequence[Tensor],
+        reads: Callable[[], list[Tensor]],
         checkpoint: bool,
         calls: Sequence[str] = (),
         pieces: Sequence[Any] | None = None,
@@ -54,7 +54,7 @@ class Segment:
         self.code = code
         self.root = root
         self.modules = list(modules)
-        self.tensors = list(tensors)
+        self.reads = reads
         self.checkpoint = checkpoint
         self.calls = list(calls)
         self.pieces = list(pieces) if pieces else [code]
@@ -62,8 +62,12 @@ class Segment:
             self.calls
         ]
 
+    def tensors(self) -> list[Tensor]:
+        """The parameters and buffers the code reads now."""
+        return self.reads()
+
     def __call__(self, *inputs: Any) -> tuple[Any, ...]:
-        tensors = [t for t in self.tensors if t.requires_grad]
+        tensors = [t for t in self.tensors() if t.requires_grad]
         needs_grad = torch.is_grad_enabled() and (
             bool(tensors) or any(isinstance(a, Tensor) and a.requires_grad for a in inputs)
         )
@@ -87,6 +91,7 @@ class _CheckpointFunction(torch.autograd.Function):
         inputs = args[:n_in]
         device = next((a.device for a in args if isinstance(a, Tensor)), torch.device("cpu"))
         ctx.seg, ctx.n_in = seg, n_in
+        ctx.tensor_ids = [id(t) for t in args[n_in:]]
         # Each piece's RNG/autocast state, so that the backward can recompute any one alone.
         ctx.states = []
         outs: tuple[Any, ...] = inputs
@@ -94,7 +99,7 @@ class _CheckpointFunction(torch.autograd.Function):
             ctx.states.append(_ForwardState(device))
             outs = _tuple(piece(seg.root, *outs))
         # An output that is a buffer itself must not become a node of this graph: give an alias.
-        own = {id(t) for t in seg.tensors if not t.requires_grad}
+        own = {id(t) for t in seg.tensors() if not t.requires_grad}
         outs = tuple(o.detach() if id(o) in own else o for o in outs)
         ctx.tensor_idx = [i for i, a in enumerate(inputs) if isinstance(a, Tensor)]
         ctx.others = [None if isinstance(a, Tensor) else a for a in inputs]
@@ -120,12 +125,8 @@ def _segment_backward(ctx: Any, *grad_outs: Tensor | None) -> tuple[Tensor | Non
     needs = ctx.needs_input_grad[2:]
     for i, t in zip(ctx.tensor_idx, ctx.saved_tensors, strict=True):
         inputs[i] = t.detach().requires_grad_(needs[i])
-    tensors = [t for t in seg.tensors if t.requires_grad]
-    if ctx.n_in + len(tensors) != len(needs):
-        raise RuntimeError(
-            f"revify: segment {seg.name}: the set of tensors requiring grad changed between "
-            "forward and backward (requires_grad toggled mid-step?); recompute the forward"
-        )
+    tensors = [t for t in seg.tensors() if t.requires_grad]
+    check_same_tensors(f"segment {seg.name}", ctx.tensor_ids, tensors)
     bns = batchnorms(seg.modules)
     # boundary[p]: the inputs of piece p.
     boundary: list[tuple[Any, ...]] = [tuple(inputs)]

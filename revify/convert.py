@@ -43,7 +43,7 @@ from ._trace import (
     trace_method,
 )
 from .checkpoint import Segment
-from .coupling import ReversibleStage, _Attr, _BranchUnit, _GraphUnit, _ModuleUnit
+from .coupling import ReversibleStage, _Attr, _BranchUnit, _GraphUnit, _ModuleUnit, _Reads
 
 __all__ = ["convert", "revert", "stages", "ConversionError"]
 
@@ -554,23 +554,21 @@ def _probe_leaves(model: nn.Module, graph: fx.Graph, taken: set[str]) -> dict[st
     return found
 
 
-def _params_of(model: nn.Module, nodes: Sequence[fx.Node]) -> tuple[list[nn.Module], list[Tensor]]:
-    """Modules called and tensors read (parameters, buffers, get_attr) by ``nodes``."""
+def _params_of(model: nn.Module, nodes: Sequence[fx.Node]) -> tuple[list[nn.Module], _Reads]:
+    """Modules called by ``nodes``, and the tensors they read (parameters, buffers, get_attr),
+    looked up at each call."""
     modules: dict[int, nn.Module] = {}
-    tensors: dict[int, Tensor] = {}
+    paths: list[str] = []
+    attrs: list[str] = []
     for n in nodes:
         if n.op == "call_module":
             m = model.get_submodule(n.target)
-            modules.setdefault(id(m), m)
-            for t in (*m.parameters(), *m.buffers()):
-                tensors.setdefault(id(t), t)
-        elif n.op == "get_attr":
-            obj: Any = model
-            for part in n.target.split("."):
-                obj = getattr(obj, part)
-            if isinstance(obj, Tensor):
-                tensors.setdefault(id(obj), obj)
-    return list(modules.values()), list(tensors.values())
+            if id(m) not in modules:
+                modules[id(m)] = m
+                paths.append(str(n.target))
+        elif n.op == "get_attr" and str(n.target) not in attrs:
+            attrs.append(str(n.target))
+    return list(modules.values()), _Reads(model, paths, attrs)
 
 
 def _build_plan(model: nn.Module, inputs: tuple[Any, ...], options: dict[str, Any]) -> Plan:
@@ -738,8 +736,8 @@ def _make_stage(
             nodes = r.region + (r.skip[::-1] + [r.add, r.post] if r.post is not None else [])
             out = r.post if r.post is not None else r.branch
             code = GraphCode(extract(nodes, [r.entry], [out]))
-            modules, tensors = _params_of(model, nodes)
-            made.append(_GraphUnit(name, code, model, modules, tensors,
+            modules, reads = _params_of(model, nodes)
+            made.append(_GraphUnit(name, code, model, modules, reads,
                                    subtract_input=r.post is not None))
             made[-1].pattern = "inline act(x + F(x))" if r.post is not None else "inline x + F(x)"
         paths.append(_prefixes(r.owner))
@@ -827,7 +825,7 @@ def _make_segment(
         n for n in nodes
         if any(u not in inside and (n.op != "get_attr" or u.op == "output") for u in n.users)
     ]
-    modules, tensors = _params_of(model, nodes)
+    modules, reads = _params_of(model, nodes)
     if index == 0:
         name, wanted = "stem", options["checkpoint_stem"]
     elif index == n_chains:
@@ -835,7 +833,7 @@ def _make_segment(
     else:
         name = f"{stage_list[index - 1].name} -> {stage_list[index].name}"
         wanted = options["checkpoint_transitions"]
-    has_params = any(True for m in modules for _ in m.parameters()) or bool(tensors)
+    has_params = any(True for m in modules for _ in m.parameters()) or bool(reads())
     tensor_outputs = all(tensor_shape(o) is not None for o in outs)
     checkpoint = wanted and has_params and tensor_outputs
     labels = sorted({str(n.target) for n in nodes if n.op == "call_module"}, key=_natural)
@@ -852,7 +850,7 @@ def _make_segment(
     calls = [str(n.target) for n in nodes if n.op == "call_module"]
     cuts = _piece_cuts(model, nodes, ins, outs) if checkpoint else []
     seg = Segment(
-        name, GraphCode(extract(nodes, ins, outs)), model, modules, tensors, checkpoint, calls,
+        name, GraphCode(extract(nodes, ins, outs)), model, modules, reads, checkpoint, calls,
         pieces=[GraphCode(extract(*cut)) for cut in cuts] if len(cuts) > 1 else None,
         piece_calls=[[str(n.target) for n in cut[0] if n.op == "call_module"] for cut in cuts],
     )

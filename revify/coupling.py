@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
 from . import _mode
-from ._replay import _ForwardState, batchnorms, frozen_running_stats
+from ._replay import _ForwardState, batchnorms, check_same_tensors, frozen_running_stats
 
 __all__ = ["ReversibleStage"]
 
@@ -70,6 +70,29 @@ class _Attr:
         for part in self.target.split("."):
             obj = getattr(obj, part)
         return obj
+
+
+class _Reads:
+    """The parameters and buffers that generated code reads: those of the modules it calls and
+    the attributes it fetches, looked up by path at each call, like the code itself does. A
+    parameter replaced after conversion (``load_state_dict(assign=True)``) is then the one that
+    is differentiated, not the one conversion saw."""
+
+    def __init__(self, root: nn.Module, module_paths: Sequence[str], attr_paths: Sequence[str]):
+        self.root = root
+        self.module_paths, self.attr_paths = list(module_paths), list(attr_paths)
+
+    def __call__(self) -> list[Tensor]:
+        ts: dict[int, Tensor] = {}
+        for path in self.module_paths:
+            m = self.root.get_submodule(path)
+            for t in (*m.parameters(), *m.buffers()):
+                ts.setdefault(id(t), t)
+        for path in self.attr_paths:
+            obj = _Attr(self.root, path).get()
+            if isinstance(obj, Tensor):
+                ts.setdefault(id(obj), obj)
+        return list(ts.values())
 
 
 def _fill(template: Any) -> Any:
@@ -122,19 +145,19 @@ class _GraphUnit(_BranchUnit):
         code: Any,
         root: nn.Module,
         modules: list[nn.Module],
-        tensors: list[Tensor],
+        reads: _Reads,
         subtract_input: bool,
     ) -> None:
         self.name = name
         self.code = code
         self.root = root
         self.modules = modules
-        self._tensors = tensors
+        self._reads = reads
         self.subtract_input = subtract_input
         self.pattern = ""
 
     def tensors(self) -> list[Tensor]:
-        return list(self._tensors)
+        return self._reads()
 
     def raw(self, h: Tensor) -> Tensor:
         return self.code(self.root, h)
@@ -545,6 +568,7 @@ class _UnitStep(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         ctx.set_materialize_grads(False)
         ctx.walk, ctx.k = walk, k
+        ctx.tensor_ids = [id(t) for t in tensors]
         ctx.state = _ForwardState(cur.device)
         rem = walk.advance(k)
         if rem is not None:
@@ -580,8 +604,8 @@ class _StageEnd(torch.autograd.Function):
 
 
 def _is_alias(t: Tensor, *others: Tensor | None) -> bool:
-    ptr = t.untyped_storage().data_ptr()
-    return any(o is not None and o.untyped_storage().data_ptr() == ptr for o in others)
+    st = t.untyped_storage()._cdata
+    return any(o is not None and o.untyped_storage()._cdata == st for o in others)
 
 
 def _step_backward(ctx: Any, g_cur: Tensor | None, g_next: Tensor | None) -> tuple[Any, ...]:
@@ -611,11 +635,7 @@ def _step_backward(ctx: Any, g_cur: Tensor | None, g_next: Tensor | None) -> tup
     need_dx = bool(ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
     tensors = _grad_tensors(unit)
     needs = ctx.needs_input_grad[4:]
-    if len(tensors) != len(needs):
-        raise RuntimeError(
-            f"revify: stage {stage.name}: the set of tensors requiring grad changed between "
-            "forward and backward (requires_grad toggled mid-step?); recompute the forward"
-        )
+    check_same_tensors(f"stage {stage.name}, unit {unit.name}", ctx.tensor_ids, tensors)
     wanted = [t for t, need in zip(tensors, needs, strict=True) if need]
     beta = walk.beta
 

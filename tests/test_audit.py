@@ -120,11 +120,18 @@ def test_leaves_unconverted_model_untouched() -> None:
 
 def test_leaves_converted_model_untouched() -> None:
     model = revify.convert(_model("resnet18"), torch.zeros(2, 3, SIZE, SIZE))
+    model(torch.randn(2, 3, SIZE, SIZE)).sum().backward()
     model.eval()
     plan = model._revify_plan
     state, flags = _snapshot(model), [m.training for m in model.modules()]
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    errors = [st.last_reconstruction_error for st in revify.stages(model)]
     report = audit(model, (2, 3, SIZE, SIZE))
     _assert_untouched(model, state, flags)
+    assert all(torch.equal(p.grad, grads[k]) for k, p in model.named_parameters())
+    # The simulated backward leaves the stages' last error alone (a real tensor, not a fake).
+    stages = revify.stages(model)
+    assert all(st.last_reconstruction_error is e for st, e in zip(stages, errors, strict=True))
     assert model._revify_plan is plan
     assert report.saved_after < report.saved_before
 
@@ -150,8 +157,10 @@ def test_rows_cover_every_block(converted50: nn.Module, report50: AuditReport) -
 def test_memory_summary(report50: AuditReport) -> None:
     params = sum(p.numel() for p in _model("resnet50").parameters()) * 4
     assert report50.param_bytes == report50.grad_bytes == report50.optimizer_bytes == params
-    assert report50.working_set_bytes > 0
-    assert report50.peak_bytes == sum(b for _, b in report50.summary()[:-1])
+    assert report50.step_peak_after > 0 and report50.step_peak_before > 0
+    *parts, (_, before, after) = report50.summary()
+    assert (before, after) == (report50.peak_bytes_before, report50.peak_bytes)
+    assert after == sum(a for _, _, a in parts) and before == sum(b for _, b, _ in parts)
     adam = audit(_model("resnet18"), (3, 32, 32), 2, optimizer="adam")
     assert adam.optimizer_bytes == 2 * adam.grad_bytes
     with pytest.raises(ValueError, match="revify.audit: unknown optimizer"):
@@ -219,3 +228,36 @@ def test_inline_units_match_real_count() -> None:
     assert inline[0].bytes_before == inline[2].bytes_before  # f1's two calls, one each
     assert report.saved_before == _real_saved_bytes(copy.deepcopy(model), x)
     assert report.saved_after == _real_saved_bytes(revify.convert(copy.deepcopy(model), x), x)
+
+
+def _real_step_peak(model: nn.Module, x: Tensor) -> int:
+    """Peak live tensor bytes of a real training step, after one step made the gradients."""
+    from revify.check import _peak_live_bytes
+
+    def step() -> None:
+        model(x).sum().backward()
+
+    step()
+    return _peak_live_bytes(step)
+
+
+def _narrow_resnet() -> nn.Module:
+    torch.manual_seed(0)
+    return timm.models.resnet.ResNet(timm.models.resnet.BasicBlock, [2, 2, 2, 2],
+                                     channels=(8, 16, 32, 64), num_classes=10)
+
+
+@pytest.mark.parametrize("make, tol_before", [(lambda: InlineNet(width=16), 0.05),
+                                              (_narrow_resnet, 0.15)])
+def test_step_peak_matches_a_real_step(make, tol_before: float) -> None:
+    """The simulated step peak against the live tensor bytes of real steps, before and after
+    conversion, on models small enough that kernel workspaces do not dominate. (Before, the
+    ResNet's stem backward has a temporary the simulation does not see: 0.88x measured.)"""
+    model = make()
+    x = torch.randn(4, 3, SIZE, SIZE)
+    before = _real_step_peak(copy.deepcopy(model), x)
+    revify.convert(model, x)
+    report = audit(model, x)
+    after = _real_step_peak(model, x)
+    assert abs(report.step_peak_after / after - 1) < 0.05
+    assert abs(report.step_peak_before / before - 1) < tol_before

@@ -116,3 +116,27 @@ def test_bf16_autocast_deep_stage_reconstructs():
         y = model(torch.randn(2, 3, 16, 16))
     y.float().square().mean().backward()
     assert float(stage.last_reconstruction_error) < 1e-4
+
+
+def test_replaced_parameters_get_the_gradients():
+    """Parameters swapped after conversion (``load_state_dict(assign=True)``) are the ones read
+    and differentiated, in checkpointed segments and inline units alike."""
+    torch.manual_seed(0)
+    model = InlineNet().double()
+    revify.convert(model, torch.zeros(2, 3, 16, 16, dtype=torch.float64))
+    fresh = {k: torch.randn_like(v) for k, v in model.state_dict().items()
+             if v.is_floating_point()}
+    model.load_state_dict(fresh, strict=False, assign=True)
+    assert model.stem.weight is not None and torch.equal(model.stem.weight, fresh["stem.weight"])
+    _compare(model, torch.randn(4, 3, 16, 16, dtype=torch.float64))
+
+
+def test_functional_call_parameters_refused_in_backward():
+    """``torch.func.functional_call`` swaps parameters back before backward, when the recompute
+    runs: revify refuses instead of recomputing with other weights."""
+    model = timm_model("resnet18")
+    revify.convert(model, torch.zeros(2, 3, 32, 32))
+    params = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
+    y = torch.func.functional_call(model, params, (torch.randn(2, 3, 32, 32),))
+    with pytest.raises(RuntimeError, match="functional_call"):
+        y.sum().backward()
