@@ -10,7 +10,9 @@ CPU (``--cpu``): the peak of live tensor bytes during one training step after a 
 from the allocation events of ``torch.profiler`` (``profile_memory=True``). It is the CPU
 counterpart of ``torch.cuda.max_memory_allocated``: exact and repeatable, unlike the process RSS,
 which follows glibc's caching (``peak_rss.py``). Gradients exist before the measured step, so the
-figure is what activations and the backward's working set cost.
+figure is what activations and the backward's working set cost. fp32 rows also give the step
+peak that ``revify.audit`` simulates on fake tensors for the same step ("audit MiB"; for plain,
+the audit's "before").
 
 CUDA (when available): ``step_time.measure_cuda``: channels_last, SGD with momentum, fp32 (TF32)
 and bf16 autocast, ``max_memory_allocated`` above the weights+grads+optimizer baseline and the
@@ -37,6 +39,7 @@ from _common import EXACT, build_model, console, mib, parse_list, ratio, write_j
 from rich.table import Table
 from step_time import _AMP, _batch, measure_cuda
 
+import revify
 from revify.check import _peak_live_bytes
 
 METHODS = ("plain", "timm-ckpt", "revify", EXACT)
@@ -56,8 +59,15 @@ def cpu_peak_live_bytes(
 
     step()  # warm-up: the gradients now exist
     peak = _peak_live_bytes(step)
-    return dict(device="cpu", precision=precision, model=name, method=method, batch=batch,
-                size=size, peak_above_baseline_bytes=peak)
+    row = dict(device="cpu", precision=precision, model=name, method=method, batch=batch,
+               size=size, peak_above_baseline_bytes=peak)
+    if precision == "fp32" and method != "timm-ckpt":
+        # What revify.audit simulates for the same step (plain: the original model's peak).
+        report = revify.audit(model, x)
+        row["audit_step_peak_bytes"] = (
+            report.step_peak_before if method == "plain" else report.step_peak_after
+        )
+    return row
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -77,7 +87,8 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 
 def display(rows: list[dict[str, Any]]) -> None:
     table = Table(title="Peak memory above the weights+grads+optimizer baseline, and step time")
-    cols = ("device", "precision", "model", "batch", "method", "act MiB", "MiB/sample",
+    cols = ("device", "precision", "model", "batch", "method", "act MiB", "audit MiB",
+            "MiB/sample",
             "mem ÷ plain", "mem ÷ timm", "ms/step", "time ÷ plain", "time ÷ timm")
     for col in cols:
         left = col in ("device", "precision", "model", "method")
@@ -91,6 +102,7 @@ def display(rows: list[dict[str, Any]]) -> None:
         table.add_row(
             r["device"], r["precision"], r["model"], str(r["batch"]), r["method"],
             "-" if mem is None else f"{mib(mem):.0f}",
+            "-" if "audit_step_peak_bytes" not in r else f"{mib(r['audit_step_peak_bytes']):.0f}",
             "-" if mem is None else f"{mib(mem) / r['batch']:.1f}",
             cell(r, "mem_vs_plain", ".2f"), cell(r, "mem_vs_timm_ckpt", ".2f"),
             "-" if "median_s" not in r else f"{r['median_s'] * 1e3:.1f}",
