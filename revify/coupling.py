@@ -330,7 +330,7 @@ def _grid(x: Tensor, headroom: int) -> Tensor:
 
 
 def _on_grid(v: Tensor, delta: Tensor) -> Tensor:
-    return torch.round(v / delta) * delta
+    return torch.div(v, delta).round_().mul_(delta)  # one full-size temporary, not three
 
 
 def _exact_parts(alpha: float, x_cur: Tensor, r: Tensor, delta: Tensor) -> Tensor:
@@ -422,7 +422,8 @@ class _Walk:
                 x_next = x_next - m if torch.is_grad_enabled() else x_next.sub_(m)
         else:
             r = u.to(x_cur.dtype)  # the grid ops mix r with 0-dim delta: no promotion there
-            r = r if m is None else r - m
+            if m is not None:  # the cast's copy is ours: no second full-size temporary
+                r = r.sub_(m) if r is not u and not torch.is_grad_enabled() else r - m
             with torch.no_grad():
                 scaled, rem = _divide(x_prev, self.d, self.delta)
                 x_next = scaled.add_(_exact_parts(a, x_cur, r, self.delta))
@@ -652,7 +653,9 @@ def _step_backward(ctx: Any, g_cur: Tensor | None, g_next: Tensor | None) -> tup
         elif need_dx:  # earlier steps will run: rebuild x_{k-1}
             if walk.exact:
                 r = u.detach().to(hi.dtype)
-                parts = _exact_parts(a, mid, r if m is None else r - m, walk.delta)
+                if m is not None:  # u itself (same dtype) is saved by the graph: not in place
+                    r = r - m if _is_alias(r, u) else r.sub_(m)
+                parts = _exact_parts(a, mid, r, walk.delta)
                 del r
                 t = hi.sub_(parts) if hi_owned else hi - parts
                 del parts

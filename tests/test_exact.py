@@ -157,3 +157,16 @@ def test_exact_beta_one_stores_no_remainders():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(torch.randn(2, 3, 32, 32))
     assert stored == []
+
+
+@pytest.mark.parametrize("coeffs", [dict(alpha=63 / 64, beta=1 / 64), dict(alpha=0.0, beta=1.0)])
+def test_exact_bf16_autocast(coeffs):
+    """Under bf16 autocast the units subtract their rounded input (``m = h``) on the grid too:
+    the streams rebuild exactly and the gradient error is plain autograd's."""
+    model = timm_model("resnet18", drop_path_rate=0.2)
+    revify.convert(model, torch.zeros(2, 3, 32, 32), exact=True, **coeffs)
+    model.train()
+    report = revify.check(model, torch.randn(4, 3, 32, 32), autocast=torch.bfloat16)
+    assert report.plain_grad_error > 0
+    assert report.ratio <= 2.0, str(report)
+    assert all(st.reconstruction_error == 0 for st in report.stages), str(report)
