@@ -2,11 +2,11 @@
 after conversion, measured on fake tensors.
 
 NOTE [ Audit counting ]
-The audit runs the model's forward twice in train mode with grad enabled: once as it was before
+The audit runs a training step of the model twice in train mode: once as it was before
 ``convert`` (``_mode._original()``) and once converted. Both passes run under ``FakeTensorMode``
-through ``torch.func.functional_call`` with a fake copy of every parameter and buffer, so no
-activation is allocated and no state of the real model changes (a plain forward in train mode
-would increment BatchNorm's ``num_batches_tracked``). Every tensor autograd saves for backward goes
+with every parameter and buffer swapped for a fake copy for the whole step
+(``_simulate.fake_parameters``), so no activation is allocated and no state of the real model
+changes (a plain forward in train mode would increment BatchNorm's ``num_batches_tracked``). Every tensor autograd saves for backward goes
 through ``saved_tensors_hooks``; it is counted once per storage (``untyped_storage()._cdata``,
 with a reference kept so that the address is not reused during the pass), leaving out the storages
 of parameters and buffers, which are no activations. This is the counting of DESIGN.md §4.
