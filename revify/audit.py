@@ -7,9 +7,10 @@ The audit runs a training step of the model twice in train mode: once as it was 
 with every parameter and buffer swapped for a fake copy for the whole step
 (``_simulate.fake_parameters``), so no activation is allocated and no state of the real model
 changes (a plain forward in train mode would increment BatchNorm's ``num_batches_tracked``).
-Every tensor autograd saves for backward in the forward goes through ``saved_tensors_hooks``; it is counted once per storage (``untyped_storage()._cdata``,
-with a reference kept so that the address is not reused during the pass), leaving out the storages
-of parameters and buffers, which are no activations. This is the counting of DESIGN.md §4.
+Every tensor autograd saves for backward in the forward goes through ``saved_tensors_hooks``; it
+is counted once per storage (``untyped_storage()._cdata``, with a reference kept so that the
+address is not reused during the forward), leaving out the storages of parameters and buffers,
+which are no activations. This is the counting of DESIGN.md §4.
 
 Each counted storage goes to the innermost block of ``plan.blocks`` whose module is running, else
 to the plan step running now (``_mode.current_step``: what a reversible stage or a checkpointed
