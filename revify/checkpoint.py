@@ -35,7 +35,6 @@ class Segment:
         pieces: the same computation split at single-tensor cuts (the stem, then a first block):
             ``pieces[0]`` takes the inputs, each next piece the one tensor the previous returns,
             the last returns what ``code`` does. The backward recomputes one piece at a time.
-        piece_calls: per piece, the paths of the submodules it calls (for reports).
     """
 
     def __init__(
@@ -48,32 +47,30 @@ class Segment:
         checkpoint: bool,
         calls: Sequence[str] = (),
         pieces: Sequence[Any] | None = None,
-        piece_calls: Sequence[Sequence[str]] | None = None,
     ) -> None:
         self.name = name
         self.code = code
         self.root = root
         self.modules = list(modules)
-        self.reads = reads
+        self._reads = reads
         self.checkpoint = checkpoint
         self.calls = list(calls)
         self.pieces = list(pieces) if pieces else [code]
-        self.piece_calls = [list(c) for c in piece_calls] if pieces and piece_calls else [
-            self.calls
-        ]
 
     def tensors(self) -> list[Tensor]:
         """The parameters and buffers the code reads now."""
-        return self.reads()
+        return self._reads()
 
     def __call__(self, *inputs: Any) -> tuple[Any, ...]:
-        tensors = [t for t in self.tensors() if t.requires_grad]
+        reads = self.tensors()
+        tensors = [t for t in reads if t.requires_grad]
         needs_grad = torch.is_grad_enabled() and (
             bool(tensors) or any(isinstance(a, Tensor) and a.requires_grad for a in inputs)
         )
         if not self.checkpoint or not needs_grad or _mode.is_plain():
             return _tuple(self.code(self.root, *inputs))
-        return _CheckpointFunction.apply(self, len(inputs), *inputs, *tensors)
+        buffers = frozenset(id(t) for t in reads if not t.requires_grad)
+        return _CheckpointFunction.apply(self, buffers, len(inputs), *inputs, *tensors)
 
     def __repr__(self) -> str:
         return f"Segment({self.name!r}, checkpoint={self.checkpoint})"
@@ -87,7 +84,9 @@ class _CheckpointFunction(torch.autograd.Function):
     """Runs a :class:`Segment` without storing activations; recomputes them in backward."""
 
     @staticmethod
-    def forward(ctx: Any, seg: Segment, n_in: int, *args: Any) -> tuple[Tensor, ...]:
+    def forward(
+        ctx: Any, seg: Segment, buffers: frozenset[int], n_in: int, *args: Any
+    ) -> tuple[Tensor, ...]:
         inputs = args[:n_in]
         device = next((a.device for a in args if isinstance(a, Tensor)), torch.device("cpu"))
         ctx.seg, ctx.n_in = seg, n_in
@@ -99,8 +98,7 @@ class _CheckpointFunction(torch.autograd.Function):
             ctx.states.append(_ForwardState(device))
             outs = _tuple(piece(seg.root, *outs))
         # An output that is a buffer itself must not become a node of this graph: give an alias.
-        own = {id(t) for t in seg.tensors() if not t.requires_grad}
-        outs = tuple(o.detach() if id(o) in own else o for o in outs)
+        outs = tuple(o.detach() if id(o) in buffers else o for o in outs)
         ctx.tensor_idx = [i for i, a in enumerate(inputs) if isinstance(a, Tensor)]
         ctx.others = [None if isinstance(a, Tensor) else a for a in inputs]
         ctx.save_for_backward(*(inputs[i] for i in ctx.tensor_idx))
@@ -122,7 +120,7 @@ def _segment_backward(ctx: Any, *grad_outs: Tensor | None) -> tuple[Tensor | Non
     earlier pieces run twice)."""
     seg: Segment = ctx.seg
     inputs = list(ctx.others)
-    needs = ctx.needs_input_grad[2:]
+    needs = ctx.needs_input_grad[3:]
     for i, t in zip(ctx.tensor_idx, ctx.saved_tensors, strict=True):
         inputs[i] = t.detach().requires_grad_(needs[i])
     tensors = [t for t in seg.tensors() if t.requires_grad]
@@ -174,4 +172,4 @@ def _segment_backward(ctx: Any, *grad_outs: Tensor | None) -> tuple[Tensor | Non
     for pos, g in zip(wanted_in + [ctx.n_in + j for j in wanted_t], [*grads_in, *grads_t],
                       strict=True):
         result[pos] = g
-    return (None, None, *result)
+    return (None, None, None, *result)

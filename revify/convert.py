@@ -833,7 +833,7 @@ def _make_segment(
     else:
         name = f"{stage_list[index - 1].name} -> {stage_list[index].name}"
         wanted = options["checkpoint_transitions"]
-    has_params = any(True for m in modules for _ in m.parameters()) or bool(reads())
+    has_params = bool(reads())  # the modules' parameters and buffers, and get_attr tensors
     tensor_outputs = all(tensor_shape(o) is not None for o in outs)
     checkpoint = wanted and has_params and tensor_outputs
     labels = sorted({str(n.target) for n in nodes if n.op == "call_module"}, key=_natural)
@@ -852,7 +852,6 @@ def _make_segment(
     seg = Segment(
         name, GraphCode(extract(nodes, ins, outs)), model, modules, reads, checkpoint, calls,
         pieces=[GraphCode(extract(*cut)) for cut in cuts] if len(cuts) > 1 else None,
-        piece_calls=[[str(n.target) for n in cut[0] if n.op == "call_module"] for cut in cuts],
     )
     return _Step(seg, [a.name for a in ins], [o.name for o in outs])
 

@@ -421,9 +421,7 @@ class _Walk:
             if m is not None:
                 x_next = x_next - m if torch.is_grad_enabled() else x_next.sub_(m)
         else:
-            r = u.to(x_cur.dtype)  # the grid ops mix r with 0-dim delta: no promotion there
-            if m is not None:  # the cast's copy is ours: no second full-size temporary
-                r = r.sub_(m) if r is not u and not torch.is_grad_enabled() else r - m
+            r = _grid_input(u, m, x_cur.dtype)
             with torch.no_grad():
                 scaled, rem = _divide(x_prev, self.d, self.delta)
                 x_next = scaled.add_(_exact_parts(a, x_cur, r, self.delta))
@@ -461,11 +459,19 @@ def _step_terms(alpha: float, unit: Any, x_cur: Tensor, h: Tensor) -> tuple[floa
     only through ``h``, and errors of a rebuilt ``x_k`` below ``h``'s precision do not propagate
     (subtracting the fp32 ``x_k`` raised ResNet-152's bf16 reconstruction error from 1e-2 to 0.6).
     """
-    if not unit.subtract_input:
-        return alpha, None
-    if h.dtype == x_cur.dtype:
-        return alpha - 1.0, None
+    if not unit.subtract_input or h.dtype == x_cur.dtype:
+        return _coefficient(alpha, unit), None
     return alpha, h
+
+
+def _grid_input(u: Tensor, m: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """``u - m`` in the stream dtype, for the grid ops (they mix it with 0-dim ``delta``, which
+    does not promote). Formed in the cast's own copy when there is one and no graph records it:
+    ``u`` itself may be saved by the unit's graph."""
+    r = u.to(dtype)
+    if m is None:
+        return r
+    return r - m if torch.is_grad_enabled() or _is_alias(r, u) else r.sub_(m)
 
 
 def _forward(
@@ -652,9 +658,7 @@ def _step_backward(ctx: Any, g_cur: Tensor | None, g_next: Tensor | None) -> tup
             _record_error(walk, hi, u, mid, a, m)
         elif need_dx:  # earlier steps will run: rebuild x_{k-1}
             if walk.exact:
-                r = u.detach().to(hi.dtype)
-                if m is not None:  # u itself (same dtype) is saved by the graph: not in place
-                    r = r - m if _is_alias(r, u) else r.sub_(m)
+                r = _grid_input(u.detach(), m, hi.dtype)
                 parts = _exact_parts(a, mid, r, walk.delta)
                 del r
                 t = hi.sub_(parts) if hi_owned else hi - parts
