@@ -14,6 +14,11 @@ figure is what activations and the backward's working set cost. fp32 rows also g
 peak that ``revify.audit`` simulates on fake tensors for the same step ("audit MiB"; for plain,
 the audit's "before").
 
+Simulated (``--simulate``): the same training step run on fake tensors (``revify._simulate``,
+what ``revify.audit`` uses), counting live tensor bytes, at CUDA's batch (64) and precisions
+without allocating: the estimate of the CUDA rows where no GPU is at hand. It sees no kernel
+workspace (cuDNN) nor allocator rounding; timm's CUDA figures in DESIGN.md §4 are within 5 %.
+
 CUDA (when available): ``step_time.measure_cuda``: channels_last, SGD with momentum, fp32 (TF32)
 and bf16 autocast, ``max_memory_allocated`` above the weights+grads+optimizer baseline and the
 median step time from CUDA events. ``--budget-s`` stops starting new rows after that many
@@ -22,6 +27,7 @@ seconds; the JSON is rewritten after every row, so a run cut short keeps what it
 Run::
 
     .venv/bin/python benchmarks/memory_speed.py --cpu --models resnet50,resnet152 --no-cuda
+    .venv/bin/python benchmarks/memory_speed.py --simulate --no-cuda    # fake tensors, batch 64
     python benchmarks/memory_speed.py --models resnet50,resnet152 --json cuda.json   # on a GPU
 """
 
@@ -68,6 +74,33 @@ def cpu_peak_live_bytes(
             report.step_peak_before if method == "plain" else report.step_peak_after
         )
     return row
+
+
+def simulated_peak(
+    name: str, method: str, precision: str, batch: int, size: int
+) -> dict[str, Any]:
+    """Peak live tensor bytes of one training step on fake tensors, gradients allocated."""
+    import contextlib
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from revify._simulate import LiveBytes, fake_parameters
+
+    model = build_model(name, method, size=size)
+    live = LiveBytes()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.random.fork_rng(devices=[]))
+        stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+        stack.enter_context(fake_parameters(model))
+        x, target = _batch(batch, size, "cpu", channels_last=False)
+        with live:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), target)
+            del logits
+            loss.backward()
+    return dict(device="fake", precision=precision, model=name, method=method, batch=batch,
+                size=size, peak_above_baseline_bytes=live.peak)
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -118,6 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--cpu", action="store_true", help="measure CPU peak live bytes")
     parser.add_argument("--cpu-batch", type=int, default=8)
+    parser.add_argument("--simulate", action="store_true",
+                        help="simulate the step on fake tensors at --sim-batch")
+    parser.add_argument("--sim-batch", type=int, default=64)
     parser.add_argument("--no-cuda", action="store_true", help="skip CUDA even if present")
     parser.add_argument("--precisions", type=parse_list, default=list(_AMP))
     parser.add_argument("--cuda-batches", type=parse_list, default=["64"])
@@ -131,6 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     jobs: list[tuple[str, Any]] = []
     if args.cpu:
         jobs += [("cpu", (m, meth, p)) for p in args.precisions for m in args.models
+                 for meth in args.methods]
+    if args.simulate:
+        jobs += [("fake", (m, meth, p)) for p in args.precisions for m in args.models
                  for meth in args.methods]
     if torch.cuda.is_available() and not args.no_cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -147,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
         try:
             if device == "cpu":
                 row = cpu_peak_live_bytes(*job, batch=args.cpu_batch, size=args.size)
+            elif device == "fake":
+                row = simulated_peak(*job, batch=args.sim_batch, size=args.size)
             else:
                 name, method, precision, batch = job
                 row = measure_cuda(name, method, precision, batch, args.size, args.cuda_warmup,

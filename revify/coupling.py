@@ -329,13 +329,18 @@ def _grid(x: Tensor, headroom: int) -> Tensor:
     return torch.exp2(torch.ceil(torch.log2(top)) + headroom - _GRID_BITS)
 
 
-def _on_grid(v: Tensor, delta: Tensor) -> Tensor:
+def _on_grid(v: Tensor, delta: Tensor, inplace: bool = False) -> Tensor:
+    if inplace:
+        return v.div_(delta).round_().mul_(delta)
     return torch.div(v, delta).round_().mul_(delta)  # one full-size temporary, not three
 
 
-def _exact_parts(alpha: float, x_cur: Tensor, r: Tensor, delta: Tensor) -> Tensor:
-    """``q(alpha * x_k) + q(R_k(x_k))``: the part of a step recomputable from ``x_k``."""
-    part = _on_grid(r, delta)
+def _exact_parts(
+    alpha: float, x_cur: Tensor, r: Tensor, delta: Tensor, inplace: bool = False
+) -> Tensor:
+    """``q(alpha * x_k) + q(R_k(x_k))``: the part of a step recomputable from ``x_k``, in
+    ``r``'s memory when ``inplace`` (a copy nothing else reads)."""
+    part = _on_grid(r, delta, inplace)
     if alpha in (1, -1):
         return part.add_(x_cur, alpha=alpha)
     if alpha != 0:
@@ -365,13 +370,15 @@ def _pack(rem: Tensor, d: int) -> Tensor:
     flat = rem.flatten()
     if flat.numel() % 2:
         flat = torch.cat([flat, flat.new_zeros(1)])
-    return flat[0::2] | (flat[1::2] << 4)
+    return torch.bitwise_left_shift(flat[1::2], 4).bitwise_or_(flat[0::2])
 
 
 def _unpack(packed: Tensor, d: int, like: Tensor) -> Tensor:
     if d > 16:
         return packed
-    out = torch.stack([packed & 15, packed >> 4], dim=1).flatten()
+    out = packed.new_empty(2 * packed.numel())  # written in place: no half-size temporaries
+    torch.bitwise_and(packed, 15, out=out[0::2])
+    torch.bitwise_right_shift(packed, 4, out=out[1::2])
     return out[: like.numel()].view(like.shape)
 
 
@@ -422,9 +429,15 @@ class _Walk:
                 x_next = x_next - m if torch.is_grad_enabled() else x_next.sub_(m)
         else:
             r = _grid_input(u, m, x_cur.dtype)
+            own = r is not u and not torch.is_grad_enabled()  # else r is still read below
             with torch.no_grad():
-                scaled, rem = _divide(x_prev, self.d, self.delta)
-                x_next = scaled.add_(_exact_parts(a, x_cur, r, self.delta))
+                part = _exact_parts(a, x_cur, r, self.delta, inplace=own)
+                if self.d == 1:  # floor(X / 1) = X: x_prev as it is, no remainder
+                    x_next = part.add_(x_prev)
+                else:
+                    scaled, rem = _divide(x_prev, self.d, self.delta)
+                    x_next = scaled.add_(part)
+                del part
                 self.top = torch.maximum(self.top, _max_abs(x_next))
             if torch.is_grad_enabled():
                 x_next = _straight_through(_combine(a, self.beta, x_prev, x_cur, r), x_next)
@@ -498,7 +511,7 @@ def _forward(
                 f"({needed} bits of growth); use exact=False for this model"
             )
     if not graph:
-        return walk.pair[1].to(x.dtype)
+        return _output(walk.pair[1], x.dtype)
     if stage.record_input:  # exact streams start from the input rounded onto their grid
         walk.reference = x.detach().to(walk.pair[1].dtype)
         walk.reference = (
@@ -559,6 +572,57 @@ def _token(like: Tensor) -> Tensor:
     )
 
 
+# NOTE [ bf16 stage output ]
+# Under bf16 autocast a stage returns x_n rounded to bf16, and the layer after it (a checkpointed
+# transition) saves that copy. Saving the fp32 x_n beside it would store the same state twice,
+# so _StageEnd saves the bf16 output and the int16 rest that completes it bit for bit. That
+# needs every bf16 value to stand for at most 2^16 fp32 bit patterns, which round-to-nearest-even
+# breaks (an even bf16 value is nearest to 2^16 + 1 of them: both ties), so the stage output
+# rounds ties away from zero: on the bit pattern, hi = (bits + 2^15) >> 16, and the rest
+# bits - hi * 2^16 lies in [-2^15, 2^15). It differs from ``x.to(torch.bfloat16)`` only on exact
+# ties, by one bf16 ulp, and every path (no grad, plain autograd, reversible) rounds this way.
+
+
+def _splits(in_dtype: torch.dtype, stream_dtype: torch.dtype) -> bool:
+    """Whether a stage returning ``in_dtype`` from ``stream_dtype`` streams uses the split."""
+    return in_dtype == torch.bfloat16 and stream_dtype == torch.float32
+
+
+def _round_bits(x: Tensor) -> Tensor:
+    """``(bits(x) + 2^15) >> 16`` as int32: ``x`` rounded to bf16, ties away from zero."""
+    return (x.view(torch.int32) + 0x8000).bitwise_right_shift_(16)
+
+
+def _bf16(x: Tensor, top: Tensor) -> Tensor:
+    hi = top.to(torch.int16).view(torch.bfloat16)
+    # NaNs whose top 16 bits are all ones carry into the sign bit (0x7fffffff, CUDA's NaN)
+    return hi.masked_fill_(torch.isnan(x), float("nan"))
+
+
+def _split_bf16(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(hi, rest)`` for float32 ``x``: ``hi`` is ``x`` in bf16 (ties away from zero), ``rest``
+    the int16 that :func:`_join_bf16` needs to give ``x`` back bit for bit (NaNs stay NaN)."""
+    t = _round_bits(x)
+    hi = _bf16(x, t)
+    t.bitwise_left_shift_(16)
+    rest = torch.sub(x.view(torch.int32), t, out=t).to(torch.int16)
+    return hi, rest
+
+
+def _join_bf16(hi: Tensor, rest: Tensor) -> Tensor:
+    """The float32 tensor that :func:`_split_bf16` split."""
+    t = hi.view(torch.int16).to(torch.int32).bitwise_left_shift_(16)
+    return t.add_(rest).view(torch.float32)
+
+
+def _output(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """The state ``x`` as the stage's output in ``dtype`` (NOTE [ bf16 stage output ])."""
+    if not _splits(dtype, x.dtype):
+        return x.to(dtype)
+    hi = _bf16(x, _round_bits(x.detach()))
+    return _straight_through(x.to(dtype), hi)
+
+
 class _UnitStep(torch.autograd.Function):
     """Unit k of a stage: ``(x_{k-1}, x_k) -> (x_k, x_{k+1})`` on tokens, saving nothing but
     the packed remainder of exact mode. Its backward is :func:`_step_backward`.
@@ -599,14 +663,30 @@ class _StageEnd(torch.autograd.Function):
         ctx.walk = walk
         x_prev, x_cur = walk.pair
         walk.pair = None  # saved below, where saved-tensor hooks (offloading) see them
-        out = x_cur.to(walk.in_dtype)
-        ctx.save_for_backward(x_prev, x_cur)
+        if _splits(walk.in_dtype, x_cur.dtype):  # NOTE [ bf16 stage output ]
+            out, rest = _split_bf16(x_cur)
+            ctx.save_for_backward(x_prev, out, rest)
+        else:
+            out = x_cur.to(walk.in_dtype)
+            ctx.save_for_backward(x_prev, x_cur)
         return out
 
     @staticmethod
     def backward(ctx: Any, g_out: Tensor | None) -> tuple[Tensor | None, ...]:
-        ctx.walk.pair = ctx.saved_tensors
-        ctx.walk.owned = (False, False)
+        walk = ctx.walk
+        try:
+            saved = ctx.saved_tensors
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"revify: stage {walk.stage.name}: its output was modified in place after the "
+                "stage; the stage keeps that output as part of its state for the backward "
+                "(clone it before modifying it)"
+            ) from e
+        if len(saved) == 3:
+            x_prev, out, rest = saved
+            walk.pair, walk.owned = (x_prev, _join_bf16(out, rest)), (False, True)
+        else:
+            walk.pair, walk.owned = saved, (False, False)
         return None, None, g_out
 
 
@@ -658,10 +738,11 @@ def _step_backward(ctx: Any, g_cur: Tensor | None, g_next: Tensor | None) -> tup
             _record_error(walk, hi, u, mid, a, m)
         elif need_dx:  # earlier steps will run: rebuild x_{k-1}
             if walk.exact:
-                r = _grid_input(u.detach(), m, hi.dtype)
-                parts = _exact_parts(a, mid, r, walk.delta)
-                del r
-                t = hi.sub_(parts) if hi_owned else hi - parts
+                ud = u.detach()
+                r = _grid_input(ud, m, hi.dtype)  # u itself, or a copy the graph does not hold
+                parts = _exact_parts(a, mid, r, walk.delta, inplace=r is not ud)
+                del r, ud
+                t = hi.sub_(parts) if hi_owned else parts.neg_().add_(hi)  # hi - parts
                 del parts
                 if walk.d == 1:
                     lo = t
@@ -739,5 +820,6 @@ def _record_error(
         for x1, uu, x0, r, *mm in slices:
             x_m1 = _rebuild(x1, uu, x0, a, mm[0] if mm else None, walk.beta, inplace=False)
             err = torch.maximum(err, _max_abs(x_m1.sub_(r)))
+            del x_m1  # before the next slice's is made
     scale = _max_abs(ref).clamp_min(torch.finfo(ref.dtype).tiny)
     walk.stage.last_reconstruction_error = err / scale

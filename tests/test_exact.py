@@ -170,3 +170,38 @@ def test_exact_bf16_autocast(coeffs):
     assert report.plain_grad_error > 0
     assert report.ratio <= 2.0, str(report)
     assert all(st.reconstruction_error == 0 for st in report.stages), str(report)
+
+
+class _Bottleneck(torch.nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        mid = width // 4
+        self.f = torch.nn.Sequential(
+            torch.nn.Conv2d(width, mid, 1, bias=False), torch.nn.BatchNorm2d(mid),
+            torch.nn.ReLU(), torch.nn.Conv2d(mid, mid, 3, padding=1, bias=False),
+            torch.nn.BatchNorm2d(mid), torch.nn.ReLU(),
+            torch.nn.Conv2d(mid, width, 1, bias=False), torch.nn.BatchNorm2d(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.f(x))
+
+
+@pytest.mark.parametrize("coeffs", [dict(alpha=0.0, beta=1.0), dict(alpha=0.0, beta=0.5)])
+def test_exact_streams_cost_no_more_peak_memory(coeffs):
+    """Exact steps round and divide in memory the float steps would use anyway: the simulated
+    step peak (``revify.audit``) of a bottleneck stage is the default's. Forming ``x_{k+1} -
+    parts`` out of place, and dividing by d = 1, once cost a full state more."""
+    width, side, batch = 64, 32, 4
+    state = batch * width * side * side * 4
+    x = torch.zeros(batch, 3, side, side)
+    peaks = []
+    for exact in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, width, 3, padding=1),
+                                    *(_Bottleneck(width) for _ in range(4)),
+                                    torch.nn.AdaptiveAvgPool2d(1))
+        revify.convert(model, torch.zeros(2, 3, side, side), exact=exact, **coeffs)
+        peaks.append(revify.audit(model, x).step_peak_after)
+    # what exact mode stores more: the remainders of x_{k-1} / d, 4 bits each, for units 1..3
+    remainders = 0 if coeffs["beta"] == 1 else 3 * state // 8
+    assert peaks[1] <= peaks[0] + remainders + state // 4, [p / state for p in peaks]
