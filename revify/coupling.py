@@ -620,7 +620,7 @@ def _output(x: Tensor, dtype: torch.dtype) -> Tensor:
     if not _splits(dtype, x.dtype):
         return x.to(dtype)
     hi = _bf16(x, _round_bits(x.detach()))
-    return _straight_through(x.to(dtype), hi)
+    return _straight_through(x.to(dtype), hi) if x.requires_grad else hi
 
 
 class _UnitStep(torch.autograd.Function):
@@ -682,7 +682,7 @@ class _StageEnd(torch.autograd.Function):
                 "stage; the stage keeps that output as part of its state for the backward "
                 "(clone it before modifying it)"
             ) from e
-        if len(saved) == 3:
+        if len(saved) == 3:  # x_n rebuilt from its halves: a tensor of ours
             x_prev, out, rest = saved
             walk.pair, walk.owned = (x_prev, _join_bf16(out, rest)), (False, True)
         else:
@@ -726,13 +726,26 @@ def _step_backward(ctx: Any, g_cur: Tensor | None, g_next: Tensor | None) -> tup
     wanted = [t for t, need in zip(tensors, needs, strict=True) if need]
     beta = walk.beta
 
+    h = mid.detach().to(walk.in_dtype)
+    a, m = _step_terms(walk.alpha, unit, mid, h)
+    folded = None
+    if need_dx and k == 0 and _can_fold(walk, mid, h):
+        # Unit 0 only measures the reconstruction error (no step needs x_{-1}). In half
+        # precision the unit reads the copy h, so x_1 and x_0 fold into one tensor before the
+        # recompute: the fp32 states then cost one state, not two, beside the unit's graph.
+        folded, scale = _fold_states(walk, hi, mid, a)
+        del hi
+        mid = None
     with torch.enable_grad(), ctx.state.replay(), frozen_running_stats(walk.bns):
-        h = mid.detach().to(walk.in_dtype).requires_grad_(need_dx)
+        h.requires_grad_(need_dx)
         u = unit.raw(h)
     with torch.no_grad():
-        a, m = _step_terms(walk.alpha, unit, mid, h.detach())
+        m = None if m is None else m.detach()
         lo = None
-        if need_dx and k == 0:
+        if folded is not None:
+            _record_folded_error(walk, folded, u, m, scale)
+            del folded
+        elif need_dx and k == 0:
             # No step needs x_{-1}: like x_0 it rebuilds the stage input, and only the
             # difference of the two is kept.
             _record_error(walk, hi, u, mid, a, m)
@@ -752,7 +765,8 @@ def _step_backward(ctx: Any, g_cur: Tensor | None, g_next: Tensor | None) -> tup
                 del t
             else:
                 lo = _rebuild(hi, u, mid, a, m, beta, inplace=hi_owned)
-        del hi, m
+        hi = None
+        del m
     inputs = ([h] if need_dx else []) + wanted
     vjp: Sequence[Tensor | None] = (None,) * len(inputs)
     if g_next is not None and u.requires_grad:
@@ -803,6 +817,33 @@ def _rebuild(
     if beta != 1:
         t.div_(beta)
     return t
+
+
+def _can_fold(walk: _Walk, x_0: Tensor, h: Tensor) -> bool:
+    """Whether unit 0 may fold ``x_1`` and ``x_0`` (:func:`_fold_states`): ``x_0`` is ours to
+    write (rebuilt by unit 1), the unit reads a copy of it, and the error is the walk's own."""
+    return (
+        walk.owned[0] and not walk.exact and walk.reference is None and not _is_alias(h, x_0)
+    )
+
+
+def _fold_states(walk: _Walk, x_1: Tensor, x_0: Tensor, a: float) -> tuple[Tensor, Tensor]:
+    """``x_1 - (a + beta) x_0`` in ``x_0``'s memory, and ``max|x_0|``, the error's scale: what
+    :func:`_record_folded_error` needs of the two states."""
+    with torch.no_grad():
+        scale = _max_abs(x_0).clamp_min(torch.finfo(x_0.dtype).tiny)
+        return x_0.mul_(-(a + walk.beta)).add_(x_1), scale
+
+
+def _record_folded_error(
+    walk: _Walk, folded: Tensor, u: Tensor, m: Tensor | None, scale: Tensor
+) -> None:
+    """:func:`_record_error` from the folded states: ``x_{-1} - x_0 = (folded - u + m) / beta``,
+    formed in ``folded``'s memory."""
+    t = folded.sub_(u)
+    if m is not None:
+        t.add_(m)
+    walk.stage.last_reconstruction_error = _max_abs(t) / abs(walk.beta) / scale
 
 
 def _record_error(
