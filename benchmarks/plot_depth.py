@@ -5,6 +5,8 @@ and batch size whose model is a ResNet (``resnet50``, ``resnet101``, ...)::
 
     python benchmarks/plot_depth.py benchmarks/results/cuda_*.json --precision bf16 --batch 64 \
         --out docs/performance_depth.png
+    python benchmarks/plot_depth.py benchmarks/results/sim_peak.json \
+        --out docs/performance_depth_sim.png
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def plot(rows: list[dict[str, Any]], device: str, precision: str, batch: int, ou
         ax.plot(*zip(*points, strict=True), marker="o", label=method)
     ax.set_xlabel("ResNet depth")
     ax.set_ylabel("peak activation memory, MiB per sample")
-    ax.set_title(f"{device}, {precision}, batch {batch}, 224x224", fontsize=9)
+    where = "simulated on fake tensors" if device == "fake" else device
+    ax.set_title(f"{where}, {precision}, batch {batch}, 224x224", fontsize=9)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend()
