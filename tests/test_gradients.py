@@ -140,3 +140,33 @@ def test_functional_call_parameters_refused_in_backward():
     y = torch.func.functional_call(model, params, (torch.randn(2, 3, 32, 32),))
     with pytest.raises(RuntimeError, match="functional_call"):
         y.sum().backward()
+
+
+@pytest.mark.parametrize("alpha, beta", [(0.0, 1.0), (0.5, 1.0), (0.25, 0.75)])
+def test_bf16_unit0_reconstruction_error_is_measured(alpha, beta):
+    """Under bf16 autocast unit 0 folds ``x_1`` and ``x_0`` before its recompute; the error it
+    reports is still ``max|x_{-1} - x_0| / max|x_0|``: tiny for an invertible stage, as is the
+    unfolded measure against the true input that revify.check takes. A fold that drops
+    ``alpha`` reports about ``alpha``."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1),
+                                *(_ReluBlock(8) for _ in range(4)))
+    with torch.no_grad():
+        for block in model[1:]:
+            block.conv.weight.mul_(0.2)
+    revify.convert(model, torch.zeros(2, 3, 16, 16), alpha=alpha, beta=beta)
+    (stage,) = revify.stages(model)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    y.float().square().mean().backward()
+    folded = float(stage.last_reconstruction_error)
+    assert 0 <= folded < 1e-4
+    stage.record_input = True  # what revify.check does: the unfolded measure, against x_0
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(x)
+        y.float().square().mean().backward()
+    finally:
+        stage.record_input = False
+    assert float(stage.last_reconstruction_error) < 1e-4
