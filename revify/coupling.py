@@ -677,6 +677,8 @@ class _StageEnd(torch.autograd.Function):
         try:
             saved = ctx.saved_tensors
         except RuntimeError as e:
+            if "modified by an inplace operation" not in str(e):
+                raise  # e.g. a second backward through a graph already freed
             raise RuntimeError(
                 f"revify: stage {walk.stage.name}: its output was modified in place after the "
                 "stage; the stage keeps that output as part of its state for the backward "

@@ -272,3 +272,16 @@ def test_output_modified_in_place_is_refused_in_backward():
     y.mul_(2)
     with pytest.raises(RuntimeError, match="modified in place after the stage"):
         y.sum().backward()
+
+
+def test_second_backward_through_a_final_stage_says_so():
+    """When the stage's node is the first a second backward reaches, autograd's own error
+    about freed saved tensors comes through, not the in-place one."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1),
+                                *(_ReluBlock(8) for _ in range(3)))
+    revify.convert(model, torch.zeros(2, 3, 8, 8))
+    y = model(torch.randn(2, 3, 8, 8))
+    y.sum().backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        y.sum().backward()
