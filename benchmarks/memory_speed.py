@@ -46,6 +46,7 @@ from rich.table import Table
 from step_time import _AMP, _batch, measure_cuda
 
 import revify
+from revify._simulate import LiveBytes, fake_model
 from revify.check import _peak_live_bytes
 
 METHODS = ("plain", "timm-ckpt", "revify", EXACT)
@@ -80,18 +81,9 @@ def simulated_peak(
     name: str, method: str, precision: str, batch: int, size: int
 ) -> dict[str, Any]:
     """Peak live tensor bytes of one training step on fake tensors, gradients allocated."""
-    import contextlib
-
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from revify._simulate import LiveBytes, fake_parameters
-
     model = build_model(name, method, size=size)
     live = LiveBytes()
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.random.fork_rng(devices=[]))
-        stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
-        stack.enter_context(fake_parameters(model))
+    with fake_model(model):
         x, target = _batch(batch, size, "cpu", channels_last=False)
         with live:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):

@@ -60,6 +60,17 @@ class LiveBytes(TorchDispatchMode):
 
 
 @contextlib.contextmanager
+def fake_model(model: nn.Module) -> Iterator[None]:
+    """While the body runs, tensors it creates are fake and so are ``model``'s parameters and
+    buffers (:func:`fake_parameters`); the global RNG state is put back afterwards."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with torch.random.fork_rng(devices=[]), FakeTensorMode(allow_non_fake_inputs=True):
+        with fake_parameters(model):
+            yield
+
+
+@contextlib.contextmanager
 def fake_parameters(model: nn.Module) -> Iterator[None]:
     """Replace every parameter and buffer of ``model`` by a fake tensor of the same kind while the
     body runs (under an active ``FakeTensorMode``); each parameter that requires grad gets a

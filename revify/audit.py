@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
 from . import _mode
-from ._simulate import LiveBytes, fake_parameters
+from ._simulate import LiveBytes, fake_model
 from .convert import Block, Plan, ReportLine, convert
 from .coupling import ReversibleStage
 
@@ -651,15 +651,11 @@ def _fake_pass(
 ) -> tuple[dict[_Key, int], int]:
     """One train-mode training step on fake tensors: bytes saved for backward per key, counted
     in the forward, and the peak of live bytes over forward and backward (NOTE [ Audit peak ])."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     live = LiveBytes()
     with contextlib.ExitStack() as stack:
         stack.enter_context(_train_mode(model))
         stack.enter_context(_stage_attributes(model))
-        stack.enter_context(torch.random.fork_rng(devices=[]))
-        stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
-        stack.enter_context(fake_parameters(model))
+        stack.enter_context(fake_model(model))
         stack.enter_context(torch.enable_grad())
         own = [*model.parameters(), *model.buffers()]  # their fakes, now
         counter = _SavedBytes({t.untyped_storage()._cdata for t in own})

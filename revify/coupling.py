@@ -736,8 +736,7 @@ def _step_backward(ctx: Any, g_cur: Tensor | None, g_next: Tensor | None) -> tup
         # precision the unit reads the copy h, so x_1 and x_0 fold into one tensor before the
         # recompute: the fp32 states then cost one state, not two, beside the unit's graph.
         folded, scale = _fold_states(walk, hi, mid, a)
-        del hi
-        mid = None
+        hi = mid = None
     with torch.enable_grad(), ctx.state.replay(), frozen_running_stats(walk.bns):
         h.requires_grad_(need_dx)
         u = unit.raw(h)
@@ -767,8 +766,7 @@ def _step_backward(ctx: Any, g_cur: Tensor | None, g_next: Tensor | None) -> tup
                 del t
             else:
                 lo = _rebuild(hi, u, mid, a, m, beta, inplace=hi_owned)
-        hi = None
-        del m
+        del hi, m
     inputs = ([h] if need_dx else []) + wanted
     vjp: Sequence[Tensor | None] = (None,) * len(inputs)
     if g_next is not None and u.requires_grad:

@@ -34,6 +34,17 @@ class InlineNet(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
+class ReluBlock(nn.Module):
+    """``relu(h + conv(h))``: a unit with a post-add activation, used as ``U(h) - h``."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(width, width, 3, padding=1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.relu(h + self.conv(h))
+
+
 def timm_model(name: str, **kwargs) -> nn.Module:
     """A timm model with non-zero residual branches (zero_init_last hides errors)."""
     torch.manual_seed(0)

@@ -6,7 +6,15 @@ import contextlib
 
 import pytest
 import torch
-from conftest import InlineNet, bn_state, max_rel_err, restore, step_grads, timm_model
+from conftest import (
+    InlineNet,
+    ReluBlock,
+    bn_state,
+    max_rel_err,
+    restore,
+    step_grads,
+    timm_model,
+)
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -251,21 +259,12 @@ def test_bf16_split_gives_the_fp32_state_back_bit_for_bit(patterns):
     assert (hi[differ].abs() > rne[differ].abs()).all()
 
 
-class _ReluBlock(torch.nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(width, width, 3, padding=1)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.relu(h + self.conv(h))
-
-
 def test_output_modified_in_place_is_refused_in_backward():
     """A stage keeps its output as part of its state: changing it in place after the stage is
     an error in backward, as it is for any tensor autograd saved."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1),
-                                *(_ReluBlock(8) for _ in range(3)))
+                                *(ReluBlock(8) for _ in range(3)))
     revify.convert(model, torch.zeros(2, 3, 8, 8))
     assert len(revify.stages(model)) == 1
     y = model(torch.randn(2, 3, 8, 8))
@@ -279,7 +278,7 @@ def test_second_backward_through_a_final_stage_says_so():
     about freed saved tensors comes through, not the in-place one."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1),
-                                *(_ReluBlock(8) for _ in range(3)))
+                                *(ReluBlock(8) for _ in range(3)))
     revify.convert(model, torch.zeros(2, 3, 8, 8))
     y = model(torch.randn(2, 3, 8, 8))
     y.sum().backward()

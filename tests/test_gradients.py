@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from conftest import InlineNet, max_rel_err, step_grads, timm_model
+from conftest import InlineNet, ReluBlock, max_rel_err, step_grads, timm_model
 
 import revify
 
@@ -87,17 +87,6 @@ def test_error_ratio_against_float64(autocast):
         assert st.reconstruction_error < 1e-3, str(report)
 
 
-class _ReluBlock(torch.nn.Module):
-    """``relu(h + conv(h))``: a unit used as ``U(h) - h``."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(width, width, 3, padding=1)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.relu(h + self.conv(h))
-
-
 def test_bf16_autocast_deep_stage_reconstructs():
     """Under bf16 autocast a unit sees its input rounded to bf16 and its ``- id`` takes that
     rounded input, so fp32 rounding errors of a rebuilt state do not propagate through the
@@ -105,7 +94,7 @@ def test_bf16_autocast_deep_stage_reconstructs():
     ResNet-152's 35-unit stage)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1),
-                                *(_ReluBlock(8) for _ in range(36)))
+                                *(ReluBlock(8) for _ in range(36)))
     with torch.no_grad():  # branches of ~1/5 of their input: a well-conditioned inverse
         for block in model[1:]:
             block.conv.weight.mul_(0.2)
@@ -150,7 +139,7 @@ def test_bf16_unit0_reconstruction_error_is_measured(alpha, beta):
     ``alpha`` reports about ``alpha``."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1),
-                                *(_ReluBlock(8) for _ in range(4)))
+                                *(ReluBlock(8) for _ in range(4)))
     with torch.no_grad():
         for block in model[1:]:
             block.conv.weight.mul_(0.2)
