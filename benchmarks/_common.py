@@ -5,8 +5,10 @@ Every benchmark compares the same three ways of training a timm model:
 - ``plain``: the model as timm builds it, ordinary autograd.
 - ``timm-ckpt``: timm's ``set_grad_checkpointing(True)``, one ``torch.utils.checkpoint`` per
   residual block (the usual baseline for trading compute for memory).
-- ``revify``: ``revify.convert(model)`` with its defaults (reversible stages, checkpointed stem
-  and transitions).
+- ``revify``: ``revify.convert(model)`` with its defaults (reversible stages with the faithful
+  coupling, checkpointed stem and transitions).
+
+``build_model`` also takes ``revify-revnet``: ``revify.convert(model, coupling="revnet")``.
 
 The scripts are run as files (``python benchmarks/saved_bytes.py``), so this module is imported
 as a top-level module from the script's own folder.
@@ -29,7 +31,7 @@ from torch import Tensor, nn
 import revify
 
 __all__ = [
-    "EXACT",
+    "REVNET",
     "METHODS",
     "build_model",
     "console",
@@ -41,8 +43,8 @@ __all__ = [
 ]
 
 METHODS: tuple[str, ...] = ("plain", "timm-ckpt", "revify")
-# Also accepted by build_model: revify with exact=True (fixed-point streams).
-EXACT = "revify-exact"
+# Also accepted by build_model: revify with the RevNet coupling (alpha=0, beta=1, float streams).
+REVNET = "revify-revnet"
 
 _MIB = 1024**2
 
@@ -70,12 +72,12 @@ def build_model(
         device: where the model lives.
         channels_last: convert weights to ``torch.channels_last`` (the fast layout on GPUs).
         seed: RNG seed for the weight initialisation, so every method gets the same weights.
-        convert_options: extra keyword arguments of ``revify.convert`` (e.g. ``exact=True``).
+        convert_options: extra keyword arguments of ``revify.convert`` (e.g. ``alpha=0.5``).
         timm_kwargs: passed to ``timm.create_model`` (e.g. ``zero_init_last=False``).
     """
-    if method not in (*METHODS, EXACT):
+    if method not in (*METHODS, REVNET):
         raise ValueError(
-            f"benchmarks: unknown method {method!r}; expected one of {(*METHODS, EXACT)}"
+            f"benchmarks: unknown method {method!r}; expected one of {(*METHODS, REVNET)}"
         )
     torch.manual_seed(seed)
     model = timm.create_model(name, pretrained=False, **timm_kwargs)
@@ -83,9 +85,10 @@ def build_model(
     model = model.to(device=device, memory_format=memory_format).train()
     if method == "timm-ckpt":
         model.set_grad_checkpointing(True)
-    elif method in ("revify", EXACT):
+    elif method in ("revify", REVNET):
         example = torch.zeros(2, 3, size, size, device=device)
-        options = {**(convert_options or {}), **({"exact": True} if method == EXACT else {})}
+        coupling = {"coupling": "revnet"} if method == REVNET else {}
+        options = {**coupling, **(convert_options or {})}
         revify.convert(model, example, strict=True, **options)
     return model
 

@@ -4,7 +4,7 @@ Every row is one (device, precision, model, method, batch) training step, with r
 plain training and against timm's ``set_grad_checkpointing(True)`` measured in the same run.
 Methods: ``plain``, ``timm-ckpt`` (one ``torch.utils.checkpoint`` per residual block, which for
 these timm models is what wrapping each block in ``torch.utils.checkpoint`` by hand gives),
-``revify`` (defaults) and ``revify-exact`` (``exact=True``).
+``revify`` (defaults: the faithful coupling) and ``revify-revnet`` (``coupling="revnet"``).
 
 CPU (``--cpu``): the peak of live tensor bytes during one training step after a warm-up step,
 from the allocation events of ``torch.profiler`` (``profile_memory=True``). It is the CPU
@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _common import EXACT, build_model, console, mib, parse_list, ratio, write_json
+from _common import REVNET, build_model, console, mib, parse_list, ratio, write_json
 from rich.table import Table
 from step_time import _AMP, _batch, measure_cuda
 
@@ -49,7 +49,7 @@ import revify
 from revify._simulate import LiveBytes, fake_model
 from revify.check import _peak_live_bytes
 
-METHODS = ("plain", "timm-ckpt", "revify", EXACT)
+METHODS = ("plain", "timm-ckpt", "revify", REVNET)
 
 
 def cpu_peak_live_bytes(

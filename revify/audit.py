@@ -218,9 +218,19 @@ class AuditReport:
         """The pass's decisions other than "reversible": what was checkpointed or left alone."""
         return [f"{r.name} ({r.kind}): {r.detail}" for r in self.report if r.kind != "reversible"]
 
+    def coupling_text(self) -> str:
+        """Which coupling the stages run, e.g. ``faithful (alpha=0.984375, beta=0.015625,
+        exact)``."""
+        o = self.options
+        if "alpha" not in o:
+            return "not converted"
+        exact = ", exact" if o.get("exact") else ""
+        return f"{o.get('coupling', 'custom')} (alpha={o['alpha']:g}, beta={o['beta']:g}{exact})"
+
     def _title(self) -> str:
         shape = "x".join(str(s) for s in self.input_shape)
-        return f"revify audit: {self.model}, input {shape} {self.dtype}, train mode"
+        return (f"revify audit: {self.model}, input {shape} {self.dtype}, train mode, "
+                f"coupling {self.coupling_text()}")
 
     def _ratio_text(self) -> str:
         return f"{self.ratio:.3f}" if self.ratio is not None else "n/a"
@@ -619,16 +629,16 @@ def _hooks(
 
 @contextlib.contextmanager
 def _stage_attributes(model: nn.Module) -> Iterator[None]:
-    """The stages' reconstruction error and exact-mode headroom come back as they were (a fake
-    backward would leave a fake tensor there)."""
+    """The stages' reconstruction error comes back as it was (a fake backward would leave a
+    fake tensor there)."""
     plan: Plan | None = model.__dict__.get(_PLAN)
     stages = plan.stages if plan is not None else []
-    kept = [(st, st.last_reconstruction_error, st.headroom_bits) for st in stages]
+    kept = [(st, st.last_reconstruction_error) for st in stages]
     try:
         yield
     finally:
-        for st, err, bits in kept:
-            st.last_reconstruction_error, st.headroom_bits = err, bits
+        for st, err in kept:
+            st.last_reconstruction_error = err
 
 
 @contextlib.contextmanager

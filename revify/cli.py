@@ -52,11 +52,16 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--markdown", metavar="PATH",
                        help="write the report as markdown ('-': stdout)")
     audit.add_argument("--plot", metavar="PATH", help="save a bar chart (e.g. audit.png)")
-    audit.add_argument("--alpha", type=float, default=0.0, help="coupling alpha (default 0)")
-    audit.add_argument("--beta", type=float, default=1.0, help="coupling beta (default 1)")
     audit.add_argument(
-        "--exact", action="store_true",
-        help="fixed-point streams (needed for small beta, e.g. --alpha 1 --beta 0.0625)",
+        "--coupling", choices=["faithful", "revnet"], default="faithful",
+        help="faithful (default: keeps a pretrained network's function) or revnet (alpha=0, "
+             "beta=1: for training from scratch)",
+    )
+    audit.add_argument("--alpha", type=float, default=None, help="override the coupling's alpha")
+    audit.add_argument("--beta", type=float, default=None, help="override the coupling's beta")
+    audit.add_argument(
+        "--exact", action=argparse.BooleanOptionalAction, default=None,
+        help="override whether streams are fixed-point (needed for small beta)",
     )
     audit.add_argument("--no-checkpoint-stem", dest="checkpoint_stem", action="store_false",
                        help="do not checkpoint the layers before the first stage")
@@ -78,7 +83,7 @@ def _audit_command(args: argparse.Namespace) -> int:
     import torch
 
     from .audit import audit
-    from .convert import convert
+    from .convert import _default_example, convert
 
     if not timm.is_model(args.model):
         close = difflib.get_close_matches(args.model, timm.list_models(), n=5)
@@ -86,11 +91,10 @@ def _audit_command(args: argparse.Namespace) -> int:
         print(f"revify audit: unknown timm model {args.model!r}{hint}", file=sys.stderr)
         return 2
     model = timm.create_model(args.model, pretrained=False)
-    channels, height, width = model.pretrained_cfg["input_size"]
+    shape = tuple(_default_example(model).shape[1:])  # the size the model was built for
     if args.img_size is not None:
-        height = width = args.img_size
-    shape = (channels, height, width)
-    options = dict(alpha=args.alpha, beta=args.beta, exact=args.exact,
+        shape = (shape[0], args.img_size, args.img_size)
+    options = dict(coupling=args.coupling, alpha=args.alpha, beta=args.beta, exact=args.exact,
                    checkpoint_stem=args.checkpoint_stem,
                    checkpoint_transitions=args.checkpoint_transitions)
     try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import operator
 import warnings
 from collections.abc import Iterator, Sequence
@@ -45,7 +46,7 @@ from ._trace import (
 from .checkpoint import Segment
 from .coupling import ReversibleStage, _Attr, _BranchUnit, _GraphUnit, _ModuleUnit, _Reads
 
-__all__ = ["convert", "revert", "stages", "ConversionError"]
+__all__ = ["convert", "revert", "stages", "ConversionError", "COUPLINGS"]
 
 _PLAN = "_revify_plan"
 
@@ -185,20 +186,70 @@ def revert(model: nn.Module) -> nn.Module:
 
 
 def _default_example(model: nn.Module) -> Tensor:
+    """A batch of 2 zeros in the shape ``model`` was built for, on its device and in its dtype.
+
+    The spatial size is the one the model was configured with where it says (a timm ViT or
+    Swin built with ``img_size=32`` has ``patch_embed.img_size == (32, 32)``, while its
+    ``pretrained_cfg['input_size']`` still says 224), else timm's ``pretrained_cfg``, else
+    224x224; the channels are the first convolution's input channels (``in_chans=1``)."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     size = cfg.get("input_size") if isinstance(cfg, dict) else None
-    if size is None:
-        size = (3, 224, 224)
-    return torch.zeros(2, *size)
+    channels, *spatial = size if size is not None else (3, 224, 224)
+    configured = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    configured = configured if configured is not None else getattr(model, "img_size", None)
+    if isinstance(configured, int):
+        configured = (configured, configured)
+    if isinstance(configured, (tuple, list)) and all(isinstance(v, int) for v in configured):
+        spatial = list(configured)
+    conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if conv is not None:
+        channels, dims = conv.in_channels, conv.weight.dim() - 2
+        spatial = spatial if len(spatial) == dims else [224] * dims
+    first = next((t for t in model.parameters() if t.is_floating_point()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    dtype = first.dtype if first is not None else torch.get_default_dtype()
+    return torch.zeros(2, channels, *spatial, device=device, dtype=dtype)
+
+
+# The named couplings (NOTE [ Which coupling ] in the README's "Coefficients").
+COUPLINGS: dict[str, dict[str, Any]] = {
+    # Keeps a pretrained network's function: x_{k+1} = x_k + R_k(x_k) + (x_{k-1} - x_k) / 64.
+    "faithful": dict(alpha=63 / 64, beta=1 / 64, exact=True),
+    # RevNet's y1 = x1 + F(x2), y2 = x2 + G(y1): a different function, for training from scratch.
+    "revnet": dict(alpha=0.0, beta=1.0, exact=False),
+}
+
+
+def _coupling_options(
+    coupling: str, alpha: float | None, beta: float | None, exact: bool | None
+) -> dict[str, Any]:
+    if coupling not in COUPLINGS:
+        raise ValueError(
+            f"revify.convert: unknown coupling {coupling!r}; choose one of "
+            f"{', '.join(map(repr, COUPLINGS))} (or give alpha= and beta=)"
+        )
+    chosen = dict(COUPLINGS[coupling])
+    for name, value in (("alpha", alpha), ("beta", beta)):
+        if value is not None:
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"revify.convert: {name} must be a finite number, got {value!r}")
+            chosen[name] = float(value)
+    if exact is not None:
+        chosen["exact"] = bool(exact)
+    custom = (chosen["alpha"], chosen["beta"], chosen["exact"])
+    named = [n for n, c in COUPLINGS.items() if (c["alpha"], c["beta"], c["exact"]) == custom]
+    chosen["coupling"] = named[0] if named else "custom"
+    return chosen
 
 
 def convert(
     model: nn.Module,
     example_input: Tensor | Sequence[Any] | None = None,
     *,
-    alpha: float = 0.0,
-    beta: float = 1.0,
-    exact: bool = False,
+    coupling: str = "faithful",
+    alpha: float | None = None,
+    beta: float | None = None,
+    exact: bool | None = None,
     checkpoint_stem: bool = True,
     checkpoint_transitions: bool = True,
     min_units: int = 1,
@@ -213,25 +264,27 @@ def convert(
     ``Parameter`` objects stay in the model and ``state_dict()`` keys are unchanged, so an
     optimizer built before conversion keeps working and checkpoints load both ways.
 
-    The converted model computes a different function from the original unless every stage
-    has a single unit (the coupling feeds unit k+1 with ``x_{k-1} + R_k(x_k)`` rather than
-    ``x_k + R_k(x_k)``); fine-tuning adapts the pretrained weights to it. Under
-    ``torch.no_grad()`` it runs as a plain forward; :func:`revify.plain_autograd` runs the same
-    function with ordinary autograd.
+    The default coupling, ``"faithful"`` (``alpha=63/64, beta=1/64`` on exact fixed-point
+    streams), stays close to the original network, so a pretrained backbone keeps what it
+    computes (``x_{k+1} = x_k + R_k(x_k) + (x_{k-1} - x_k)/64``) and fine-tunes like the
+    original. ``coupling="revnet"`` (``alpha=0, beta=1``) computes a different function
+    whenever a stage has more than one unit (unit k+1 sees ``x_{k-1} + R_k(x_k)``): for
+    training from scratch. Under ``torch.no_grad()`` the model runs a plain forward;
+    :func:`revify.plain_autograd` runs the same function with ordinary autograd.
 
     Args:
         model: any ``nn.Module`` whose trunk torch.fx can trace (timm's leaf conventions apply).
         example_input: an input (or tuple of inputs) of the trunk method, used only for shapes,
-            on fake tensors. Default: timm's ``pretrained_cfg['input_size']``, else 3x224x224.
-        alpha, beta: coupling coefficients for every stage. ``alpha=0, beta=1`` (the default)
-            is the RevNet coupling; gradients through it were as accurate as plain autograd's
-            (DESIGN.md §3). ``alpha=1, beta=1`` grows like Fibonacci and loses precision.
-            A small ``beta`` with ``alpha = 1 - beta`` (``63/64, 1/64``) stays close to the
-            original network (the *faithful* setting for pretrained weights) but needs
-            ``exact=True``.
-        exact: keep the streams on a fixed-point grid so that reconstruction is exact at any
-            depth and any ``beta = 1/d`` (d an integer up to 256); costs log2(d) bits per
-            element per unit (see NOTE [ Exact streams ] in coupling.py).
+            on fake tensors. Default: zeros of the shape the model was built for (timm's
+            ``patch_embed.img_size``, else ``pretrained_cfg['input_size']``, else 224x224, with
+            the first convolution's input channels), on the model's device.
+        coupling: ``"faithful"`` (default) or ``"revnet"``, see above.
+        alpha, beta: override the coupling's coefficients for every stage. ``alpha=1, beta=1``
+            grows like Fibonacci and loses precision. A ``beta`` below 1 needs ``exact=True``
+            (dividing by it amplifies float rounding like ``beta^-n``).
+        exact: override whether the streams are kept on a fixed-point grid, so that
+            reconstruction is exact at any depth and any ``beta = 1/d`` (d an integer up to 256);
+            costs ceil(log2 d) bits per element per unit (NOTE [ Exact streams ] in _exact.py).
         checkpoint_stem: checkpoint the layers before the first reversible stage.
         checkpoint_transitions: checkpoint the layers between stages (downsampling).
         min_units: shortest chain worth a reversible stage.
@@ -240,6 +293,7 @@ def convert(
     Raises:
         ConversionError: the trunk cannot be traced, or depends on ``self.training`` in a way
             tracing would freeze, or (``strict``) it has no residual chain to convert.
+        ValueError: an unknown ``coupling``, or coefficients that are not finite numbers.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"revify.convert: expected an nn.Module, got {type(model).__name__}")
@@ -255,9 +309,7 @@ def convert(
         example_input = _default_example(model)
     inputs = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
     options = dict(
-        alpha=alpha,
-        beta=beta,
-        exact=exact,
+        **_coupling_options(coupling, alpha, beta, exact),
         checkpoint_stem=checkpoint_stem,
         checkpoint_transitions=checkpoint_transitions,
         min_units=min_units,

@@ -17,6 +17,7 @@ vector-Jacobian product. See NOTE [ Stage backward ].
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
-from . import _mode
+from . import _exact, _mode
 from ._replay import _ForwardState, batchnorms, check_same_tensors, frozen_running_stats
 
 __all__ = ["ReversibleStage"]
@@ -218,7 +219,6 @@ class ReversibleStage:
         self.name = name
         self.units = list(units)
         self.exact = exact
-        self.headroom_bits = _HEADROOM_BITS  # adapted by each exact forward
         self.alpha = alpha
         self.beta = beta
         self.last_reconstruction_error: Tensor | None = None
@@ -298,88 +298,8 @@ class ReversibleStage:
         )
 
 
-# NOTE [ Exact streams ]
-# With beta < 1 the inverse divides by beta at every unit and float rounding grows like
-# beta^-n (DESIGN.md §3). In exact mode the streams hold values on a fixed-point grid
-# x = X * delta, X an integer with |X| < 2^24: every stream value is an fp32 (or fp64) float
-# and sums of them are exact. Each unit's output is rounded onto the grid, beta = 1/d
-# multiplies as floor(X / d), and the remainder X mod d (log2 d bits, packed) is kept for the
-# inverse (MacKay et al., 2018). Reconstruction is then exact at any depth. The rounding is part
-# of the converted function and its gradient is taken as the identity. The grid does not depend
-# on the stream dtype, so a float64 copy computes the same function (revify.check's reference).
-
-_GRID_BITS = 24
-# Bits of growth over a stage the grid allows at first (precision 2^-16 of the stage input's
-# largest value). A forward whose streams outgrow it is redone on a coarser grid, which the
-# stage then keeps (like a loss scaler that only backs off).
-_HEADROOM_BITS = 8
-_MARGIN_BITS = 2
-
-
 def _max_abs(x: Tensor) -> Tensor:
-    """``max |x|`` (0-dim) in one pass without a temporary (``aminmax`` was ~7x faster on CPU
-    than ``linalg.vector_norm(x, inf)``)."""
-    lo, hi = torch.aminmax(x)
-    return torch.maximum(hi, -lo)
-
-
-def _grid(x: Tensor, headroom: int) -> Tensor:
-    """Grid step ``delta`` (0-dim, a power of two) leaving ``headroom`` bits of growth."""
-    top = _max_abs(x.detach()).clamp_min(torch.finfo(x.dtype).tiny)
-    return torch.exp2(torch.ceil(torch.log2(top)) + headroom - _GRID_BITS)
-
-
-def _on_grid(v: Tensor, delta: Tensor, inplace: bool = False) -> Tensor:
-    if inplace:
-        return v.div_(delta).round_().mul_(delta)
-    return torch.div(v, delta).round_().mul_(delta)  # one full-size temporary, not three
-
-
-def _exact_parts(
-    alpha: float, x_cur: Tensor, r: Tensor, delta: Tensor, inplace: bool = False
-) -> Tensor:
-    """``q(alpha * x_k) + q(R_k(x_k))``: the part of a step recomputable from ``x_k``, in
-    ``r``'s memory when ``inplace`` (a copy nothing else reads)."""
-    part = _on_grid(r, delta, inplace)
-    if alpha in (1, -1):
-        return part.add_(x_cur, alpha=alpha)
-    if alpha != 0:
-        return part + _on_grid(alpha * x_cur, delta)
-    return part
-
-
-def _divide(x: Tensor, d: int, delta: Tensor) -> tuple[Tensor, Tensor]:
-    """``floor(X / d) * delta`` and the remainder ``X mod d`` (uint8) for ``x = X * delta``.
-
-    In the stream's float dtype: X is an integer below 2^24, so ``remainder`` and the division of
-    ``X - rem`` by d are exact, and no int64 copy (twice the stream's size) is needed."""
-    big = torch.div(x, delta).round_()
-    rem = torch.remainder(big, d)
-    return big.sub_(rem).div_(d).mul_(delta), rem.to(torch.uint8)
-
-
-def _undivide(t: Tensor, rem: Tensor, d: int, delta: Tensor) -> Tensor:
-    """The inverse of :func:`_divide`, computed in ``t``'s memory."""
-    return t.div_(delta).round_().mul_(d).add_(rem).mul_(delta)
-
-
-def _pack(rem: Tensor, d: int) -> Tensor:
-    """Two remainders per byte when they fit in 4 bits."""
-    if d > 16:
-        return rem
-    flat = rem.flatten()
-    if flat.numel() % 2:
-        flat = torch.cat([flat, flat.new_zeros(1)])
-    return torch.bitwise_left_shift(flat[1::2], 4).bitwise_or_(flat[0::2])
-
-
-def _unpack(packed: Tensor, d: int, like: Tensor) -> Tensor:
-    if d > 16:
-        return packed
-    out = packed.new_empty(2 * packed.numel())  # written in place: no half-size temporaries
-    torch.bitwise_and(packed, 15, out=out[0::2])
-    torch.bitwise_right_shift(packed, 4, out=out[1::2])
-    return out[: like.numel()].view(like.shape)
+    return _exact.max_abs(x)
 
 
 class _Walk:
@@ -391,19 +311,17 @@ class _Walk:
     graph (only ``_StageEnd`` saves tensors; NOTE [ Stage backward ]).
     """
 
-    def __init__(self, stage: ReversibleStage, x: Tensor, headroom: int | None) -> None:
+    def __init__(self, stage: ReversibleStage, x: Tensor, grid: _exact.Grid | None) -> None:
         self.stage = stage
         self.in_dtype = x.dtype
         # The coefficients of this forward: a schedule may change the stage's before backward.
-        self.alpha, self.beta, self.exact = stage.alpha, stage.beta, headroom is not None
+        self.alpha, self.beta, self.exact = stage.alpha, stage.beta, grid is not None
         self.d = stage.divisor
         x0 = x.to(_stream_dtype(x.dtype))
-        self.delta: Tensor | None = None
-        if headroom is not None:
-            self.delta = _grid(x0, headroom)
-            x0 = _straight_through(x0, _on_grid(x0, self.delta))
-            self.base = _max_abs(x0.detach())
-            self.top = self.base.clone()
+        self.grid = grid
+        if grid is not None:
+            x0 = _straight_through(x0, _exact.on_grid(x0.detach(), grid.delta))
+            self.top = grid.max_abs(x0.detach())  # largest |state| so far, checked at the end
         self.pair: tuple[Tensor, Tensor] | None = (x0, x0)
         self.owned = (False, False)  # backward: whether a step may write into each of pair
         self.reference: Tensor | None = None  # revify.check: the true input
@@ -416,45 +334,44 @@ class _Walk:
 
     def advance(self, k: int) -> Tensor | None:
         """Forward step k: ``pair`` becomes ``(x_k, x_{k+1})``; returns the packed remainder of
-        ``x_{k-1} / d`` that the inverse needs (exact mode), else None."""
+        ``(x_{k-1} - x_k) / d`` that the inverse needs (exact mode), else None."""
         unit = self.stage.units[k]
         x_prev, x_cur = self.pair
         h = x_cur.to(self.in_dtype)
         u = unit.raw(h)  # a half-precision u is added to the fp32 streams by type promotion
         a, m = _step_terms(self.alpha, unit, x_cur, h)
         rem = None
-        if self.delta is None:
+        if self.grid is None:
             x_next = _combine(a, self.beta, x_prev, x_cur, u)
             if m is not None:
                 x_next = x_next - m if torch.is_grad_enabled() else x_next.sub_(m)
         else:
-            r = _grid_input(u, m, x_cur.dtype)
-            own = r is not u and not torch.is_grad_enabled()  # else r is still read below
+            grad = torch.is_grad_enabled()
+            outer, inner = _exact.coefficients(a, self.beta, self.d)
             with torch.no_grad():
-                part = _exact_parts(a, x_cur, r, self.delta, inplace=own)
-                if self.d == 1:  # floor(X / 1) = X: x_prev as it is, no remainder
-                    x_next = part.add_(x_prev)
-                else:
-                    scaled, rem = _divide(x_prev, self.d, self.delta)
-                    x_next = scaled.add_(part)
-                del part
-                self.top = torch.maximum(self.top, _max_abs(x_next))
-            if torch.is_grad_enabled():
-                x_next = _straight_through(_combine(a, self.beta, x_prev, x_cur, r), x_next)
-            rem = _pack(rem, self.d) if k > 0 and self.d > 1 else None  # X mod 1 is always 0
+                # Without grad (no-grad path, or inside _UnitStep.forward) u and x_{k-1} are
+                # ours: x_{k+1} is formed in u's memory and D = x_{k-1} - x_k in x_{k-1}'s.
+                t = _exact.rounded(
+                    u.detach(), None if m is None else m.detach(), x_cur.detach(), inner,
+                    self.grid.delta, own=not grad and not _is_alias(u, h, x_cur),
+                )
+            # plain autograd: the exact value, the float step's gradient
+            value = None
+            if grad:
+                value = _combine(a, self.beta, x_prev, x_cur, u if m is None else u - m)
+            del u, h, m  # in half precision a state's worth: gone before the states' arithmetic
+            with torch.no_grad():
+                x_next, rem = _exact.next_state(
+                    self.grid, self.d, outer, t, x_prev.detach(), x_cur.detach(),
+                    own_prev=not grad and k > 0, first=k == 0,
+                )
+                del t
+                self.top = torch.maximum(self.top, self.grid.max_abs(x_next))
+            if value is not None:
+                x_next = _straight_through(value, x_next)
+            rem = None if rem is None else _exact.pack(rem, self.d)
         self.pair = (x_cur, x_next)
         return rem
-
-    def outgrew(self, headroom: int) -> int | None:
-        """Exact mode: the bits of growth to allow next time if the streams left the grid."""
-        if _is_fake(self.top):
-            return None
-        ratio = (self.top / self.base.clamp_min(torch.finfo(self.top.dtype).tiny)).clamp_min(1.0)
-        needed = int(torch.ceil(torch.log2(ratio)).item()) + 1  # +1: rounding up to 2^k
-        x_prev, x_cur = self.pair
-        if needed > headroom or not _fits(x_cur, x_prev, self.delta):
-            return needed
-        return None
 
 
 def _coefficient(alpha: float, unit: Any) -> float:
@@ -477,16 +394,6 @@ def _step_terms(alpha: float, unit: Any, x_cur: Tensor, h: Tensor) -> tuple[floa
     return alpha, h
 
 
-def _grid_input(u: Tensor, m: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """``u - m`` in the stream dtype, for the grid ops (they mix it with 0-dim ``delta``, which
-    does not promote). Formed in the cast's own copy when there is one and no graph records it:
-    ``u`` itself may be saved by the unit's graph."""
-    r = u.to(dtype)
-    if m is None:
-        return r
-    return r - m if torch.is_grad_enabled() or _is_alias(r, u) else r.sub_(m)
-
-
 def _forward(
     stage: ReversibleStage, x: Tensor, unit_tensors: list[list[Tensor]] | None
 ) -> Tensor:
@@ -494,64 +401,59 @@ def _forward(
     step nodes that store nothing (the reversible path); without, by ordinary differentiable
     ops (plain or no-grad)."""
     graph = unit_tensors is not None
-    headroom = stage.headroom_bits if stage.exact else None
-    start = _ForwardState(x.device) if stage.exact else None
-    walk, tokens = _run(stage, x, headroom, unit_tensors)
-    needed = walk.outgrew(headroom) if headroom is not None else None
-    if needed is not None:
-        # The streams outgrew the grid: redo with a coarser one, with the same random draws,
-        # BatchNorm statistics already updated. The stage keeps the larger headroom.
-        stage.headroom_bits = headroom = needed + _MARGIN_BITS
-        start.restart()
-        with frozen_running_stats(walk.bns):
-            walk, tokens = _run(stage, x, headroom, unit_tensors)
-        if walk.outgrew(headroom) is not None:
-            raise RuntimeError(
-                f"revify: stage {stage.name}: exact streams outgrew their fixed-point grid "
-                f"({needed} bits of growth); use exact=False for this model"
-            )
+    if stage.exact:
+        walk, tokens = _run_exact(stage, x, unit_tensors)
+    else:
+        walk, tokens = _run(stage, x, None, unit_tensors)
     if not graph:
         return _output(walk.pair[1], x.dtype)
     if stage.record_input:  # exact streams start from the input rounded onto their grid
-        walk.reference = x.detach().to(walk.pair[1].dtype)
-        walk.reference = (
-            _on_grid(walk.reference, walk.delta) if walk.exact else walk.reference.clone()
-        )
+        ref = x.detach().to(walk.pair[1].dtype)
+        walk.reference = _exact.on_grid(ref, walk.grid.delta) if walk.exact else ref.clone()
     return _StageEnd.apply(walk, *tokens)
+
+
+def _run_exact(
+    stage: ReversibleStage, x: Tensor, unit_tensors: list[list[Tensor]] | None
+) -> tuple[_Walk, tuple[Tensor, Tensor] | None]:
+    """:func:`_run` on a grid chosen for this forward (NOTE [ Exact streams ]): redone, with the
+    same random draws and BatchNorm statistics already updated, while the states outgrow it."""
+    start = _ForwardState(x.device)
+    grid: _exact.Grid | None = _exact.first_grid(x.detach(), _stream_dtype(x.dtype))
+    for attempt in range(3):
+        if attempt:
+            start.restart()
+        frozen = frozen_running_stats(batchnorms(stage.modules()))
+        with frozen if attempt else contextlib.nullcontext():
+            walk, tokens = _run(stage, x, grid, unit_tensors)
+        grid, top = _exact.regrid(x.detach(), walk.grid, walk.top), walk.top
+        if grid is None:
+            return walk, tokens
+        del walk, tokens  # before the redo allocates its own
+    raise RuntimeError(
+        f"revify: stage {stage.name}: exact streams outgrew their fixed-point grid three times "
+        f"(largest state {float(top):.3g}); use exact=False (coupling='revnet') for it"
+    )
 
 
 def _run(
     stage: ReversibleStage,
     x: Tensor,
-    headroom: int | None,
+    grid: _exact.Grid | None,
     unit_tensors: list[list[Tensor]] | None,
 ) -> tuple[_Walk, tuple[Tensor, Tensor] | None]:
-    """One pass of the recurrence, on the fixed-point grid when ``headroom`` is given; with
+    """One pass of the recurrence, on the fixed-point ``grid`` when given; with
     ``unit_tensors``, as a chain of step nodes whose last two outputs are returned."""
     if unit_tensors is None:
-        walk = _Walk(stage, x, headroom)
+        walk = _Walk(stage, x, grid)
         for k in range(len(stage.units)):
             walk.advance(k)
         return walk, None
-    walk = _Walk(stage, x.detach(), headroom)
+    walk = _Walk(stage, x.detach(), grid)
     tokens = (x, x)
     for k, tensors in enumerate(unit_tensors):
         tokens = _UnitStep.apply(walk, k, *tokens, *tensors)
     return walk, tokens
-
-
-def _is_fake(t: Tensor) -> bool:
-    """Fake tensors (the audit's shape-only passes) have no values to check."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return isinstance(t, FakeTensor)
-
-
-def _fits(x_cur: Tensor, x_prev: Tensor, delta: Tensor) -> bool:
-    if _is_fake(x_cur):
-        return True
-    limit = delta * 2.0**_GRID_BITS
-    return bool(torch.maximum(_max_abs(x_cur.detach()), _max_abs(x_prev.detach())) < limit)
 
 
 def _straight_through(value: Tensor, exact: Tensor) -> Tensor:
@@ -752,18 +654,12 @@ def _step_backward(ctx: Any, g_cur: Tensor | None, g_next: Tensor | None) -> tup
             _record_error(walk, hi, u, mid, a, m)
         elif need_dx:  # earlier steps will run: rebuild x_{k-1}
             if walk.exact:
-                ud = u.detach()
-                r = _grid_input(ud, m, hi.dtype)  # u itself, or a copy the graph does not hold
-                parts = _exact_parts(a, mid, r, walk.delta, inplace=r is not ud)
-                del r, ud
-                t = hi.sub_(parts) if hi_owned else parts.neg_().add_(hi)  # hi - parts
-                del parts
-                if walk.d == 1:
-                    lo = t
-                else:
-                    (packed,) = ctx.saved_tensors
-                    lo = _undivide(t, _unpack(packed, walk.d, t), walk.d, walk.delta)
-                del t
+                (packed,) = ctx.saved_tensors if walk.d > 1 else (None,)
+                lo = _exact.prev_state(
+                    walk.grid, walk.d, *_exact.coefficients(a, beta, walk.d), u.detach(), m,
+                    mid, hi, packed, own_next=hi_owned,
+                )
+                del packed
             else:
                 lo = _rebuild(hi, u, mid, a, m, beta, inplace=hi_owned)
         del hi, m
@@ -784,14 +680,16 @@ def _step_backward(ctx: Any, g_cur: Tensor | None, g_next: Tensor | None) -> tup
     if k > 0:
         walk.pair, walk.owned = (lo, mid), (True, walk.owned[0])
     del lo, mid
-    # a_{k-1} = beta a_{k+1};  a_k += a a_{k+1} + dx_k, in dx_k's memory (the vjp made it)
+    # a_{k-1} = beta a_{k+1};  a_k += a a_{k+1} + dx_k, in dx_k's memory (the vjp made it).
+    # a_{k-1} is handed on unscaled, as a_{k+1} itself: its only reader is step k-1 (as its
+    # g_cur), which applies beta when it adds it in, so no scaled copy of a state is made.
     dx, dx_owned = vjp[0], True
     del vjp
     if dx is not None and _is_alias(dx, g_next, g_cur):
         dx = dx.clone()  # a pass-through branch can hand back a_{k+1} itself: never alias it
     # Step 0's two inputs are both the stage input x: dL/dx = a_0 + a_{-1}, summed here.
     alpha = _coefficient(walk.alpha, unit)
-    for term, coef in ((g_cur, 1.0), (g_next, alpha + beta if k == 0 else alpha)):
+    for term, coef in ((g_cur, beta), (g_next, alpha + beta if k == 0 else alpha)):
         if term is None or coef == 0:
             continue
         if dx is None:
@@ -800,7 +698,7 @@ def _step_backward(ctx: Any, g_cur: Tensor | None, g_next: Tensor | None) -> tup
             dx.add_(term, alpha=coef)
         else:
             dx, dx_owned = torch.add(dx, term, alpha=coef), True
-    g_prev = None if g_next is None or k == 0 else (g_next if beta == 1 else g_next * beta)
+    g_prev = None if k == 0 else g_next  # beta * g_prev is the true a_{k-1}
     return (None, None, g_prev, dx, *grads_out)
 
 
@@ -854,13 +752,18 @@ def _record_error(
     at a time, so that it costs no full-size tensor."""
     ref = x_0 if walk.reference is None else walk.reference.to(x_0.dtype)
     err = _max_abs(x_0 - ref) if ref is not x_0 else x_0.new_zeros(())
-    if not walk.exact:  # exact streams have x_{-1} = x_0 by construction
-        ts = (x_1, u, x_0, ref) if m is None else (x_1, u, x_0, ref, m)
-        step = max(1, x_0.shape[0] // 8) if x_0.dim() else 1
-        slices = zip(*(t.split(step) for t in ts), strict=True) if x_0.dim() else [ts]
-        for x1, uu, x0, r, *mm in slices:
-            x_m1 = _rebuild(x1, uu, x0, a, mm[0] if mm else None, walk.beta, inplace=False)
-            err = torch.maximum(err, _max_abs(x_m1.sub_(r)))
-            del x_m1  # before the next slice's is made
+    # Exact streams rebuild x_{-1} = x_0 exactly unless the recompute differs from the forward.
+    coefs = _exact.coefficients(a, walk.beta, walk.d) if walk.exact else None
+    ts = (x_1, u, x_0, ref) if m is None else (x_1, u, x_0, ref, m)
+    step = max(1, x_0.shape[0] // 8) if x_0.dim() else 1
+    slices = zip(*(t.split(step) for t in ts), strict=True) if x_0.dim() else [ts]
+    for x1, uu, x0, r, *mm in slices:
+        mm = mm[0] if mm else None
+        if coefs is not None:
+            x_m1 = _exact.prev_state(walk.grid, walk.d, *coefs, uu, mm, x0, x1, None)
+        else:
+            x_m1 = _rebuild(x1, uu, x0, a, mm, walk.beta, inplace=False)
+        err = torch.maximum(err, _max_abs(x_m1.sub_(r)))
+        del x_m1  # before the next slice's is made
     scale = _max_abs(ref).clamp_min(torch.finfo(ref.dtype).tiny)
     walk.stage.last_reconstruction_error = err / scale

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import InlineNet, max_rel_err, step_grads, timm_model
+from conftest import InlineNet, bn_state, max_rel_err, restore, step_grads, timm_model
 
 import revify
 
@@ -15,7 +15,7 @@ FAITHFUL = dict(alpha=15 / 16, beta=1 / 16, exact=True)
                                     dict(alpha=0.5, beta=1 / 3, exact=True)])
 def test_exact_float64_matches_autograd(coeffs):
     name = "resnet50" if coeffs is FAITHFUL else "resnet18"
-    model = timm_model(name, drop_path_rate=0.3).double()
+    model = timm_model(name, drop_path_rate=0.5).double()
     revify.convert(model, torch.zeros(2, 3, 32, 32, dtype=torch.float64), **coeffs)
     model.train()
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
@@ -36,22 +36,102 @@ def test_exact_inline_units_with_post_activation():
     assert max_rel_err(rev, ref) <= 1e-10
 
 
-def test_exact_grid_grows_when_streams_outgrow_it():
-    """Streams growing past the grid redo the forward on a coarser one, gradients intact."""
-    model = timm_model("resnet18").double()
+class _Scaled(torch.nn.Module):
+    """``x + scale * tanh(conv(x) / scale + 1/2)``: a unit whose output dwarfs its input at a
+    large ``scale`` while its Lipschitz constant stays the conv's."""
+
+    def __init__(self, width: int, scale: float) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.scale * torch.tanh(self.conv(x) / self.scale + 0.5)
+
+
+def _scaled_net(scale: float, units: int = 4) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, bias=False),
+                               *(_Scaled(8, scale) for _ in range(units)))
+
+
+def test_exact_grid_is_chosen_per_forward():
+    """A batch of tiny inputs (its streams grow by 2^20 over the stage, so the forward is redone
+    on a coarser grid) leaves no trace: the next batch computes what a fresh model computes."""
+    x = torch.randn(2, 3, 16, 16)
+    fresh = revify.convert(timm_model("resnet18").eval(), x, **FAITHFUL)
+    used = revify.convert(timm_model("resnet18").eval(), x, **FAITHFUL)
+    with torch.no_grad():
+        used(1e-6 * x)
+        assert torch.equal(used(x), fresh(x))
+    state = bn_state(used)
+    used.train()
+    used(1e-6 * x).sum().backward()  # the training path too
+    restore(used, state)
+    used.eval()
+    with torch.no_grad():
+        assert torch.equal(used(x), fresh(x))
+
+
+def test_exact_grid_redone_when_streams_outgrow_it():
+    """Streams that grow 2^10 times past the input's scale are redone on a coarser grid, never
+    wrapped around: the output is the float coupling's up to the grid's resolution, float64
+    gradients equal plain autograd's, and running statistics are updated once."""
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    outs = {}
+    for exact in (False, True):
+        model = _scaled_net(1000.0).double()
+        revify.convert(model, x, alpha=63 / 64, beta=1 / 64, exact=exact)
+        with torch.no_grad():
+            outs[exact] = model(x)
+    assert (outs[True] - outs[False]).abs().max() <= 1e-3 * outs[False].abs().max()
+    model = timm_model("resnet18", drop_path_rate=0.5).double()
+    with torch.no_grad():
+        for block in (model.layer1[0], model.layer1[1]):
+            block.bn2.weight.mul_(300.0)  # each unit adds ~300x its input
     revify.convert(model, torch.zeros(2, 3, 32, 32, dtype=torch.float64), **FAITHFUL)
-    stage = revify.stages(model)[0]
-    stage.headroom_bits = 1  # far too little for two units
     model.train()
-    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
-    start = {k: v.clone() for k, v in model.named_buffers()}
+    xi = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    start = int(model.layer1[0].bn1.num_batches_tracked)
+    _, rev = step_grads(model, xi, plain=False)
+    _, ref = step_grads(model, xi, plain=True)
+    assert max_rel_err(rev, ref) <= 1e-10
+    model(xi)  # one training forward: BatchNorm counted once despite the redo
+    assert int(model.layer1[0].bn1.num_batches_tracked) == start + 1
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_exact_non_finite_input_stays_in_its_sample(bad):
+    """A NaN or Inf in one sample gives what the unconverted model gives: that sample's
+    outputs are not finite, the others' are unaffected (no ValueError from the grid)."""
+    x = torch.randn(4, 3, 32, 32)
+    x[1, 0, 3, 4] = bad
+    model = timm_model("resnet18").eval()
+    with torch.no_grad():
+        ref = model(x)
+    revify.convert(model, x, **FAITHFUL)
+    zeroed = x.clone()
+    zeroed[1, 0, 3, 4] = 0.0
+    with torch.no_grad():
+        out = model(x)
+        clean = model(zeroed)
+    assert torch.equal(torch.isfinite(out), torch.isfinite(ref))
+    assert not torch.isfinite(out[1]).any()
+    assert torch.equal(out[[0, 2, 3]], clean[[0, 2, 3]])
+
+
+def test_exact_zero_stage_input():
+    """An all-zero stage input (a bias-free stem on a zero image) runs, forward and backward,
+    and float64 gradients equal plain autograd's."""
+    model = _scaled_net(1.0).double()
+    revify.convert(model, torch.zeros(2, 3, 16, 16, dtype=torch.float64), **FAITHFUL)
+    x = torch.zeros(2, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        out = model(x)
+    assert torch.isfinite(out).all() and out.abs().max() > 0
     _, rev = step_grads(model, x, plain=False)
-    assert stage.headroom_bits > 1
     _, ref = step_grads(model, x, plain=True)
     assert max_rel_err(rev, ref) <= 1e-10
-    model(x)  # one more forward: BatchNorm updated once per forward despite the redo
-    tracked = dict(model.named_buffers())["layer1.0.bn1.num_batches_tracked"]
-    assert int(tracked) == int(start["layer1.0.bn1.num_batches_tracked"]) + 1
 
 
 def test_small_beta_needs_exact_streams():
@@ -92,10 +172,24 @@ def test_exact_beta_must_be_reciprocal_integer():
         revify.stages(model)[0].beta = 0.3
 
 
-def test_remainders_are_packed_and_counted():
-    """Exact streams cost log2(d) bits per element per unit beyond the first: 4 bits at 1/16."""
+@pytest.mark.parametrize("d", [2, 16, 64, 37, 256])
+def test_remainder_packing_round_trips(d):
+    from revify import _exact
+
+    n = 8 * 1001
+    rem = torch.randint(0, d, (n,), dtype=torch.uint8)
+    packed = _exact.pack(rem, d)
+    assert packed.numel() == n * _exact._bits(d) // 8
+    assert torch.equal(_exact.unpack(packed, d, 0, n), rem)
+    for start, stop in ((0, 5), (3, 4), (5, 1003), (997, n)):  # any range, aligned or not
+        assert torch.equal(_exact.unpack(packed, d, start, stop), rem[start:stop])
+
+
+@pytest.mark.parametrize(("beta", "bits"), [(1 / 16, 4), (1 / 64, 6)])
+def test_remainders_are_packed_and_counted(beta, bits):
+    """Exact streams cost ceil(log2 d) bits per element per unit beyond the first."""
     model = timm_model("resnet50")
-    revify.convert(model, torch.zeros(2, 3, 32, 32), **FAITHFUL)
+    revify.convert(model, torch.zeros(2, 3, 32, 32), alpha=1 - beta, beta=beta, exact=True)
     stage = revify.stages(model)[2]  # layer3: 5 units, 1024 x 2 x 2 at 32 px
     sizes = []
 
@@ -106,7 +200,7 @@ def test_remainders_are_packed_and_counted():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(torch.randn(2, 3, 32, 32))
-    assert sizes == [2 * 1024 * 2 * 2 // 2] * 4
+    assert sizes == [2 * 1024 * 2 * 2 * bits // 8] * 4
 
 
 def test_schedule_moves_every_stage_and_keeps_exact_beta_valid():
