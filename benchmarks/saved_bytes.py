@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from _common import (
     METHODS,
+    REVNET,
     SavedBytes,
     build_model,
     console,
@@ -59,7 +60,7 @@ def measure(name: str, batch: int, size: int, seed: int) -> list[dict[str, Any]]
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, size, size, generator=gen)
     rows = []
-    for method in METHODS:
+    for method in (*METHODS, REVNET):
         model = build_model(name, method, size=size, seed=seed)
         target = torch.randint(0, model.num_classes, (batch,), generator=gen)
         n_bytes, n_saved = count_saved_bytes(model, x, target)

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _common import METHODS, build_model, console, mib, parse_list, ratio, write_json
+from _common import METHODS, REVNET, build_model, console, mib, parse_list, ratio, write_json
 from rich.table import Table
 from torch import Tensor, nn
 
@@ -74,8 +74,9 @@ def _batch(batch: int, size: int, device: str, channels_last: bool) -> tuple[Ten
 def time_cpu(name: str, batch: int, size: int, warmup: int, steps: int) -> list[dict[str, Any]]:
     """Median CPU step time per method, steps interleaved across methods."""
     x, target = _batch(batch, size, "cpu", channels_last=False)
-    runs = {m: make_step(build_model(name, m, size=size), x, target, None, 0.9) for m in METHODS}
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    methods = (*METHODS, REVNET)  # the default (faithful) coupling and the RevNet one
+    runs = {m: make_step(build_model(name, m, size=size), x, target, None, 0.9) for m in methods}
+    times: dict[str, list[float]] = {m: [] for m in methods}
     for i in range(warmup + steps):
         for method, step in runs.items():
             t0 = time.perf_counter()
@@ -123,7 +124,8 @@ def time_cuda(name: str, batch: int, size: int, warmup: int, steps: int) -> list
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
-    return [measure_cuda(name, m, p, batch, size, warmup, steps) for p in _AMP for m in METHODS]
+    return [measure_cuda(name, m, p, batch, size, warmup, steps) for p in _AMP
+            for m in (*METHODS, REVNET)]
 
 
 def _paired(times: list[float], base: list[float]) -> float:
@@ -141,9 +143,14 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         plain, ckpt = by[(key(r), "plain")], by[(key(r), "timm-ckpt")]
         r["time_vs_plain"] = ratio(r["median_s"], plain["median_s"])
         r["time_vs_timm_ckpt"] = ratio(r["median_s"], ckpt["median_s"])
+        revnet = by.get((key(r), REVNET))
+        if revnet is not None:
+            r["time_vs_revnet"] = ratio(r["median_s"], revnet["median_s"])
         if r["device"] == "cpu":  # interleaved rounds: a paired ratio cancels load drift
             r["paired_vs_plain"] = _paired(r["times_s"], plain["times_s"])
             r["paired_vs_timm_ckpt"] = _paired(r["times_s"], ckpt["times_s"])
+            if revnet is not None:
+                r["paired_vs_revnet"] = _paired(r["times_s"], revnet["times_s"])
         if "peak_above_baseline_bytes" in r:
             mem = r["peak_above_baseline_bytes"]
             r["mem_vs_plain"] = ratio(mem, plain["peak_above_baseline_bytes"])
@@ -157,9 +164,9 @@ def display(rows: list[dict[str, Any]]) -> None:
         cuda = "peak_above_baseline_bytes" in group[0]
         b, s = group[0]["batch"], group[0]["size"]
         table = Table(title=f"Training step on {device}, batch {b}, {s}x{s}")
-        cols = ["model", "precision", "method", "median ms", "÷ plain", "÷ timm-ckpt"]
+        cols = ["model", "precision", "method", "median ms", "÷ plain", "÷ timm-ckpt", "÷ revnet"]
         if not cuda:
-            cols += ["paired ÷ plain", "paired ÷ timm-ckpt"]
+            cols += ["paired ÷ plain", "paired ÷ timm-ckpt", "paired ÷ revnet"]
         else:
             cols += ["act MiB", "mem ÷ plain", "mem ÷ timm-ckpt"]
         for col in cols:
@@ -167,9 +174,11 @@ def display(rows: list[dict[str, Any]]) -> None:
             table.add_column(col, justify="left" if left else "right")
         for r in group:
             cells = [r["model"], r["precision"], r["method"], f"{r['median_s'] * 1e3:.1f}",
-                     f"{r['time_vs_plain']:.2f}", f"{r['time_vs_timm_ckpt']:.2f}"]
+                     f"{r['time_vs_plain']:.2f}", f"{r['time_vs_timm_ckpt']:.2f}",
+                     f"{r.get('time_vs_revnet', float('nan')):.2f}"]
             if not cuda:
-                cells += [f"{r['paired_vs_plain']:.2f}", f"{r['paired_vs_timm_ckpt']:.2f}"]
+                cells += [f"{r['paired_vs_plain']:.2f}", f"{r['paired_vs_timm_ckpt']:.2f}",
+                          f"{r.get('paired_vs_revnet', float('nan')):.2f}"]
             else:
                 cells += [f"{mib(r['peak_above_baseline_bytes']):.0f}",
                           f"{r['mem_vs_plain']:.2f}", f"{r['mem_vs_timm_ckpt']:.2f}"]

@@ -13,16 +13,15 @@ The user's path, end to end, offline on CPU:
    the model's ``num_classes`` with the config's (1000 for ``resnet34``) and, if they differ,
    silently drops the checkpoint's classifier. For a new task with another head, leave it out
    (or call ``model.reset_classifier(n)`` as below);
-3. ``revify.convert`` with the *faithful* coupling ``alpha=63/64, beta=1/64, exact=True``:
-   ``x_{k+1} = x_k + R_k(x_k) + x_{k-1} / 16`` stays close to the pretrained network and is
-   exactly reversible thanks to fixed-point streams;
+3. ``revify.convert(model)``, whose default *faithful* coupling (``alpha=63/64, beta=1/64``)
+   ``x_{k+1} = x_k + R_k(x_k) + (x_{k-1} - x_k) / 64`` stays close to the pretrained network
+   and is exactly reversible thanks to fixed-point streams;
 4. ``revify.audit``: how many bytes a training step keeps for backward, before and after;
    ``revify.check``: how close the converted model is to the original (top-1 agreement on the
    digits 0-4 test images through the pretrained head), and whether its gradients are as
    accurate as ordinary autograd's;
-5. fine-tune on digits 5-9 with a new head and a ``revify.Schedule`` that holds the faithful
-   coupling for a third of the steps, moves to ``alpha=0, beta=1`` over the next third, and
-   trains there for the last third; then the test accuracy.
+5. fine-tune on digits 5-9 with a new head, as one would fine-tune the unconverted model;
+   then the test accuracy.
 
 The 8x8 digits are upscaled to 32 px and repeated to 3 channels; training batches are shifted by
 up to 3 px. About two minutes on two CPU cores::
@@ -83,7 +82,7 @@ def shifted(x: Tensor, gen: torch.Generator, blank: float) -> Tensor:
 
 def train(
     model: nn.Module, x: Tensor, y: Tensor, *, steps: int, batch: int, lr: float, seed: int,
-    blank: float, desc: str, schedule: revify.Schedule | None = None,
+    blank: float, desc: str,
 ) -> None:
     """SGD with momentum and a cosine learning rate on random shifted mini-batches."""
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
@@ -99,11 +98,7 @@ def train(
         loss.backward()
         optimizer.step()
         lr_schedule.step()
-        postfix = {"loss": f"{loss.item():.3f}"}
-        if schedule is not None:
-            alpha, beta = schedule.step()
-            postfix.update(alpha=f"{alpha:.2f}", beta=f"{beta:.3f}")
-        bar.set_postfix(postfix)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
 
 
 @torch.no_grad()
@@ -161,8 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     x_old, y_old = data["pretrain_test"]
     print(f"loaded {path.name}: digits 0-4 test accuracy {accuracy(model, x_old, y_old):.2%}")
 
-    # 3. Faithful conversion: close to the pretrained function, exactly reversible.
-    revify.convert(model, x_old[:2], alpha=63 / 64, beta=1 / 64, exact=True)
+    # 3. The default (faithful) conversion: close to the pretrained function, exactly reversible.
+    revify.convert(model)
 
     # 4. What it saves, and what it changes.
     revify.audit(model, (3, 32, 32), batch_size=args.batch).print_rich()
@@ -171,13 +166,11 @@ def main(argv: list[str] | None = None) -> None:
     print(revify.check(model.train(), x_old))
     print(f"converted model: digits 0-4 test accuracy {accuracy(model, x_old, y_old):.2%}")
 
-    # 5. Fine-tune on digits 5-9 with a new head, moving the coupling to alpha=0, beta=1.
+    # 5. Fine-tune on digits 5-9 with a new head, as the unconverted model would be.
     torch.manual_seed(args.seed)
     model.reset_classifier(5)
-    hold = args.steps // 3
-    schedule = revify.Schedule(model, steps=args.steps - 2 * hold, warmup=hold)
     train(model, *data["finetune"], steps=args.steps, batch=args.batch, lr=args.lr,
-          seed=args.seed, blank=blank, desc="fine-tune", schedule=schedule)
+          seed=args.seed, blank=blank, desc="fine-tune")
     print(f"digits 5-9 test accuracy after fine-tuning: "
           f"{accuracy(model, *data['finetune_test']):.2%}")
 

@@ -211,34 +211,43 @@ def _default_example(model: nn.Module) -> Tensor:
     return torch.zeros(2, channels, *spatial, device=device, dtype=dtype)
 
 
-# The named couplings (NOTE [ Which coupling ] in the README's "Coefficients").
-COUPLINGS: dict[str, dict[str, Any]] = {
-    # Keeps a pretrained network's function: x_{k+1} = x_k + R_k(x_k) + (x_{k-1} - x_k) / 64.
-    "faithful": dict(alpha=63 / 64, beta=1 / 64, exact=True),
-    # RevNet's y1 = x1 + F(x2), y2 = x2 + G(y1): a different function, for training from scratch.
-    "revnet": dict(alpha=0.0, beta=1.0, exact=False),
+# The named couplings: fine-tuning pretrained weights keeps their function with "faithful",
+# x_{k+1} = x_k + R_k(x_k) + (x_{k-1} - x_k) / 64; "revnet" (y1 = x1 + F(x2), y2 = x2 + G(y1))
+# computes another function of the same weights, for training from scratch.
+COUPLINGS: dict[str, tuple[float, float]] = {
+    "faithful": (63 / 64, 1 / 64),
+    "revnet": (0.0, 1.0),
 }
+
+
+def _exact_supported(beta: float) -> bool:
+    """Whether exact streams can run ``beta``: ``1/d`` for an integer d in 1..256."""
+    d = round(1.0 / beta) if beta else 0
+    return 1 <= d <= 256 and abs(1.0 / beta - d) <= 1e-9
 
 
 def _coupling_options(
     coupling: str, alpha: float | None, beta: float | None, exact: bool | None
 ) -> dict[str, Any]:
+    """``alpha``, ``beta``, ``exact`` and the coupling's name (``"custom"`` when overridden)."""
     if coupling not in COUPLINGS:
         raise ValueError(
             f"revify.convert: unknown coupling {coupling!r}; choose one of "
             f"{', '.join(map(repr, COUPLINGS))} (or give alpha= and beta=)"
         )
-    chosen = dict(COUPLINGS[coupling])
+    chosen = dict(zip(("alpha", "beta"), COUPLINGS[coupling], strict=True))
     for name, value in (("alpha", alpha), ("beta", beta)):
         if value is not None:
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
+                value
+            ):
                 raise ValueError(f"revify.convert: {name} must be a finite number, got {value!r}")
             chosen[name] = float(value)
-    if exact is not None:
-        chosen["exact"] = bool(exact)
-    custom = (chosen["alpha"], chosen["beta"], chosen["exact"])
-    named = [n for n, c in COUPLINGS.items() if (c["alpha"], c["beta"], c["exact"]) == custom]
-    chosen["coupling"] = named[0] if named else "custom"
+    if exact is None:  # a beta below 1 divides float rounding by beta at every inverse step
+        exact = chosen["beta"] < 1 and _exact_supported(chosen["beta"])
+    chosen["exact"] = bool(exact)
+    named = [n for n, (a, b) in COUPLINGS.items() if (a, b) == (chosen["alpha"], chosen["beta"])]
+    chosen["coupling"] = named[0] if named and exact == (named[0] == "faithful") else "custom"
     return chosen
 
 
@@ -282,9 +291,10 @@ def convert(
         alpha, beta: override the coupling's coefficients for every stage. ``alpha=1, beta=1``
             grows like Fibonacci and loses precision. A ``beta`` below 1 needs ``exact=True``
             (dividing by it amplifies float rounding like ``beta^-n``).
-        exact: override whether the streams are kept on a fixed-point grid, so that
-            reconstruction is exact at any depth and any ``beta = 1/d`` (d an integer up to 256);
-            costs ceil(log2 d) bits per element per unit (NOTE [ Exact streams ] in _exact.py).
+        exact: keep the streams on a fixed-point grid, so that reconstruction is exact at any
+            depth and any ``beta = 1/d`` (d an integer up to 256); costs ceil(log2 d) bits per
+            element per unit (NOTE [ Exact streams ] in _exact.py). Default: True when
+            ``beta < 1`` is such a ``1/d`` (the faithful coupling), else False.
         checkpoint_stem: checkpoint the layers before the first reversible stage.
         checkpoint_transitions: checkpoint the layers between stages (downsampling).
         min_units: shortest chain worth a reversible stage.

@@ -401,7 +401,9 @@ def _forward(
     step nodes that store nothing (the reversible path); without, by ordinary differentiable
     ops (plain or no-grad)."""
     graph = unit_tensors is not None
-    if stage.exact:
+    # A stage of one unit keeps both its states (x_0, x_1) and rebuilds nothing: it needs no
+    # grid, and so computes x_0 + R_0(x_0) without rounding, as the original unit does.
+    if stage.exact and len(stage.units) > 1:
         walk, tokens = _run_exact(stage, x, unit_tensors)
     else:
         walk, tokens = _run(stage, x, None, unit_tensors)

@@ -155,7 +155,7 @@ def test_faithful_setting_stays_close_to_the_original():
     x = torch.randn(8, 3, 32, 32)
     errors = {}
     finer = {**FAITHFUL, "alpha": 63 / 64, "beta": 1 / 64}
-    for name, kw in (("revnet", {}), ("1/16", FAITHFUL), ("1/64", finer)):
+    for name, kw in (("revnet", dict(coupling="revnet")), ("1/16", FAITHFUL), ("1/64", finer)):
         model = timm_model("resnet50").eval()
         revify.convert(model, x[:2], **kw)
         errors[name] = revify.check(model, x, gradients=False)

@@ -139,12 +139,14 @@ def test_faithful_conversion_keeps_pretrained_predictions(checkpoint, data):
     assert (_logits(_load(checkpoint), x).argmax(1) == y).double().mean() >= 0.9  # it learnt
     faithful, faithful_error = _agreement(checkpoint, x, **FAITHFUL)
     default, default_error = _agreement(checkpoint, x)
-    # The coupling changes the function (x_{k+1} = x_k + R_k(x_k) + x_{k-1}/16), so this is not
-    # vacuous; the default alpha=0, beta=1 feeds each unit x_{k-1} + R(x_k) instead of x_k +
-    # R(x_k) and loses most pretrained predictions, the faithful one keeps them.
+    revnet, _ = _agreement(checkpoint, x, coupling="revnet")
+    # The coupling changes the function (x_{k+1} = x_k + R_k(x_k) + (x_{k-1} - x_k)/d), so this
+    # is not vacuous; RevNet's alpha=0, beta=1 feeds each unit x_{k-1} + R(x_k) instead of
+    # x_k + R(x_k) and loses most pretrained predictions, the faithful couplings keep them.
     assert faithful_error > 1e-3
     assert faithful >= 0.9
-    assert default < faithful - 0.1
+    assert (default, default_error) == (faithful, faithful_error)  # the default is faithful
+    assert revnet < faithful - 0.1
 
 
 def test_faithful_float64_gradients_match_plain_autograd(checkpoint, data):

@@ -61,10 +61,10 @@ def _step_peak(model: nn.Module) -> int:
     return _peak_live_bytes(step)
 
 
-def _revify(depth: int) -> nn.Module:
+def _revify(depth: int, **options) -> nn.Module:
     torch.manual_seed(0)
     model = _Stack(depth)
-    revify.convert(model, torch.zeros(2, 3, _SIDE, _SIDE))
+    revify.convert(model, torch.zeros(2, 3, _SIDE, _SIDE), **options)
     (stage,) = revify.stages(model)
     assert len(stage.units) == depth
     return model
@@ -73,7 +73,10 @@ def _revify(depth: int) -> nn.Module:
 @pytest.fixture(scope="module")
 def peaks() -> dict[str, int]:
     torch.manual_seed(0)
+    revnet = dict(coupling="revnet")
     return {
+        "revnet-4": _step_peak(_revify(4, **revnet)),
+        "revnet-16": _step_peak(_revify(16, **revnet)),
         "revify-4": _step_peak(_revify(4)),
         "revify-16": _step_peak(_revify(16)),
         "ckpt-16": _step_peak(_Stack(16, checkpoint_blocks=True)),
@@ -81,14 +84,23 @@ def peaks() -> dict[str, int]:
 
 
 def test_peak_does_not_grow_with_depth(peaks):
-    # Twelve more units add no state and no stage-wide gradient copy: only their parameter
-    # gradients' transients (a few KB each).
-    assert peaks["revify-16"] <= peaks["revify-4"] + _STATE // 4
+    # RevNet coupling: twelve more units add no state and no stage-wide gradient copy, only
+    # their parameter gradients' transients (a few KB each).
+    assert peaks["revnet-16"] <= peaks["revnet-4"] + _STATE // 4
+    # The default (faithful) coupling stores the 6-bit remainder of each unit after the first:
+    # twelve more units add twelve of them, 0.75 byte per element, and nothing else.
+    remainders = 12 * _STATE * 6 // (8 * 4)
+    assert peaks["revify-16"] <= peaks["revify-4"] + remainders + _STATE // 4
+    assert peaks["revify-16"] >= peaks["revify-4"] + remainders  # they are stored, and counted
 
 
 def test_peak_below_per_block_checkpointing(peaks):
-    # Per-block checkpointing holds 16 block inputs; revify holds two states and two adjoints.
-    assert peaks["revify-16"] <= 0.5 * peaks["ckpt-16"]
+    # Per-block checkpointing holds 16 block inputs; revify holds two states and two adjoints,
+    # and the default (faithful) coupling 15 remainders of 6 bits besides (2.8 states here).
+    assert peaks["revnet-16"] <= 0.5 * peaks["ckpt-16"]
+    remainders = 15 * _STATE * 6 // (8 * 4)
+    assert peaks["revify-16"] <= peaks["revnet-16"] + remainders + _STATE // 4
+    assert peaks["revify-16"] <= 0.6 * peaks["ckpt-16"]
 
 
 def test_unit_gradients_are_handed_on_before_earlier_units_recompute():
