@@ -101,10 +101,11 @@ def first_grid(x: Tensor, dtype: torch.dtype, finite_only: bool = False) -> Grid
 
 
 def is_fake(t: Tensor) -> bool:
-    """Fake tensors (the audit's shape-only passes) have no values to check."""
+    """Fake and meta tensors (shape-only passes: the audit, ``model.to("meta")``) have no
+    values to check."""
     from torch._subclasses.fake_tensor import FakeTensor
 
-    return isinstance(t, FakeTensor)
+    return isinstance(t, FakeTensor) or t.is_meta
 
 
 def regrid(x: Tensor, grid: Grid, top: Tensor) -> Grid | None:
