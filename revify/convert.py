@@ -97,12 +97,38 @@ class Plan:
     placeholders: list[str] = field(default_factory=list)  # graph names of ``args``
 
 
+# NOTE [ torch.compile ]
+# A converted trunk runs eagerly even inside torch.compile: dynamo would trace the stages'
+# and segments' forwards into a graph whose random numbers (dropout, DropPath) come from
+# inductor's generator, while their recompute in backward runs eagerly from torch's, so the
+# masks differed (finite-difference error 1.8). The trunk's plan is therefore called through
+# torch.compiler.disable: dynamo breaks the graph there and compiles what comes before and
+# after (timm's forward_head), and under fullgraph=True it says so.
+_run_plan_eagerly: Any = None
+
+
+def _ensure_eager_plan() -> None:
+    """Make :data:`_run_plan_eagerly` (imports torch._dynamo once, as timm already does)."""
+    global _run_plan_eagerly
+    if _run_plan_eagerly is None:
+        _run_plan_eagerly = torch.compiler.disable(
+            _run_plan,
+            reason="revify: a converted trunk runs eagerly, so that its recompute in backward "
+            "replays the forward's random numbers (NOTE [ torch.compile ] in revify/convert.py)",
+        )
+
+
 class _Rewritten:
     """Replacement for the trunk method, installed on the instance (``model.forward_features``)."""
 
     def __init__(self, model: nn.Module, plan: Plan) -> None:
         self.model = model
         self.plan = plan
+        _ensure_eager_plan()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # torch.load, copy.deepcopy
+        self.__dict__.update(state)
+        _ensure_eager_plan()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         model, plan = self.model, self.plan
@@ -123,7 +149,8 @@ class _Rewritten:
                     f"{name}={default!r} and cannot take {name}={value!r}; call "
                     "revify.revert(model) first, or convert with that value"
                 )
-        return _run_plan(plan, [values[a] for a in plan.args])
+        run = _run_plan if _run_plan_eagerly is None else _run_plan_eagerly
+        return run(plan, [values[a] for a in plan.args])
 
 
 def _same(a: Any, b: Any) -> bool:
