@@ -45,7 +45,7 @@ from ._trace import (
 from .checkpoint import Segment
 from .coupling import ReversibleStage, _Attr, _BranchUnit, _GraphUnit, _ModuleUnit, _Reads
 
-__all__ = ["convert", "revert", "stages", "ConversionError"]
+__all__ = ["convert", "revert", "stages", "set_on_mismatch", "ConversionError"]
 
 _PLAN = "_revify_plan"
 
@@ -197,6 +197,25 @@ def stages(model: nn.Module) -> list[ReversibleStage]:
         for st in plan.stages:
             out.setdefault(id(st), st)
     return list(out.values())
+
+
+def set_on_mismatch(
+    model: nn.Module, mode: str, tolerance: float | None = None
+) -> nn.Module:
+    """Set what every reversible stage and checkpointed segment of ``model`` does when its
+    recompute in backward differs from its forward, which makes that step's gradients wrong:
+    ``"warn"`` (the default, once per stage or segment), ``"raise"`` (a ``RuntimeError`` from
+    ``backward``) or ``"ignore"`` (no check). ``tolerance`` overrides the relative difference
+    allowed (None: by precision, 1e-2 in float32). The check runs on the first 10 backward
+    passes and every 50th after (NOTE [ Mismatch check ] in ``_replay.py``). Returns ``model``.
+    """
+    targets: list[Any] = [*stages(model)]
+    for _, plan in plans(model):
+        targets += [seg for seg in plan.segments if seg.checkpoint]
+    for t in targets:
+        t.on_mismatch = mode
+        t.mismatch_tolerance = tolerance
+    return model
 
 
 def revert(model: nn.Module) -> nn.Module:
