@@ -450,10 +450,10 @@ def report_mismatch(
     """Warn (once per ``owner``) or raise, as ``owner.on_mismatch`` says, that ``what``'s
     recompute in backward differed from its forward by ``value``; ``cause``: the likely ones."""
     msg = (
-        f"revify: {what}: the backward's recompute differs from the forward (relative "
-        f"difference {value:.3g}, tolerance {tolerance:.3g}), so this step's gradients are "
-        f"wrong. Likely cause: {cause}. revify.set_on_mismatch(model, 'raise') makes this an "
-        "error, 'ignore' turns the check off"
+        f"revify: {what}: the activations recomputed in backward differ from the forward's "
+        f"(relative difference {value:.3g}, tolerance {tolerance:.3g}), so this step's "
+        f"gradients are wrong. Likely cause: {cause}. revify.set_on_mismatch(model, 'raise') "
+        "makes this an error, 'ignore' turns the check off"
     )
     if owner.on_mismatch == "raise":
         raise RuntimeError(msg)
