@@ -13,6 +13,7 @@ from .check import check as check
 from .convert import ConversionError as ConversionError
 from .convert import convert as convert
 from .convert import revert as revert
+from .convert import set_on_mismatch as set_on_mismatch
 from .convert import stages as stages
 from .coupling import ReversibleStage as ReversibleStage
 from .schedule import Schedule as Schedule
@@ -21,6 +22,7 @@ __all__ = [
     "convert",
     "revert",
     "stages",
+    "set_on_mismatch",
     "check",
     "CheckReport",
     "audit",

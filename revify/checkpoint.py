@@ -16,12 +16,25 @@ from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
 from . import _mode
-from ._replay import _ForwardState, batchnorms, check_same_tensors, frozen_running_stats
+from ._replay import (
+    BufferWatch,
+    MismatchOptions,
+    Owners,
+    RecomputeCheck,
+    _ForwardState,
+    batchnorms,
+    check_same_tensors,
+    frozen_running_stats,
+    replayed_buffers,
+    report_mismatch,
+    stand_ins,
+    state_slots,
+)
 
 __all__ = ["Segment"]
 
 
-class Segment:
+class Segment(MismatchOptions):
     """Layers between reversible stages, as generated code run on the converted model.
 
     Args:
@@ -35,6 +48,10 @@ class Segment:
         pieces: the same computation split at single-tensor cuts (the stem, then a first block):
             ``pieces[0]`` takes the inputs, each next piece the one tensor the previous returns,
             the last returns what ``code`` does. The backward recomputes one piece at a time.
+
+    Attributes:
+        on_mismatch, mismatch_tolerance: as for :class:`ReversibleStage`: the backward compares
+            a sample of the recomputed outputs with the forward's (NOTE [ Mismatch check ]).
     """
 
     def __init__(
@@ -56,10 +73,18 @@ class Segment:
         self.checkpoint = checkpoint
         self.calls = list(calls)
         self.pieces = list(pieces) if pieces else [code]
+        # Per piece, the positions of the buffers its forward was seen to write (NOTE [ Buffers
+        # a forward writes ] in _replay.py); None before its first recorded call.
+        self.written: list[frozenset[int] | None] = [None] * len(self.pieces)
 
     def tensors(self) -> list[Tensor]:
         """The parameters and buffers the code reads now."""
         return self._reads()
+
+    def owners(self) -> Owners:
+        """Where the code reads its tensors (``_replay.stand_ins``, ``_replay.state_slots``)."""
+        owners = getattr(self._reads, "owners", None)
+        return owners() if owners is not None else Owners(self.modules)
 
     def __call__(self, *inputs: Any) -> tuple[Any, ...]:
         reads = self.tensors()
@@ -92,13 +117,21 @@ class _CheckpointFunction(torch.autograd.Function):
         ctx.seg, ctx.n_in = seg, n_in
         ctx.tensor_ids = [id(t) for t in args[n_in:]]
         # Each piece's RNG/autocast state, so that the backward can recompute any one alone.
-        ctx.states = []
+        ctx.states, ctx.written = [], []
+        slots = state_slots(seg.owners())
         outs: tuple[Any, ...] = inputs
-        for piece in seg.pieces:
+        for p, piece in enumerate(seg.pieces):
             ctx.states.append(_ForwardState(device))
+            watch = BufferWatch(slots, seg.written[p])
             outs = _tuple(piece(seg.root, *outs))
+            written, seg.written[p] = watch.written()
+            ctx.written.append(written)
         # An output that is a buffer itself must not become a node of this graph: give an alias.
         outs = tuple(o.detach() if id(o) in buffers else o for o in outs)
+        floats = [i for i, o in enumerate(outs) if isinstance(o, Tensor) and o.is_floating_point()]
+        ctx.check = RecomputeCheck.due(seg, outs[floats[0]]) if floats else None
+        for i in floats if ctx.check is not None else ():
+            ctx.check.record(i, outs[i])
         ctx.tensor_idx = [i for i, a in enumerate(inputs) if isinstance(a, Tensor)]
         ctx.others = [None if isinstance(a, Tensor) else a for a in inputs]
         ctx.save_for_backward(*(inputs[i] for i in ctx.tensor_idx))
@@ -108,6 +141,8 @@ class _CheckpointFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grad_outs: Tensor | None) -> tuple[Tensor | None, ...]:
         with torch.profiler.record_function(f"revify.segment_backward: {ctx.seg.name}"):
+            if torch.is_grad_enabled():  # create_graph=True: the gradient must be a graph too
+                return _segment_backward_graph(ctx, *grad_outs)
             return _segment_backward(ctx, *grad_outs)
 
 
@@ -124,15 +159,18 @@ def _segment_backward(ctx: Any, *grad_outs: Tensor | None) -> tuple[Tensor | Non
     for i, t in zip(ctx.tensor_idx, ctx.saved_tensors, strict=True):
         inputs[i] = t.detach().requires_grad_(needs[i])
     tensors = [t for t in seg.tensors() if t.requires_grad]
-    check_same_tensors(f"segment {seg.name}", ctx.tensor_ids, tensors)
+    what = f"segment {seg.name}"
+    check_same_tensors(what, ctx.tensor_ids, tensors)
     bns = batchnorms(seg.modules)
+    owners = seg.owners()
     # boundary[p]: the inputs of piece p.
     boundary: list[tuple[Any, ...]] = [tuple(inputs)]
     with torch.no_grad(), frozen_running_stats(bns):
-        for piece, state in zip(seg.pieces[:-1], ctx.states, strict=False):
-            with state.replay():
+        for p, (piece, state) in enumerate(zip(seg.pieces[:-1], ctx.states, strict=False)):
+            with state.replay(), replayed_buffers(ctx.written[p]):
                 boundary.append(_tuple(piece(seg.root, *boundary[-1])))
-    wanted_t = [j for j, _ in enumerate(tensors) if needs[ctx.n_in + j]]
+    needs_t = needs[ctx.n_in:]
+    wanted_t = [j for j, _ in enumerate(tensors) if needs_t[j]]
     grads_t: list[Tensor | None] = [None] * len(wanted_t)
     wanted_in = [i for i in ctx.tensor_idx if needs[i]]
     grads_in: Sequence[Tensor | None] = [None] * len(wanted_in)
@@ -142,8 +180,16 @@ def _segment_backward(ctx: Any, *grad_outs: Tensor | None) -> tuple[Tensor | Non
         ins = boundary.pop()
         if not first:  # the piece's input: a detached leaf whose gradient goes to piece p-1
             ins = tuple(t.detach().requires_grad_(True) for t in ins)
-        with torch.enable_grad(), ctx.states[p].replay(), frozen_running_stats(bns):
+        with (
+            torch.enable_grad(),
+            ctx.states[p].replay(),
+            frozen_running_stats(bns),
+            replayed_buffers(ctx.written[p]),
+            stand_ins(what, owners, tensors, needs_t, linked=False) as leaves,
+        ):
             outs = _tuple(seg.pieces[p](seg.root, *ins))
+        if ctx.check is not None:  # the last piece, recomputed first: NOTE [ Mismatch check ]
+            _judge(ctx, outs)
         # Gradient edges, not the outputs themselves: an output is freed as soon as the vjp is
         # past the op that made it.
         pairs = [
@@ -153,7 +199,8 @@ def _segment_backward(ctx: Any, *grad_outs: Tensor | None) -> tuple[Tensor | Non
         ]
         del outs
         wrt = [ins[i] for i in wanted_in] if first else list(ins)
-        wanted = wrt + [tensors[j] for j in wanted_t]
+        wanted = wrt + [leaves[j] for j in wanted_t]
+        del leaves
         grads: Sequence[Tensor | None] = [None] * len(wanted)
         if pairs and wanted:
             grads = torch.autograd.grad(
@@ -173,3 +220,60 @@ def _segment_backward(ctx: Any, *grad_outs: Tensor | None) -> tuple[Tensor | Non
                       strict=True):
         result[pos] = g
     return (None, None, None, *result)
+
+
+def _segment_backward_graph(ctx: Any, *grad_outs: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The backward under ``create_graph=True`` (gradient penalties): the gradients are
+    differentiable functions of the segment's inputs, parameters and output gradients.
+
+    The pieces are recomputed together with grad from views of the saved inputs and of the
+    parameters (NOTE [ Recompute leaves ]), and the gradient graph, which holds the
+    activations like ordinary autograd's, leads back to them.
+    """
+    seg: Segment = ctx.seg
+    ctx.check = None
+    needs = ctx.needs_input_grad[3:]
+    inputs = list(ctx.others)
+    for i, t in zip(ctx.tensor_idx, ctx.saved_tensors, strict=True):
+        inputs[i] = t.view_as(t) if needs[i] else t.detach()
+    tensors = [t for t in seg.tensors() if t.requires_grad]
+    what = f"segment {seg.name}"
+    check_same_tensors(what, ctx.tensor_ids, tensors)
+    needs_t = needs[ctx.n_in:]
+    bns = batchnorms(seg.modules)
+    with stand_ins(what, seg.owners(), tensors, needs_t, linked=True) as leaves:
+        outs: tuple[Any, ...] = tuple(inputs)
+        for p, piece in enumerate(seg.pieces):
+            with ctx.states[p].replay(), frozen_running_stats(bns), replayed_buffers(
+                ctx.written[p]
+            ):
+                outs = _tuple(piece(seg.root, *outs))
+    pairs = [
+        (o, g) for o, g in zip(outs, grad_outs, strict=True)
+        if g is not None and isinstance(o, Tensor) and o.requires_grad
+    ]
+    positions = [i for i in ctx.tensor_idx if needs[i]]
+    wanted = [inputs[i] for i in positions]
+    positions += [ctx.n_in + j for j, need in enumerate(needs_t) if need]
+    wanted += [t for t, need in zip(leaves, needs_t, strict=True) if need]
+    result: list[Tensor | None] = [None] * (ctx.n_in + len(tensors))
+    if pairs and wanted:
+        grads = torch.autograd.grad(
+            [o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True,
+            create_graph=True,
+        )
+        for pos, g in zip(positions, grads, strict=True):
+            result[pos] = g
+    return (None, None, None, *result)
+
+
+def _judge(ctx: Any, outs: tuple[Any, ...]) -> None:
+    """Report recomputed outputs that differ from the forward's (NOTE [ Mismatch check ])."""
+    check, ctx.check = ctx.check, None
+    for i, o in enumerate(outs):
+        if isinstance(o, Tensor):
+            check.compare(i, o)
+    bad = check.worst()
+    if bad:
+        seg = ctx.seg
+        report_mismatch(seg, f"segment {seg.name}", max(bad.values()), check.tolerance)

@@ -46,7 +46,7 @@ from ._trace import (
 from .checkpoint import Segment
 from .coupling import ReversibleStage, _Attr, _BranchUnit, _GraphUnit, _ModuleUnit, _Reads
 
-__all__ = ["convert", "revert", "stages", "ConversionError", "COUPLINGS"]
+__all__ = ["convert", "revert", "stages", "set_on_mismatch", "ConversionError", "COUPLINGS"]
 
 _PLAN = "_revify_plan"
 
@@ -98,12 +98,38 @@ class Plan:
     placeholders: list[str] = field(default_factory=list)  # graph names of ``args``
 
 
+# NOTE [ torch.compile ]
+# A converted trunk runs eagerly even inside torch.compile: dynamo would trace the stages'
+# and segments' forwards into a graph whose random numbers (dropout, DropPath) come from
+# inductor's generator, while their recompute in backward runs eagerly from torch's, so the
+# masks differed (finite-difference error 1.8). The trunk's plan is therefore called through
+# torch.compiler.disable: dynamo breaks the graph there and compiles what comes before and
+# after (timm's forward_head), and under fullgraph=True it says so.
+_run_plan_eagerly: Any = None
+
+
+def _ensure_eager_plan() -> None:
+    """Make :data:`_run_plan_eagerly` (imports torch._dynamo once, as timm already does)."""
+    global _run_plan_eagerly
+    if _run_plan_eagerly is None:
+        _run_plan_eagerly = torch.compiler.disable(
+            _run_plan,
+            reason="revify: a converted trunk runs eagerly, so that its recompute in backward "
+            "replays the forward's random numbers (NOTE [ torch.compile ] in revify/convert.py)",
+        )
+
+
 class _Rewritten:
     """Replacement for the trunk method, installed on the instance (``model.forward_features``)."""
 
     def __init__(self, model: nn.Module, plan: Plan) -> None:
         self.model = model
         self.plan = plan
+        _ensure_eager_plan()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # torch.load, copy.deepcopy
+        self.__dict__.update(state)
+        _ensure_eager_plan()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         model, plan = self.model, self.plan
@@ -124,7 +150,8 @@ class _Rewritten:
                     f"{name}={default!r} and cannot take {name}={value!r}; call "
                     "revify.revert(model) first, or convert with that value"
                 )
-        return _run_plan(plan, [values[a] for a in plan.args])
+        run = _run_plan if _run_plan_eagerly is None else _run_plan_eagerly
+        return run(plan, [values[a] for a in plan.args])
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -171,6 +198,25 @@ def stages(model: nn.Module) -> list[ReversibleStage]:
         for st in plan.stages:
             out.setdefault(id(st), st)
     return list(out.values())
+
+
+def set_on_mismatch(
+    model: nn.Module, mode: str, tolerance: float | None = None
+) -> nn.Module:
+    """Set what every reversible stage and checkpointed segment of ``model`` does when its
+    recompute in backward differs from its forward, which makes that step's gradients wrong:
+    ``"warn"`` (the default, once per stage or segment), ``"raise"`` (a ``RuntimeError`` from
+    ``backward``) or ``"ignore"`` (no check). ``tolerance`` overrides the relative difference
+    allowed (None: by precision, 1e-2 in float32). The check runs on the first 10 backward
+    passes and every 50th after (NOTE [ Mismatch check ] in ``_replay.py``). Returns ``model``.
+    """
+    targets: list[Any] = [*stages(model)]
+    for _, plan in plans(model):
+        targets += [seg for seg in plan.segments if seg.checkpoint]
+    for t in targets:
+        t.on_mismatch = mode
+        t.mismatch_tolerance = tolerance
+    return model
 
 
 def revert(model: nn.Module) -> nn.Module:

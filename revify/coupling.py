@@ -27,7 +27,22 @@ from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
 from . import _exact, _mode
-from ._replay import _ForwardState, batchnorms, check_same_tensors, frozen_running_stats
+from ._replay import (
+    MISMATCH_CAUSES,
+    BufferSnapshot,
+    BufferWatch,
+    MismatchOptions,
+    Owners,
+    RecomputeCheck,
+    _ForwardState,
+    batchnorms,
+    check_same_tensors,
+    frozen_running_stats,
+    replayed_buffers,
+    report_mismatch,
+    stand_ins,
+    state_slots,
+)
 
 __all__ = ["ReversibleStage"]
 
@@ -41,6 +56,9 @@ class _BranchUnit:
     """
 
     subtract_input = False
+    # Positions (in _replay.state_slots) of the buffers its forward was seen to write; None
+    # before its first recorded call (NOTE [ Buffers a forward writes ]).
+    written: frozenset[int] | None = None
 
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name = name
@@ -50,6 +68,10 @@ class _BranchUnit:
 
     def tensors(self) -> list[Tensor]:
         return [*self.module.parameters(), *self.module.buffers()]
+
+    def owners(self) -> Owners:
+        """Where the unit reads its tensors (``_replay.stand_ins``, ``_replay.state_slots``)."""
+        return Owners([self.module])
 
     def raw(self, h: Tensor) -> Tensor:
         return self.module(h)
@@ -71,6 +93,11 @@ class _Attr:
         for part in self.target.split("."):
             obj = getattr(obj, part)
         return obj
+
+    def slot(self) -> tuple[nn.Module, str]:
+        """The module holding the attribute, and its name there."""
+        owner, _, name = self.target.rpartition(".")
+        return self.root.get_submodule(owner), name
 
 
 class _Reads:
@@ -94,6 +121,12 @@ class _Reads:
             if isinstance(obj, Tensor):
                 ts.setdefault(id(obj), obj)
         return list(ts.values())
+
+    def owners(self) -> Owners:
+        return Owners(
+            [self.root.get_submodule(p) for p in self.module_paths],
+            [_Attr(self.root, p).slot() for p in self.attr_paths],
+        )
 
 
 def _fill(template: Any) -> Any:
@@ -129,6 +162,9 @@ class _ModuleUnit(_BranchUnit):
     def tensors(self) -> list[Tensor]:
         return [*super().tensors(), *(a.get() for a in self._attrs)]
 
+    def owners(self) -> Owners:
+        return Owners([self.module], [a.slot() for a in self._attrs])
+
     def raw(self, h: Tensor) -> Tensor:
         return self.module(h, *_fill(self.args), **_fill(self.kwargs))
 
@@ -160,6 +196,9 @@ class _GraphUnit(_BranchUnit):
     def tensors(self) -> list[Tensor]:
         return self._reads()
 
+    def owners(self) -> Owners:
+        return self._reads.owners()
+
     def raw(self, h: Tensor) -> Tensor:
         return self.code(self.root, h)
 
@@ -171,6 +210,11 @@ def _grad_tensors(unit: Any) -> list[Tensor]:
         if t.requires_grad:
             ts.setdefault(id(t), t)
     return list(ts.values())
+
+
+def _stage_state_slots(stage: ReversibleStage) -> list[Any]:
+    """The buffer slots the stage's units may write (``_replay.state_slots``)."""
+    return [slot for u in stage.units for slot in state_slots(u.owners())]
 
 
 def _stream_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -189,7 +233,7 @@ def _combine(alpha: float, beta: float, x_prev: Tensor, x_cur: Tensor, r: Tensor
     return torch.add(out, x_cur, alpha=alpha)
 
 
-class ReversibleStage:
+class ReversibleStage(MismatchOptions):
     """A chain of identity residual units run as a reversible two-stream coupling.
 
     Not an ``nn.Module``: it holds references to the units' modules, which stay where they are
@@ -204,6 +248,12 @@ class ReversibleStage:
         last_reconstruction_error: after each reversible backward, ``max|x_-1 - x_0| / max|x_0|``
             (0-dim tensor, not synchronised): both are reconstructions of the stage input, so a
             large value means the coupling was not invertible in this precision.
+        on_mismatch: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what a backward does
+            when a unit's recompute differs from its forward (a unit drawing randomness from
+            Python's ``random``, or changing state outside buffers), detected on the first 10
+            backward passes and every 50th after; see NOTE [ Mismatch check ] in _replay.py.
+        mismatch_tolerance: the relative difference above which that is reported (None: by
+            precision, 1e-2 in float32).
     """
 
     def __init__(
@@ -310,6 +360,8 @@ class _Walk:
     :class:`_StageEnd` node; the walk is what they share, since the states travel outside the
     graph (only ``_StageEnd`` saves tensors; NOTE [ Stage backward ]).
     """
+
+    check: RecomputeCheck | None = None  # this pass's NOTE [ Mismatch check ], set by _run
 
     def __init__(self, stage: ReversibleStage, x: Tensor, grid: _exact.Grid | None) -> None:
         self.stage = stage
@@ -421,10 +473,12 @@ def _run_exact(
     """:func:`_run` on a grid chosen for this forward (NOTE [ Exact streams ]): redone, with the
     same random draws and BatchNorm statistics already updated, while the states outgrow it."""
     start = _ForwardState(x.device)
+    kept = BufferSnapshot(_stage_state_slots(stage))
     grid: _exact.Grid | None = _exact.first_grid(x.detach(), _stream_dtype(x.dtype))
     for attempt in range(3):
-        if attempt:
+        if attempt:  # other buffers as before the first pass (NOTE [ Buffers a forward writes ])
             start.restart()
+            kept.restore()
         frozen = frozen_running_stats(batchnorms(stage.modules()))
         with frozen if attempt else contextlib.nullcontext():
             walk, tokens = _run(stage, x, grid, unit_tensors)
@@ -452,6 +506,7 @@ def _run(
             walk.advance(k)
         return walk, None
     walk = _Walk(stage, x.detach(), grid)
+    walk.check = RecomputeCheck.due(stage, x)
     tokens = (x, x)
     for k, tensors in enumerate(unit_tensors):
         tokens = _UnitStep.apply(walk, k, *tokens, *tensors)
@@ -545,7 +600,15 @@ class _UnitStep(torch.autograd.Function):
         ctx.walk, ctx.k = walk, k
         ctx.tensor_ids = [id(t) for t in tensors]
         ctx.state = _ForwardState(cur.device)
+        units = walk.stage.units
+        unit, check = units[k], walk.check
+        if check is not None and k == 0:
+            check.record(0, walk.pair[1])
+        watch = BufferWatch(state_slots(unit.owners()), unit.written)
         rem = walk.advance(k)
+        ctx.written, unit.written = watch.written()
+        if check is not None and k + 1 <= len(units) - 2:  # x_{n-1}, x_n are kept, not rebuilt
+            check.record(k + 1, walk.pair[1])
         if rem is not None:
             ctx.save_for_backward(rem)
         return _token(cur), _token(cur)
@@ -553,6 +616,14 @@ class _UnitStep(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g_cur: Tensor | None, g_next: Tensor | None) -> tuple[Any, ...]:
         unit = ctx.walk.stage.units[ctx.k]
+        if torch.is_grad_enabled():  # the backward of a create_graph=True backward
+            raise RuntimeError(
+                f"revify: stage {ctx.walk.stage.name}, unit {unit.name}: higher-order gradients "
+                "(torch.autograd.grad(..., create_graph=True), gradient penalties) are not "
+                "supported through a reversible stage: its states are rebuilt outside the graph; "
+                "use revify.plain_autograd() for steps that need higher-order gradients, or "
+                "revify.revert(model)"
+            )
         with torch.profiler.record_function(f"revify.stage_backward: {unit.name}"):
             return _step_backward(ctx, g_cur, g_next)
 
@@ -628,8 +699,8 @@ def _step_backward(ctx: Any, g_cur: Tensor | None, g_next: Tensor | None) -> tup
     need_dx = bool(ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
     tensors = _grad_tensors(unit)
     needs = ctx.needs_input_grad[4:]
-    check_same_tensors(f"stage {stage.name}, unit {unit.name}", ctx.tensor_ids, tensors)
-    wanted = [t for t, need in zip(tensors, needs, strict=True) if need]
+    what = f"stage {stage.name}, unit {unit.name}"
+    check_same_tensors(what, ctx.tensor_ids, tensors)
     beta = walk.beta
 
     h = mid.detach().to(walk.in_dtype)
@@ -641,16 +712,24 @@ def _step_backward(ctx: Any, g_cur: Tensor | None, g_next: Tensor | None) -> tup
         # recompute: the fp32 states then cost one state, not two, beside the unit's graph.
         folded, scale = _fold_states(walk, hi, mid, a)
         hi = mid = None
-    with torch.enable_grad(), ctx.state.replay(), frozen_running_stats(walk.bns):
+    with (
+        torch.enable_grad(),
+        ctx.state.replay(),
+        frozen_running_stats(walk.bns),
+        replayed_buffers(ctx.written),
+        stand_ins(what, unit.owners(), tensors, needs, linked=False) as leaves,
+    ):
         h.requires_grad_(need_dx)
         u = unit.raw(h)
+    wanted = [t for t, need in zip(leaves, needs, strict=True) if need]
+    del leaves
     with torch.no_grad():
         m = None if m is None else m.detach()
         lo = None
         if folded is not None:
             _record_folded_error(walk, folded, u, m, scale)
             del folded
-        elif need_dx and k == 0:
+        elif k == 0 and (need_dx or walk.check is not None):
             # No step needs x_{-1}: like x_0 it rebuilds the stage input, and only the
             # difference of the two is kept.
             _record_error(walk, hi, u, mid, a, m)
@@ -665,6 +744,11 @@ def _step_backward(ctx: Any, g_cur: Tensor | None, g_next: Tensor | None) -> tup
             else:
                 lo = _rebuild(hi, u, mid, a, m, beta, inplace=hi_owned)
         del hi, m
+        if walk.check is not None:  # NOTE [ Mismatch check ] in _replay.py
+            if lo is not None:
+                walk.check.compare(k - 1, lo)
+            elif k == 0:
+                _judge(walk)
     inputs = ([h] if need_dx else []) + wanted
     vjp: Sequence[Tensor | None] = (None,) * len(inputs)
     if g_next is not None and u.requires_grad:
@@ -769,3 +853,25 @@ def _record_error(
         del x_m1  # before the next slice's is made
     scale = _max_abs(ref).clamp_min(torch.finfo(ref.dtype).tiny)
     walk.stage.last_reconstruction_error = err / scale
+
+
+def _judge(walk: _Walk) -> None:
+    """Unit 0 of a checked pass: report a recompute that differed from its forward, naming the
+    first unit (in backward order) whose rebuilt state deviates (NOTE [ Mismatch check ])."""
+    check, stage = walk.check, walk.stage
+    walk.check = None
+    err = stage.last_reconstruction_error
+    bad = check.worst(None if err is None else {-1: err})
+    if not bad:
+        return
+    j = max(bad)  # x_j was rebuilt by unit j + 1; x_{-1} by unit 0
+    unit = stage.units[j + 1]
+    what = f"stage {stage.name}, unit {unit.name}"
+    if walk.exact or (walk.alpha == 0 and walk.beta == 1):
+        report_mismatch(stage, what, bad[j], check.tolerance)
+    else:  # the error may be rounding, grown by the inverse (DESIGN.md §3)
+        report_mismatch(stage, what, bad[j], check.tolerance, cause=(
+            f"the coupling alpha={walk.alpha:g}, beta={walk.beta:g} is not invertible in this "
+            "precision over the stage (convert with exact=True, or alpha=0, beta=1), or "
+            + MISMATCH_CAUSES
+        ))

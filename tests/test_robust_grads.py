@@ -1,0 +1,460 @@
+"""Paths that gave silently wrong results (issue 13 §2): gradient hooks on parameters,
+higher-order gradients, torch.compile with dropout, buffers that a forward writes, and units
+whose recompute differs from their forward."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import random
+import time
+import warnings
+from collections import defaultdict
+
+import pytest
+import timm
+import torch
+from conftest import bn_state, max_rel_err, restore
+from timm.layers import EvoNorm2dB0
+from timm.models.resnet import Bottleneck, ResNet
+from torch import nn
+
+import revify
+from revify._replay import _CHECK_EVERY, _CHECK_FIRST, RecomputeCheck
+from revify.convert import plans
+
+SIZE = 32
+
+
+def _resnet() -> nn.Module:
+    """A small timm ResNet, float64, train mode: a stem segment in two pieces (the stem, then
+    layer1.0 with its projection), stages layer1 and layer2 of two units, a transition."""
+    torch.manual_seed(0)
+    m = ResNet(
+        Bottleneck, [3, 3, 1, 1], channels=(8, 8, 8, 8), stem_width=8, num_classes=3,
+        zero_init_last=False,
+    ).double()
+    revify.convert(m, torch.zeros(2, 3, SIZE, SIZE, dtype=torch.float64))
+    return m.train()
+
+
+def _x(requires_grad: bool = False) -> torch.Tensor:
+    torch.manual_seed(3)
+    return torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64, requires_grad=requires_grad)
+
+
+def _plain(plain: bool):
+    return revify.plain_autograd() if plain else contextlib.nullcontext()
+
+
+def _segment(model: nn.Module, name: str):
+    return next(s for _, p in plans(model) for s in p.segments if s.name == name)
+
+
+# 1. Gradient hooks ------------------------------------------------------------------------
+
+
+def test_parameter_hooks_run_once_and_see_the_true_gradient():
+    model = _resnet()
+    assert len(_segment(model, "stem").pieces) == 2
+    hooked = {
+        "stem": model.conv1.weight,  # stem segment, first piece
+        "stem, layer1.0": model.layer1[0].conv2.weight,  # stem segment, second piece
+        "stage layer1": model.layer1[1].conv2.weight,
+        "transition": model.layer2[0].conv1.weight,
+        "stage layer2": model.layer2[2].conv3.weight,
+    }
+    seen: dict[str, list[torch.Tensor]] = defaultdict(list)
+    accumulated: dict[str, int] = defaultdict(int)
+    for name, p in hooked.items():
+        # a scaling hook (gradient clipping or loss scaling do this) that also logs, as DDP's
+        # and FSDP2's hooks see the gradient, and a post-accumulate hook (optimizer in backward)
+        p.register_hook(lambda g, name=name: (seen[name].append(g.clone()), 2 * g)[1])
+        p.register_post_accumulate_grad_hook(
+            lambda p, name=name: accumulated.__setitem__(name, accumulated[name] + 1)
+        )
+
+    def step(plain: bool):
+        seen.clear()
+        accumulated.clear()
+        model.zero_grad(set_to_none=True)
+        state = bn_state(model)
+        torch.manual_seed(1)
+        with _plain(plain):
+            y = model(_x())
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        restore(model, state)
+        grads = {name: p.grad.clone() for name, p in hooked.items()}
+        return grads, {k: list(v) for k, v in seen.items()}, dict(accumulated)
+
+    ref_grads, ref_seen, ref_acc = step(plain=True)
+    grads, seen_rev, acc = step(plain=False)
+    assert ref_acc == acc == dict.fromkeys(hooked, 1)
+    for name in hooked:
+        assert len(seen_rev[name]) == len(ref_seen[name]) == 1, name
+        assert max_rel_err(seen_rev[name], ref_seen[name]) < 1e-10, name
+        assert max_rel_err([grads[name]], [ref_grads[name]]) < 1e-10, name
+
+
+# 2. Higher-order gradients ----------------------------------------------------------------
+
+
+def test_gradient_penalty_through_a_stage_raises():
+    model = _resnet()
+    x = _x(requires_grad=True)
+    y = model(x)
+    with pytest.raises(RuntimeError, match=r"stage layer\d.*revify\.plain_autograd\(\)"):
+        (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        (y.sum() + gx.square().sum()).backward()
+    with revify.plain_autograd():  # the fix the message names works
+        y = model(x)
+        (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        (y.sum() + gx.square().sum()).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_gradient_penalty_through_a_segment_matches_plain_autograd():
+    model = _resnet()
+    seg = _segment(model, "stem")  # two pieces
+    params = [p for p in seg.tensors() if p.requires_grad]
+
+    def penalty_grads(plain: bool):
+        state = bn_state(model)
+        x = _x(requires_grad=True)
+        torch.manual_seed(1)
+        with _plain(plain):
+            (h,) = seg(x)
+        out = (h.tanh() * torch.linspace(-1, 1, h.numel(), dtype=h.dtype).view_as(h)).sum()
+        (gx,) = torch.autograd.grad(out, x, create_graph=True)
+        grads = torch.autograd.grad(out + gx.square().sum(), [*params, x])
+        restore(model, state)
+        return grads
+
+    assert max_rel_err(penalty_grads(plain=False), penalty_grads(plain=True)) < 1e-10
+
+
+# 3. torch.compile ---------------------------------------------------------------------------
+
+
+class _Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(width, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop(torch.tanh(self.bn(self.conv(x))))
+
+
+class _DropoutNet(nn.Module):
+    """timm's layout: ``forward_features`` (converted), then a head with its own dropout."""
+
+    def __init__(self, width: int = 6) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.Dropout(0.2))
+        self.blocks = nn.Sequential(*(_Block(width) for _ in range(3)))
+        self.drop = nn.Dropout(0.2)
+        self.head = nn.Linear(width, 3)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.stem(x))
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(x.mean((2, 3))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def test_torch_compile_with_dropout_gives_true_gradients():
+    # The converted trunk runs eagerly inside torch.compile, its recompute replaying the
+    # forward's dropout masks; before, inductor drew other masks (finite-difference error 0.1-2).
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _DropoutNet().double().train()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    revify.convert(model, x)
+    compiled = torch.compile(model)
+    params = list(model.parameters())
+
+    def loss() -> torch.Tensor:
+        torch.manual_seed(0)  # the same dropout masks at every call, eager or inductor
+        return compiled(x).square().sum()
+
+    start = time.perf_counter()
+    grads = torch.autograd.grad(loss(), params)
+    compile_s = time.perf_counter() - start
+    print(f"first compiled step: {compile_s:.1f} s")
+    gen = torch.Generator().manual_seed(1)
+    errors = []
+    for _ in range(3):
+        d = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+        with torch.no_grad():
+            for p, v in zip(params, d, strict=True):
+                p.add_(v, alpha=1e-6)
+            up = loss().item()
+            for p, v in zip(params, d, strict=True):
+                p.add_(v, alpha=-2e-6)
+            down = loss().item()
+            for p, v in zip(params, d, strict=True):
+                p.add_(v, alpha=1e-6)
+        fd = (up - down) / 2e-6
+        exact = sum(float((g * v).sum()) for g, v in zip(grads, d, strict=True))
+        errors.append(abs(fd - exact) / abs(fd))
+    assert max(errors) < 1e-6, (errors, compile_s)
+    torch._dynamo.reset()
+
+
+# 4. Buffers written in forward --------------------------------------------------------------
+
+
+class _Counted(nn.Module):
+    """Counts its calls in a buffer, in place or by replacing it."""
+
+    def __init__(self, inplace: bool = True) -> None:
+        super().__init__()
+        self.inplace = inplace
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inplace:
+            self.count += 1
+        else:
+            self.count = self.count + 1
+        return x
+
+
+class _StatNet(nn.Module):
+    """Running statistics that are not BatchNorm's, in the stem segment and in stage units."""
+
+    def __init__(self, width: int = 6) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1),
+            nn.InstanceNorm2d(width, affine=True, track_running_stats=True),
+            _Counted(),
+        )
+        self.f1 = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.InstanceNorm2d(width, track_running_stats=True),
+            nn.Tanh(),
+            _Counted(inplace=False),
+        )
+        self.f2 = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), EvoNorm2dB0(width))
+        self.f3 = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.Tanh(), _Counted())
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.f1(x)
+        x = x + self.f2(x)
+        x = x + self.f3(x)
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_buffers_written_in_forward_are_updated_once(exact, monkeypatch):
+    torch.manual_seed(0)
+    model = _StatNet().double().train()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    coeffs = dict(alpha=15 / 16, beta=1 / 16, exact=True) if exact else dict(coupling="revnet")
+    if exact:  # far too little headroom: each forward is redone on a coarser grid
+        monkeypatch.setattr(revify._exact, "HEADROOM_BITS", 1)
+        redone = []
+        regrid = revify._exact.regrid
+        monkeypatch.setattr(revify._exact, "regrid",
+                            lambda *a: redone.append(1) or regrid(*a))
+    revify.convert(model, x, **coeffs)
+    (stage,) = revify.stages(model)
+    assert [u.name for u in stage.units] == ["f1", "f2", "f3"]
+    assert _segment(model, "stem").checkpoint
+    ref = copy.deepcopy(model)
+    for step in range(2):  # the first step copies every buffer, later ones only those written
+        torch.manual_seed(step)
+        y = model(x)
+        (y * y).sum().backward()
+        torch.manual_seed(step)
+        with revify.plain_autograd():
+            y_ref = ref(x)
+        (y_ref * y_ref).sum().backward()
+        buffers = dict(model.named_buffers())
+        for name, b in ref.named_buffers():
+            assert torch.equal(buffers[name], b), (step, name)
+        assert model.stem[2].count.item() == model.f3[2].count.item() == step + 1
+    grads = [p.grad for p in model.parameters()]
+    assert max_rel_err(grads, [p.grad for p in ref.parameters()]) < 1e-10
+    if exact:
+        assert len(redone) > 4  # each forward checked its grid at least twice: it was redone
+
+
+class _SpectralBlock(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv = nn.utils.spectral_norm(nn.Conv2d(width, width, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.tanh(self.conv(x))
+
+
+class _SpectralNet(nn.Module):
+    def __init__(self, width: int = 6) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.blocks = nn.Sequential(*(_SpectralBlock(width) for _ in range(3)))
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def _spectral_net(x: torch.Tensor) -> nn.Module:
+    torch.manual_seed(0)
+    model = _SpectralNet().double().train()
+    return revify.convert(model, x)
+
+
+def test_spectral_norm_recompute_replays_the_power_iteration():
+    # spectral_norm updates its vectors u, v in every training forward; the recompute now
+    # reads them as the forward did (gradient error 1e-3-1e-6 before, u updated twice).
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    model, ref = _spectral_net(x), _spectral_net(x)
+    assert len(revify.stages(model)[0].units) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for _ in range(3):
+            grads = torch.autograd.grad(model(x).square().sum(), list(model.parameters()))
+            with revify.plain_autograd():
+                y = ref(x)
+            ref_grads = torch.autograd.grad(y.square().sum(), list(ref.parameters()))
+            assert max_rel_err(grads, ref_grads) < 1e-10
+            for (name, b), b_ref in zip(model.named_buffers(), ref.buffers(), strict=True):
+                assert torch.equal(b, b_ref), name
+
+
+# 5. Recomputes that differ from their forward -----------------------------------------------
+
+
+class _PyCounterBlock(nn.Module):
+    """A unit whose computation depends on a Python call counter: its recompute differs."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(width, width, 3, padding=1)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x + torch.tanh(self.conv(x)) * (1 + self.calls % 2)
+
+
+class _PyRandomDepthBlock(nn.Module):
+    """Stochastic depth drawn with Python's ``random``: the recompute draws another number."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(width, width, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = torch.tanh(self.conv(x))
+        return x if self.training and random.random() < 0.5 else x + r
+
+
+class _PyCounterScale(nn.Module):
+    """Not a residual: scales by a Python call counter, so a checkpointed recompute differs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x * (1 + self.calls % 2)
+
+
+class _MismatchNet(nn.Module):
+    def __init__(self, odd: type[nn.Module] = _Block, odd_stem: bool = False, width: int = 6):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), _PyCounterScale() if odd_stem else nn.Identity()
+        )
+        self.blocks = nn.Sequential(_Block(width), odd(width), _Block(width))
+        self.down = nn.Conv2d(width, width, 3, stride=2, padding=1)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.down(self.blocks(self.stem(x))).mean((2, 3)))
+
+
+def _mismatch_net(odd: type[nn.Module], dtype=torch.float32, **kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    model = _MismatchNet(odd, **kwargs).to(dtype).train()
+    return revify.convert(model, torch.zeros(2, 3, 8, 8, dtype=dtype))
+
+
+def _steps(model: nn.Module, n: int, dtype=torch.float32) -> None:
+    x = torch.randn(2, 3, 8, 8, dtype=dtype)
+    for _ in range(n):
+        model(x).square().sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_unit_whose_recompute_differs_warns_once_naming_it(dtype):
+    model = _mismatch_net(_PyCounterBlock, dtype)
+    assert len(revify.stages(model)[0].units) == 3
+    with pytest.warns(RuntimeWarning, match=r"stage blocks, unit blocks\.1: .*Python") as rec:
+        _steps(model, 3, dtype)
+    assert len([w for w in rec if "revify" in str(w.message)]) == 1  # once per stage
+
+
+def test_python_random_stochastic_depth_is_detected():
+    random.seed(0)
+    model = _mismatch_net(_PyRandomDepthBlock)
+    with pytest.warns(RuntimeWarning, match=r"unit blocks\.1: the activations recomputed in"):
+        _steps(model, 6)
+
+
+def test_a_segment_whose_recompute_differs_warns():
+    model = _mismatch_net(_Block, odd_stem=True)
+    assert _segment(model, "stem").checkpoint
+    with pytest.warns(RuntimeWarning, match=r"segment stem: the activations recomputed in"):
+        _steps(model, 2)
+
+
+def test_on_mismatch_raise_and_ignore():
+    model = revify.set_on_mismatch(_mismatch_net(_PyCounterBlock), "raise")
+    with pytest.raises(RuntimeError, match=r"unit blocks\.1: the activations recomputed in"):
+        _steps(model, 1)
+    model = revify.set_on_mismatch(_mismatch_net(_PyCounterBlock), "ignore")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        _steps(model, 2)
+    with pytest.raises(ValueError, match="on_mismatch must be one of"):
+        revify.stages(model)[0].on_mismatch = "error"
+
+
+def test_no_mismatch_reported_on_honest_models(converted_resnet18):
+    # resnet18 with DropPath in fp32 and bf16 autocast, convnext_atto with layer scale 0.5
+    torch.manual_seed(0)
+    convnext = timm.create_model("convnext_atto", ls_init_value=0.5, drop_path_rate=0.2)
+    revify.convert(convnext, torch.zeros(2, 3, SIZE, SIZE))
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for model in (converted_resnet18.train(), convnext.train()):
+            for autocast in (False, True):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    y = model(x)
+                y.float().square().mean().backward()
+            assert all(st.checked_passes == 2 for st in revify.stages(model))
+
+
+def test_mismatch_check_schedule():
+    class Owner:
+        on_mismatch, mismatch_tolerance, checked_passes = "warn", None, 0
+
+    x = torch.zeros(2)
+    due = [RecomputeCheck.due(Owner, x) is not None for _ in range(2 * _CHECK_EVERY)]
+    assert due[:_CHECK_FIRST] == [True] * _CHECK_FIRST
+    assert sum(due) == _CHECK_FIRST + 2  # then passes 50 and 100
+    assert RecomputeCheck.due(Owner, torch.zeros(2, dtype=torch.float64)) is None
