@@ -18,6 +18,7 @@ vector-Jacobian product. See NOTE [ Stage backward ].
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,6 +41,9 @@ class _BranchUnit:
     """
 
     subtract_input = False
+    # The unit writes its input in place (``h += self.f(h)``): it gets a copy, since its input
+    # is a stream state of the stage (see ``_inplace.py``).
+    copy_input = False
 
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name = name
@@ -51,7 +55,7 @@ class _BranchUnit:
         return [*self.module.parameters(), *self.module.buffers()]
 
     def raw(self, h: Tensor) -> Tensor:
-        return self.module(h)
+        return self.module(h.clone() if self.copy_input else h)
 
     def __call__(self, h: Tensor) -> Tensor:
         out = self.raw(h)
@@ -129,6 +133,7 @@ class _ModuleUnit(_BranchUnit):
         return [*super().tensors(), *(a.get() for a in self._attrs)]
 
     def raw(self, h: Tensor) -> Tensor:
+        h = h.clone() if self.copy_input else h
         return self.module(h, *_fill(self.args), **_fill(self.kwargs))
 
 
@@ -160,7 +165,7 @@ class _GraphUnit(_BranchUnit):
         return self._reads()
 
     def raw(self, h: Tensor) -> Tensor:
-        return self.code(self.root, h)
+        return self.code(self.root, h.clone() if self.copy_input else h)
 
 
 def _grad_tensors(unit: Any) -> list[Tensor]:
@@ -232,6 +237,8 @@ class ReversibleStage:
 
     @alpha.setter
     def alpha(self, value: float) -> None:
+        if not math.isfinite(float(value)):
+            raise ValueError(f"revify: stage {self.name}: alpha must be finite, got {value}")
         self._alpha = float(value)
 
     @property
@@ -240,6 +247,8 @@ class ReversibleStage:
 
     @beta.setter
     def beta(self, value: float) -> None:
+        if not math.isfinite(float(value)):
+            raise ValueError(f"revify: stage {self.name}: beta must be finite, got {value}")
         if float(value) == 0.0:
             raise ValueError(
                 f"revify: stage {self.name}: beta=0 is not invertible "
@@ -541,10 +550,11 @@ def _run(
 
 
 def _is_fake(t: Tensor) -> bool:
-    """Fake tensors (the audit's shape-only passes) have no values to check."""
+    """Fake and meta tensors (shape-only passes: the audit, ``model.to("meta")``) have no
+    values to check."""
     from torch._subclasses.fake_tensor import FakeTensor
 
-    return isinstance(t, FakeTensor)
+    return isinstance(t, FakeTensor) or t.is_meta
 
 
 def _fits(x_cur: Tensor, x_prev: Tensor, delta: Tensor) -> bool:
