@@ -56,7 +56,7 @@ class Residual:
         return path[-1] if path else ""
 
 
-def _is_add(node: fx.Node) -> bool:
+def is_add(node: fx.Node) -> bool:
     """A two-operand add (keyword arguments such as ``alpha=`` are judged by classify_add)."""
     if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
         return len(node.args) == 2
@@ -221,7 +221,7 @@ def find_residuals(graph: fx.Graph) -> list[Residual]:
     """Every tensor add in graph order, classified."""
     out = []
     for node in graph.nodes:
-        if _is_add(node):
+        if is_add(node):
             res = classify_add(node)
             if res is not None:
                 out.append(res)

@@ -11,6 +11,8 @@ The pass (see ``_build_plan``):
 3. Trace again with those modules (and every module holding no residual) as leaves, group
    consecutive units into chains, and split the rest of the graph into *segments*: the stem
    before the first chain, the transitions between chains, the tail after the last one.
+   In-place writes seen on the fake run decide which units get a copy of their input and
+   where a segment must clone a value before writing it (``_inplace.py``).
 4. Install a replacement for the trunk method that runs segments (checkpointed) and stages
    (reversible) in order. No module, parameter or buffer is moved, added or renamed.
 """
@@ -32,7 +34,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _mode
 from ._inplace import InplaceError, check_units, clone_foreign_writes, storage, written_from
-from ._match import Residual, Unit, chains, find_residuals
+from ._match import Residual, Unit, chains, find_residuals, is_add
 from ._trace import (
     GraphCode,
     entry_method,
@@ -640,8 +642,15 @@ def _build_plan(model: nn.Module, inputs: tuple[Any, ...], options: dict[str, An
         units.append(Unit(r.entry, r.exit, r.members, r))
     order = {n: i for i, n in enumerate(coarse.nodes)}
     units.sort(key=lambda u: order[u.exit])
-    units, refused = check_units(coarse, units)
-    found = [c for c in chains(units) if len(c) >= options["min_units"]]
+    refused: dict[str, str] = {}
+    while True:  # the in-place check assumes every unit's output is a stage's: make it true
+        units, why = check_units(coarse, units)
+        refused.update(why)
+        found = [c for c in chains(units) if len(c) >= options["min_units"]]
+        kept = {id(u) for c in found for u in c}
+        if len(kept) == len(units):
+            break
+        units = [u for u in units if id(u) in kept]
     try:
         clone_foreign_writes(coarse, found)
     except InplaceError as e:
@@ -997,10 +1006,10 @@ def _natural(s: str) -> list[Any]:
 
 
 def _add_key(r: Residual) -> tuple[str, int]:
-    """Identify an add across traces: node names differ, (owner, rank among its adds) not."""
+    """Identify an add across traces: node names differ, (owner, rank among its adds) not.
+    Adds of every spelling count (``x.add_(f(x))`` then ``x + g(x)`` are residual0 and 1)."""
     same = [
-        n for n in r.add.graph.nodes
-        if n.op == r.add.op and n.target == r.add.target and module_path(n) == module_path(r.add)
+        n for n in r.add.graph.nodes if is_add(n) and module_path(n) == module_path(r.add)
     ]
     return r.owner, same.index(r.add)
 

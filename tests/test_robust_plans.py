@@ -231,6 +231,7 @@ class InlineAddInto(nn.Module):
 
 def test_inline_units_writing_their_input():
     model = _converted(InlineAddInto(), same_function=True)
+    assert _units(model) == [["InlineAddInto:residual0"], ["InlineAddInto:residual1"]]
     assert [u.copy_input for st in revify.stages(model) for u in st.units] == [True, True]
 
 
