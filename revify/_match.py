@@ -36,6 +36,7 @@ class Residual:
     region: list[fx.Node] = field(default_factory=list)  # nodes computing R(h), graph order
     post: fx.Node | None = None  # op applied after the add, inside the unit
     skip: list[fx.Node] = field(default_factory=list)  # nn.Identity calls on the skip path
+    scale: float = 1.0  # ``torch.add(h, R(h), alpha=scale)``: h + scale * R(h)
 
     @property
     def exit(self) -> fx.Node:
@@ -55,12 +56,25 @@ class Residual:
         return path[-1] if path else ""
 
 
-def _is_add(node: fx.Node) -> bool:
+def is_add(node: fx.Node) -> bool:
+    """A two-operand add (keyword arguments such as ``alpha=`` are judged by classify_add)."""
     if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
-        return len(node.args) == 2 and not node.kwargs
+        return len(node.args) == 2
     if node.op == "call_method" and node.target in ("add", "add_", "__add__"):
-        return len(node.args) == 2 and not node.kwargs
+        return len(node.args) == 2
     return False
+
+
+def _scale(add: fx.Node) -> tuple[float | None, str]:
+    """The ``alpha`` of ``torch.add(h, b, alpha=alpha)`` (1.0 for plain adds), or None and why
+    the add cannot be a residual."""
+    extra = sorted(set(add.kwargs) - {"alpha"})
+    if extra:
+        return None, f"add with {', '.join(f'{k}=' for k in extra)}"
+    alpha = add.kwargs.get("alpha", 1.0)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        return None, f"add with a computed alpha ({alpha})"
+    return float(alpha), ""
 
 
 def _owner(node: fx.Node) -> list[str]:
@@ -178,15 +192,24 @@ def classify_add(add: fx.Node) -> Residual | None:
         return None
     if sa != sb or sa != so:
         return Residual(add, "other", reason=f"broadcasting add {tuple(sa)} + {tuple(sb)}")
+    scale, why = _scale(add)
+    if scale is None:
+        return Residual(add, "other", reason=f"not a residual: {why}")
     reasons = []
-    for h_op, br in ((a, b), (b, a)):
+    # torch.add(a, b, alpha=s) is a + s*b: only ``a`` can be the identity side.
+    for h_op, br in ((a, b), (b, a)) if scale == 1 else ((a, b),):
         h, skip = _skip_path(h_op)
         region, why = _branch_region(h, br, add)
         if region is not None:
-            res = Residual(add, "identity", entry=h, branch=br, region=region, skip=skip)
+            res = Residual(add, "identity", entry=h, branch=br, region=region, skip=skip,
+                           scale=scale)
             res.post = _post_op(add)
             return res
         reasons.append(why)
+    if scale != 1 and _branch_region(_skip_path(b)[0], a, add)[0] is not None:
+        why = (f"torch.add(F(x), x, alpha={scale:g}) scales the skip value x "
+               "(torch.add(x, F(x), alpha=a) is a residual)")
+        return Residual(add, "other", reason=f"not a residual: {why}")
     common = _ancestors(a) & _ancestors(b)
     if any(n.op != "get_attr" for n in common):
         why = "no identity side: both operands have layers of their own (projection or sum)"
@@ -198,7 +221,7 @@ def find_residuals(graph: fx.Graph) -> list[Residual]:
     """Every tensor add in graph order, classified."""
     out = []
     for node in graph.nodes:
-        if _is_add(node):
+        if is_add(node):
             res = classify_add(node)
             if res is not None:
                 out.append(res)
@@ -216,6 +239,8 @@ class Unit:
     # A whole-module unit's call arguments after its input (side inputs such as ``rope=``).
     side_args: tuple[Any, ...] = ()
     side_kwargs: dict[str, Any] = field(default_factory=dict)
+    # The unit writes its input in place: a stage gives it a copy (``_inplace.check_units``).
+    writes_input: bool = False
 
 
 def chains(units: list[Unit]) -> list[list[Unit]]:

@@ -37,7 +37,7 @@ class _ForwardState:
         self.device_index = device.index
         self.cpu_rng = torch.get_rng_state() if capture_rng else None
         self.device_rng = None
-        if capture_rng and device.type != "cpu":
+        if capture_rng and device.type not in ("cpu", "meta"):  # meta tensors draw nothing
             mod = torch.get_device_module(device.type)
             self.device_index = device.index if device.index is not None else mod.current_device()
             self.device_rng = mod.get_rng_state(self.device_index)

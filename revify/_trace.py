@@ -115,9 +115,11 @@ def _keep_constant(model: nn.Module, value: Any) -> str:
     non-persistent buffer of ``model``, named by content so retracing reuses it."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"revify: traced constant of type {type(value).__name__} is not supported")
-    data = value.detach().cpu().contiguous()
+    # Flattened first: a 0-dim tensor (``torch.tensor(0.5)``) cannot be viewed as bytes.
+    data = value.detach().cpu().contiguous().reshape(-1)
     digest = hashlib.sha1(
-        repr((data.dtype, tuple(data.shape))).encode() + data.view(torch.uint8).numpy().tobytes()
+        repr((value.dtype, tuple(value.shape))).encode()
+        + data.view(torch.uint8).numpy().tobytes()
     ).hexdigest()[:16]
     name = f"_revify_constant_{digest}"
     if name not in dict(model.named_buffers(recurse=False)):
@@ -131,8 +133,50 @@ def module_path(node: fx.Node) -> list[str]:
     return [path for path, _ in stack.values()]
 
 
+def module_calls(node: fx.Node) -> list[str]:
+    """Like :func:`module_path`, but one name per *call*: a module called a second time in the
+    traced code is ``"body@1"`` there, so two calls of one module can be told apart."""
+    return list((node.meta.get("nn_module_stack") or {}).keys())
+
+
+# NOTE [ In-place writes ]
+# torch.fx records ``h += f(h)`` as an out-of-place add and cannot see into leaf modules
+# (``nn.ReLU(inplace=True)``, a block run eagerly), yet a value written in place breaks
+# reversible stages (the unit's input is a stream state) and checkpointed segments (the saved
+# input would be written again by the recompute). Shape propagation runs every node on fake
+# tensors, whose version counters do count in-place writes, and views share their base's
+# counter: so for each node it records which of its inputs it wrote (``meta["writes"]``, names)
+# and the input whose memory its result shares, if any (``meta["view_of"]``: a view, or the
+# input itself returned by a block that wrote it). ``_inplace.py`` uses both.
+
+
+class _ShapeProp(ShapeProp):
+    """``ShapeProp`` that also records in-place writes and aliases (NOTE [ In-place writes ])."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        ins = [(a, self.env[a]) for a in n.all_input_nodes
+               if isinstance(self.env.get(a), torch.Tensor)]
+        before = [t._version for _, t in ins]
+        result = super().run_node(n)
+        n.meta["writes"] = [a.name for (a, t), v in zip(ins, before, strict=True)
+                            if t._version != v]
+        n.meta.pop("view_of", None)
+        if isinstance(result, torch.Tensor):
+            base = _base(result)
+            for a, t in ins:
+                if _base(t) is base:
+                    n.meta["view_of"] = a.name
+                    break
+        return result
+
+
+def _base(t: torch.Tensor) -> torch.Tensor:
+    return t._base if t._base is not None else t
+
+
 def propagate_shapes(model: nn.Module, graph: fx.Graph, example_inputs: Sequence[Any]) -> None:
-    """Annotate ``node.meta['tensor_meta']`` by running the graph on fake tensors, in eval mode.
+    """Annotate ``node.meta['tensor_meta']`` by running the graph on fake tensors, in eval mode,
+    and record in-place writes (NOTE [ In-place writes ]).
 
     Eval mode and fake tensors: no activation is allocated and no BatchNorm statistic, RNG
     stream or other state of the model changes.
@@ -147,7 +191,7 @@ def propagate_shapes(model: nn.Module, graph: fx.Graph, example_inputs: Sequence
         model.eval()
         gm.eval()
         with torch.no_grad():
-            ShapeProp(gm, fake_mode=fake_mode).propagate(*fake)
+            _ShapeProp(gm, fake_mode=fake_mode).propagate(*fake)
     finally:
         for m, t in modes.items():
             m.training = t

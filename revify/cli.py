@@ -1,13 +1,15 @@
 """The ``revify`` command line: ``revify audit MODEL`` prints the memory audit of a timm model.
 
 The model is built locally with random weights (``pretrained=False``): nothing is downloaded.
-Exit codes: 0 success, 1 the model cannot be converted or audited, 2 bad usage (unknown model).
+Exit codes: 0 success, 1 the model cannot be converted or audited, 2 bad usage (unknown model,
+an output path that cannot be written).
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -85,6 +87,12 @@ def _audit_command(args: argparse.Namespace) -> int:
     from .audit import audit
     from .convert import _default_example, convert
 
+    for flag in ("json", "markdown", "plot"):
+        problem = _unwritable(getattr(args, flag))
+        if problem:  # checked first: the audit itself can take minutes
+            print(f"revify audit: cannot write --{flag} {getattr(args, flag)}: {problem}",
+                  file=sys.stderr)
+            return 2
     if not timm.is_model(args.model):
         close = difflib.get_close_matches(args.model, timm.list_models(), n=5)
         hint = f"; did you mean: {', '.join(close)}?" if close else "; see timm.list_models()"
@@ -111,6 +119,23 @@ def _audit_command(args: argparse.Namespace) -> int:
         return 1
     _write(args, report)
     return 0
+
+
+def _unwritable(path: str | None) -> str | None:
+    """Why a report cannot be written to ``path``, or None (also for no path and ``-``)."""
+    if path is None or path == "-":
+        return None
+    target = Path(path)
+    folder = target.parent
+    if target.is_dir():
+        return "it is a directory"
+    if not folder.is_dir():
+        return f"directory {folder} does not exist"
+    if target.exists() and not os.access(target, os.W_OK):
+        return "permission denied"
+    if not target.exists() and not os.access(folder, os.W_OK | os.X_OK):
+        return f"directory {folder} is not writable"
+    return None
 
 
 def _write(args: argparse.Namespace, report: AuditReport) -> None:

@@ -11,6 +11,8 @@ The pass (see ``_build_plan``):
 3. Trace again with those modules (and every module holding no residual) as leaves, group
    consecutive units into chains, and split the rest of the graph into *segments*: the stem
    before the first chain, the transitions between chains, the tail after the last one.
+   In-place writes seen on the fake run decide which units get a copy of their input and
+   where a segment must clone a value before writing it (``_inplace.py``).
 4. Install a replacement for the trunk method that runs segments (checkpointed) and stages
    (reversible) in order. No module, parameter or buffer is moved, added or renamed.
 """
@@ -32,11 +34,13 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _mode
-from ._match import Residual, Unit, chains, find_residuals
+from ._inplace import InplaceError, check_units, clone_foreign_writes, storage, written_from
+from ._match import Residual, Unit, chains, find_residuals, is_add
 from ._trace import (
     GraphCode,
     entry_method,
     extract,
+    module_calls,
     module_path,
     propagate_shapes,
     required_args,
@@ -96,6 +100,9 @@ class Plan:
     options: dict[str, Any]
     blocks: list[Block] = field(default_factory=list)
     placeholders: list[str] = field(default_factory=list)  # graph names of ``args``
+    # Per stage, the module holding its whole chain as the units' parent ("" if none): only
+    # such a module runs the stage when called directly (``_install_containers``).
+    holders: list[str] = field(default_factory=list)
 
 
 # NOTE [ torch.compile ]
@@ -353,6 +360,12 @@ def convert(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"revify.convert: expected an nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            f"revify.convert: {getattr(model, 'original_name', type(model).__name__)} is a "
+            "TorchScript module; convert the eager module before scripting (torch.fx cannot "
+            "trace TorchScript)"
+        )
     if is_converted(model):
         warnings.warn(
             "revify.convert: model is already converted; returning it unchanged",
@@ -437,11 +450,13 @@ def _install_containers(
     """Make the modules that hold a whole stage (``layer1``, ``stages.0.blocks``) run it too, so
     that code calling them directly (timm's ``forward_intermediates``, ``model.layer1(x)``)
     computes the same converted function as the trunk. Their plans are built on first call."""
-    for st in plan.stages:
-        if not st.name or any(isinstance(u, _GraphUnit) for u in st.units):
+    for st, holder in zip(plan.stages, plan.holders, strict=True):
+        # Never a unit's own module (a one-unit chain is named after it): its forward is the
+        # unit, which the stage calls.
+        if not holder or any(isinstance(u, _GraphUnit) for u in st.units):
             continue
         try:
-            container = model.get_submodule(st.name)
+            container = model.get_submodule(holder)
         except AttributeError:
             continue
         if container is not model and _PLAN not in container.__dict__:
@@ -469,8 +484,8 @@ class _LazyContainer:
             examples = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
             sub = _build_plan(container, examples, self.options)
         mine = sub.stages[0] if len(sub.stages) == 1 else None
-        if mine is None or [u.module for u in mine.units] != [
-            u.module for u in self.stage.units
+        if mine is None or [getattr(u, "module", u) for u in mine.units] != [
+            getattr(u, "module", u) for u in self.stage.units
         ]:
             raise ConversionError(
                 f"revify: {type(container).__name__} holding stage {self.stage.name} was "
@@ -555,10 +570,6 @@ def _trace(model: nn.Module, method: str, leaves: Sequence[nn.Module] = ()) -> f
         ) from e
 
 
-def _scope(graph: fx.Graph, path: str) -> set[fx.Node]:
-    return {n for n in graph.nodes if path in module_path(n)}
-
-
 def _lca(paths: list[list[str]]) -> str:
     common: list[str] = []
     for level in zip(*paths, strict=False):
@@ -621,11 +632,17 @@ def _unit_modules(graph: fx.Graph, identity: list[Residual]) -> dict[str, list[R
     found: dict[str, list[Residual]] = {}
     tried: set[str] = set()
     for r in identity:
-        path = _lca([module_path(n) for n in r.members])
-        if not path or path in tried:
+        # One call of the module: a module called twice (``self.body(self.body(x))``) has the
+        # nodes of both calls under its path.
+        call = _lca([module_calls(n) for n in r.members])
+        if not call:
+            continue
+        path = next(p for n in r.members for k, p in zip(module_calls(n), module_path(n),
+                                                         strict=True) if k == call)
+        if path in tried:
             continue
         tried.add(path)
-        body = _residual_body(_scope(graph, path), identity)
+        body = _residual_body({n for n in graph.nodes if call in module_calls(n)}, identity)
         if body is not None:
             found[path] = body
     return found
@@ -722,15 +739,39 @@ def _build_plan(model: nn.Module, inputs: tuple[Any, ...], options: dict[str, An
             else:
                 units.append(Unit(h, n, {n}, side_args=n.args[1:], side_kwargs=dict(n.kwargs)))
     unit_calls = {u.exit for u in units}
-    for r in find_residuals(coarse):
-        if r.kind == "identity" and not unit_calls & set(r.region):
-            units.append(Unit(r.entry, r.exit, r.members, r))
+    inline = [r for r in find_residuals(coarse)
+              if r.kind == "identity" and not unit_calls & set(r.region)]
+    nested = {n for r in inline for n in r.region}
+    for r in inline:
+        if r.add in nested:
+            continue  # inside another unit's branch (y = x + f(x) read only by g): part of it
+        if r.post is not None and r.post in unit_calls:
+            r.post = None  # the add feeds the next unit, not an activation of this one
+        units.append(Unit(r.entry, r.exit, r.members, r))
     order = {n: i for i, n in enumerate(coarse.nodes)}
     units.sort(key=lambda u: order[u.exit])
-    found = [c for c in chains(units) if len(c) >= options["min_units"]]
+    refused: dict[str, str] = {}
+    while True:  # the in-place check assumes every unit's output is a stage's: make it true
+        units, why = check_units(coarse, units)
+        refused.update(why)
+        found = [c for c in chains(units) if len(c) >= options["min_units"]]
+        kept = {id(u) for c in found for u in c}
+        if len(kept) == len(units):
+            break
+        units = [u for u in units if id(u) in kept]
+    try:
+        clone_foreign_writes(coarse, found)
+    except InplaceError as e:
+        raise ConversionError(
+            f"revify.convert: {type(model).__name__}.{method}: {e}; a converted model keeps "
+            "stage outputs and checkpointed inputs for backward"
+        ) from e
 
+    for exit_name, why in refused.items():
+        rejected[_refused_path(coarse, exit_name)] = f"identity residual, but {why}"
     report = _report_residuals(residuals, unit_modules, found, options, rejected)
-    stage_list = [_make_stage(model, c, options, unit_modules) for c in found]
+    made = [_make_stage(model, c, options, unit_modules) for c in found]
+    stage_list = [st for st, _ in made]
     steps, segments = _make_steps(model, coarse, found, stage_list, options, report)
     output = next(n for n in coarse.nodes if n.op == "output").args[0]
     output = fx.node.map_arg(output, lambda n: _Ref(n.name))
@@ -747,8 +788,18 @@ def _build_plan(model: nn.Module, inputs: tuple[Any, ...], options: dict[str, An
             blocks += [Block(p, step.run.name, kind, role) for p in step.run.calls]
     placeholders = [n.name for n in coarse.nodes if n.op == "placeholder"]
     return Plan(
-        method, args, steps, output, stage_list, segments, report, options, blocks, placeholders
+        method, args, steps, output, stage_list, segments, report, options, blocks, placeholders,
+        holders=[holder for _, holder in made],
     )
+
+
+def _refused_path(graph: fx.Graph, exit_name: str) -> str:
+    """Report key of a unit the in-place check refused: its module, or its add's owner."""
+    node = next(n for n in graph.nodes if n.name == exit_name)
+    if node.op == "call_module":
+        return str(node.target)
+    owners = _owner_paths(node)
+    return owners[-1] if owners else node.name
 
 
 def _propagate(model: nn.Module, graph: fx.Graph, inputs: tuple[Any, ...], method: str) -> None:
@@ -814,7 +865,9 @@ def _make_stage(
     chain: list[Unit],
     options: dict[str, Any],
     unit_modules: dict[str, list[Residual]],
-) -> ReversibleStage:
+) -> tuple[ReversibleStage, str]:
+    """The stage running ``chain``, and the path of the module holding the whole chain (the
+    units' common parent; ``""`` when it is the traced module itself)."""
     made = []
     paths = []
     for u in chain:
@@ -825,14 +878,21 @@ def _make_stage(
             )
             made.append(_ModuleUnit(path, model.get_submodule(path), args, kwargs))
             made[-1].pattern = _pattern(unit_modules[path])
+            made[-1].copy_input = u.writes_input
+            if u.writes_input:
+                made[-1].pattern += ", writes its input (run on a copy)"
             paths.append(_prefixes(path)[:-1])
             continue
         r = u.residual
         only = r.region[0] if len(r.region) == 1 else None
         owner, rank = _add_key(r)
         name = f"{owner or type(model).__name__}:residual{rank}"
+        # The whole unit U(h), run as U(h) - h: with a post-add op (relu(x + F(x))), a scaled
+        # branch (torch.add(x, F(x), alpha=a)), or when it writes h in place (it then writes a
+        # copy, and the add must read that copy as the original's did).
+        whole = r.post is not None or r.scale != 1 or u.writes_input
         if (
-            r.post is None
+            not whole
             and only is not None
             and only.op == "call_module"
             and only.args == (r.entry,)
@@ -841,19 +901,27 @@ def _make_stage(
             made.append(_BranchUnit(str(only.target), model.get_submodule(only.target)))
             made[-1].pattern = "inline x + f(x)"
         else:
-            nodes = r.region + (r.skip[::-1] + [r.add, r.post] if r.post is not None else [])
-            out = r.post if r.post is not None else r.branch
+            nodes = r.region + (r.skip[::-1] + [r.add] if whole else [])
+            nodes += [r.post] if r.post is not None else []
+            out = r.exit if whole else r.branch
             code = GraphCode(extract(nodes, [r.entry], [out]))
             modules, reads = _params_of(model, nodes)
-            made.append(_GraphUnit(name, code, model, modules, reads,
-                                   subtract_input=r.post is not None))
-            made[-1].pattern = "inline act(x + F(x))" if r.post is not None else "inline x + F(x)"
+            made.append(_GraphUnit(name, code, model, modules, reads, subtract_input=whole))
+            made[-1].copy_input = u.writes_input
+            made[-1].pattern = (
+                "inline act(x + F(x))" if r.post is not None
+                else f"inline torch.add(x, F(x), alpha={r.scale:g})" if r.scale != 1
+                else "inline x + F(x)"
+            )
+        if u.writes_input:
+            made[-1].pattern += ", writes its input (run on a copy)"
         paths.append(_prefixes(r.owner))
     lca = _lca(paths)  # the module holding the whole chain
     label = lca or (made[0].name if len(made) == 1 else f"{made[0].name}..{made[-1].name}")
-    return ReversibleStage(
+    stage = ReversibleStage(
         label, made, alpha=options["alpha"], beta=options["beta"], exact=options["exact"]
     )
+    return stage, lca
 
 
 def _make_steps(
@@ -990,6 +1058,10 @@ def _piece_cuts(
             for n in piece
         )
 
+    # A value written in place later in the segment cannot be a piece's input: the piece's
+    # recompute would write the saved value again (_inplace.py).
+    written = written_from(body)
+    by_name = {n.name: n for n in body[0].graph.nodes} if body else {}
     cross: dict[int, fx.Node] = {}  # start of a piece -> the one value that crosses into it
     for i in range(1, len(body)):
         crossing = [j for j in range(i) if last[j] >= i]
@@ -998,6 +1070,7 @@ def _piece_cuts(
             and len(crossing) == 1
             and tensor_shape(body[crossing[0]]) is not None
             and key(body[i]) != key(body[i - 1])
+            and storage(body[crossing[0]], by_name) not in written[i]
         ):
             cross[i] = body[crossing[0]]
     starts = [0, *cross]
@@ -1041,10 +1114,10 @@ def _natural(s: str) -> list[Any]:
 
 
 def _add_key(r: Residual) -> tuple[str, int]:
-    """Identify an add across traces: node names differ, (owner, rank among its adds) not."""
+    """Identify an add across traces: node names differ, (owner, rank among its adds) not.
+    Adds of every spelling count (``x.add_(f(x))`` then ``x + g(x)`` are residual0 and 1)."""
     same = [
-        n for n in r.add.graph.nodes
-        if n.op == r.add.op and n.target == r.add.target and module_path(n) == module_path(r.add)
+        n for n in r.add.graph.nodes if is_add(n) and module_path(n) == module_path(r.add)
     ]
     return r.owner, same.index(r.add)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,6 +60,9 @@ class _BranchUnit:
     # Positions (in _replay.state_slots) of the buffers its forward was seen to write; None
     # before its first recorded call (NOTE [ Buffers a forward writes ]).
     written: frozenset[int] | None = None
+    # The unit writes its input in place (``h += self.f(h)``): it gets a copy, since its input
+    # is a stream state of the stage (see ``_inplace.py``).
+    copy_input = False
 
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name = name
@@ -74,7 +78,7 @@ class _BranchUnit:
         return Owners([self.module])
 
     def raw(self, h: Tensor) -> Tensor:
-        return self.module(h)
+        return self.module(h.clone() if self.copy_input else h)
 
     def __call__(self, h: Tensor) -> Tensor:
         out = self.raw(h)
@@ -166,6 +170,7 @@ class _ModuleUnit(_BranchUnit):
         return Owners([self.module], [a.slot() for a in self._attrs])
 
     def raw(self, h: Tensor) -> Tensor:
+        h = h.clone() if self.copy_input else h
         return self.module(h, *_fill(self.args), **_fill(self.kwargs))
 
 
@@ -200,7 +205,7 @@ class _GraphUnit(_BranchUnit):
         return self._reads.owners()
 
     def raw(self, h: Tensor) -> Tensor:
-        return self.code(self.root, h)
+        return self.code(self.root, h.clone() if self.copy_input else h)
 
 
 def _grad_tensors(unit: Any) -> list[Tensor]:
@@ -282,6 +287,8 @@ class ReversibleStage(MismatchOptions):
 
     @alpha.setter
     def alpha(self, value: float) -> None:
+        if not math.isfinite(float(value)):
+            raise ValueError(f"revify: stage {self.name}: alpha must be finite, got {value}")
         self._alpha = float(value)
 
     @property
@@ -290,6 +297,8 @@ class ReversibleStage(MismatchOptions):
 
     @beta.setter
     def beta(self, value: float) -> None:
+        if not math.isfinite(float(value)):
+            raise ValueError(f"revify: stage {self.name}: beta must be finite, got {value}")
         if float(value) == 0.0:
             raise ValueError(
                 f"revify: stage {self.name}: beta=0 is not invertible "

@@ -57,3 +57,20 @@ def test_python_dash_m() -> None:
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2 and "resnet50" in proc.stderr
+
+
+def test_unwritable_output_path_is_refused_before_the_audit(tmp_path, capsys, monkeypatch):
+    """Exit 2 with one line, before the model is built (the audit itself takes minutes)."""
+    import timm
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the output paths were checked")
+
+    monkeypatch.setattr(timm, "create_model", no_model)
+    cases = [("--json", "/no/such/dir/x.json", "directory /no/such/dir does not exist"),
+             ("--markdown", str(tmp_path), "it is a directory"),
+             ("--plot", str(tmp_path / "missing" / "a.png"), "does not exist")]
+    for flag, path, why in cases:
+        assert main(["audit", "resnet18", *SMALL, flag, path]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"cannot write {flag} {path}: " in err and why in err
