@@ -7,6 +7,8 @@ For one training step on the given input it measures, per reversible stage:
 - the gradient error of revify's backward against a float64 truth (ordinary autograd of the
   same converted function in float64), divided by the error of ordinary autograd at the
   model's own precision. A ratio near 1 means reversibility added no error (DESIGN.md §4).
+  The same ratio per unit (over the unit's parameters) gives the stage's worst unit, which a
+  ratio over the whole stage can average away.
 
 The model's parameters, buffers (BatchNorm statistics) and RNG state are left as they were.
 """
@@ -39,6 +41,12 @@ class StageCheck:
     grad_error: float  # ||g_revify - g64|| / ||g64|| over the stage's parameters
     plain_grad_error: float  # same for ordinary autograd at the model's precision
     ratio: float  # grad_error / plain_grad_error
+    # The unit whose parameters have the largest ratio of the same two errors: a stage ratio
+    # near 1 can hide one unit far off (an averaged-out gap in unit 0 read 1.4 as a stage).
+    worst_unit: str = ""
+    worst_unit_ratio: float = math.nan
+    worst_unit_grad_error: float = math.nan
+    worst_unit_plain_grad_error: float = math.nan
 
 
 @dataclass
@@ -66,7 +74,8 @@ class CheckReport:
         for s in self.stages:
             lines.append(
                 f"  {s.name:<24} units={s.units:<3} reconstruction={s.reconstruction_error:.2e} "
-                f"grad={s.grad_error:.3g} plain={s.plain_grad_error:.3g} ratio={s.ratio:.3g}"
+                f"grad={s.grad_error:.3g} plain={s.plain_grad_error:.3g} ratio={s.ratio:.3g} "
+                f"worst unit={s.worst_unit or '-'} ratio={s.worst_unit_ratio:.3g}"
             )
         return "\n".join(lines)
 
@@ -182,15 +191,28 @@ def check(
     report.grad_error = _rel(rev, truth)
     report.plain_grad_error = _rel(plain, truth)
     report.ratio = _ratio(report.grad_error, report.plain_grad_error)
+
+    def errors(tensors: Sequence[Tensor]) -> tuple[float, float]:
+        idx = [names[id(t)] for t in tensors if id(t) in names]
+        return (_rel([rev[i] for i in idx], [truth[i] for i in idx]),
+                _rel([plain[i] for i in idx], [truth[i] for i in idx]))
+
     for st in stage_list:
-        idx = [names[id(t)] for t in st.tensors() if id(t) in names]
-        g_err = _rel([rev[i] for i in idx], [truth[i] for i in idx])
-        p_err = _rel([plain[i] for i in idx], [truth[i] for i in idx])
+        g_err, p_err = errors(st.tensors())
         rec = st.last_reconstruction_error
-        report.stages.append(StageCheck(
+        row = StageCheck(
             st.name, len(st.units), math.nan if rec is None else float(rec),
             g_err, p_err, _ratio(g_err, p_err),
-        ))
+        )
+        for unit, tensors in zip(st.units, st.unit_tensors(), strict=True):
+            u_err, u_plain = errors(tensors)
+            u_ratio = _ratio(u_err, u_plain)  # nan for a unit without trainable parameters
+            if math.isnan(u_ratio):
+                continue
+            if math.isnan(row.worst_unit_ratio) or u_ratio > row.worst_unit_ratio:
+                row.worst_unit, row.worst_unit_ratio = unit.name, u_ratio
+                row.worst_unit_grad_error, row.worst_unit_plain_grad_error = u_err, u_plain
+        report.stages.append(row)
     return report
 
 
