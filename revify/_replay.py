@@ -407,7 +407,7 @@ class RecomputeCheck:
     def due(owner: Any, x: Tensor) -> RecomputeCheck | None:
         """A check for this pass of ``owner`` (a stage or segment with ``on_mismatch``,
         ``mismatch_tolerance`` and a pass count ``checked_passes``), or None."""
-        if owner.on_mismatch == "ignore" or is_fake(x):  # the audit's shape-only passes
+        if owner.on_mismatch == "ignore" or is_fake(x) or x.is_meta:  # shape-only passes
             return None
         owner.checked_passes += 1
         n = owner.checked_passes

@@ -291,10 +291,10 @@ def _coupling_options(
     chosen = dict(zip(("alpha", "beta"), COUPLINGS[coupling], strict=True))
     for name, value in (("alpha", alpha), ("beta", beta)):
         if value is not None:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
-                value
-            ):
-                raise ValueError(f"revify.convert: {name} must be a finite number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"revify.convert: {name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"revify.convert: {name} must be finite, got {value!r}")
             chosen[name] = float(value)
     if exact is None:  # a beta below 1 divides float rounding by beta at every inverse step
         exact = chosen["beta"] < 1 and _exact_supported(chosen["beta"])
