@@ -763,8 +763,8 @@ def _output_error_section(rows: list[Row]) -> list[str]:
         "Random weights make this a stress test; pretrained checkpoints: "
         "[finetune.md](finetune.md). ‖R(h)‖/‖h‖ is the gradient check's median (train mode).",
         "",
-        "| model | size | default | revnet | default, BN calibrated | revnet, BN calibrated "
-        "| ‖R(h)‖/‖h‖ median |",
+        "| model | size | default, initial BN statistics | revnet, initial BN statistics | "
+        "default, BN calibrated | revnet, BN calibrated | ‖R(h)‖/‖h‖ median |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
 
