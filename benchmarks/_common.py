@@ -31,8 +31,11 @@ from torch import Tensor, nn
 import revify
 
 __all__ = [
-    "REVNET",
+    "DEFAULT",
+    "FAITHFUL",
     "METHODS",
+    "REVNET",
+    "REVNET_METHOD",
     "build_model",
     "console",
     "environment",
@@ -44,7 +47,14 @@ __all__ = [
 
 METHODS: tuple[str, ...] = ("plain", "timm-ckpt", "revify")
 # Also accepted by build_model: revify with the RevNet coupling (alpha=0, beta=1, float streams).
-REVNET = "revify-revnet"
+REVNET_METHOD = "revify-revnet"
+
+# Couplings, as ``revify.convert`` keyword arguments. FAITHFUL keeps a pretrained network's
+# function (issue 12); REVNET is the RevNet coupling, for training from scratch.
+FAITHFUL: dict[str, Any] = dict(alpha=63 / 64, beta=1 / 64, exact=True)
+REVNET: dict[str, Any] = dict(alpha=0.0, beta=1.0)
+# What the benchmarks call "the default": ``revify.convert(model)``'s own default (FAITHFUL).
+DEFAULT: dict[str, Any] = {}
 
 _MIB = 1024**2
 
@@ -75,9 +85,9 @@ def build_model(
         convert_options: extra keyword arguments of ``revify.convert`` (e.g. ``alpha=0.5``).
         timm_kwargs: passed to ``timm.create_model`` (e.g. ``zero_init_last=False``).
     """
-    if method not in (*METHODS, REVNET):
+    if method not in (*METHODS, REVNET_METHOD):
         raise ValueError(
-            f"benchmarks: unknown method {method!r}; expected one of {(*METHODS, REVNET)}"
+            f"benchmarks: unknown method {method!r}; expected one of {(*METHODS, REVNET_METHOD)}"
         )
     torch.manual_seed(seed)
     model = timm.create_model(name, pretrained=False, **timm_kwargs)
@@ -85,9 +95,9 @@ def build_model(
     model = model.to(device=device, memory_format=memory_format).train()
     if method == "timm-ckpt":
         model.set_grad_checkpointing(True)
-    elif method in ("revify", REVNET):
+    elif method in ("revify", REVNET_METHOD):
         example = torch.zeros(2, 3, size, size, device=device)
-        coupling = {"coupling": "revnet"} if method == REVNET else {}
+        coupling = {"coupling": "revnet"} if method == REVNET_METHOD else {}
         options = {**coupling, **(convert_options or {})}
         revify.convert(model, example, strict=True, **options)
     return model

@@ -26,6 +26,16 @@ For each model (timm, ``pretrained=False``, built locally; plus a few torchvisio
    to tell an ill-conditioned function from a wrong backward. Models not converted at the survey
    size are not checked.
 
+4. **Output error at conversion** of the default coupling (``_common.DEFAULT``: the faithful
+   ``alpha=63/64, beta=1/64, exact=True`` that issue 12 makes ``convert``'s default) and, beside
+   it, of the RevNet coupling ``alpha=0, beta=1``: ``||f_converted(x) - f(x)|| / ||f(x)||`` in
+   eval mode on a fixed random input, float32, against the unconverted model with the same
+   weights. The weights are those of the gradient-check copy (random, with non-zero residual
+   branches: ``zero_init_last=False`` or re-randomised norms and layer-scale gains, as above),
+   at the gradient check's input size; BatchNorm uses its initial running statistics (mean 0,
+   variance 1). With random weights this is a stress test of the coupling, not a statement
+   about a particular checkpoint: ``docs/finetune.md`` measures pretrained ones.
+
 Also recorded: buffers that ``convert`` itself changed (a copy is compared before and after).
 
 Limits: tensors an autograd Function keeps as ``ctx`` attributes are invisible to the hooks
@@ -36,13 +46,14 @@ Run (about 10-15 minutes on 2 cores for the full list)::
 
     .venv/bin/python benchmarks/coverage.py                    # all models -> docs/coverage.md
     .venv/bin/python benchmarks/coverage.py --models resnet50,vit_tiny_patch16_224 \\
-        --no-grad-check --out /tmp/coverage.md
+        --no-grad-check --no-output-error --out /tmp/coverage.md
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import importlib
 import math
 import re
@@ -57,7 +68,17 @@ from typing import Any
 import timm
 import torch
 import torchvision
-from _common import SavedBytes, console, environment, mib, parse_list, ratio, write_json
+from _common import (
+    DEFAULT,
+    REVNET,
+    SavedBytes,
+    console,
+    environment,
+    mib,
+    parse_list,
+    ratio,
+    write_json,
+)
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
@@ -184,6 +205,19 @@ class GradResult:
 
 
 @dataclass
+class OutputError:
+    """Relative output error at conversion (eval mode) of the default and RevNet couplings."""
+
+    status: str  # "ok", "error", "not converted", "skipped"
+    default: float | None = None
+    revnet: float | None = None
+    default_calibrated: float | None = None  # BatchNorm statistics calibrated (BN models only)
+    revnet_calibrated: float | None = None
+    size: int | None = None
+    detail: str = ""
+
+
+@dataclass
 class Row:
     """Everything recorded for one model."""
 
@@ -205,6 +239,7 @@ class Row:
     bytes_before: int | None = None
     bytes_after: int | None = None
     grad: GradResult | None = None
+    output_error: OutputError | None = None
     side_effects: str = ""  # model buffers that conversion changed
     seconds: float = 0.0
 
@@ -436,13 +471,18 @@ def max_rel_err(a, b) -> float:
     return worst
 
 
-def grad_check(spec: Spec) -> GradResult:
-    model, notes = _build_for_grad(spec)
-    model = model.double().train()
+def _check_side(spec: Spec, model: nn.Module) -> int:
+    """Input side of the gradient check (and of the output-error measurement)."""
     side, fixed = _input_size(model)
     extra = dict(spec.grad_kwargs)
     side = extra.get("img_size") or extra.get("image_size") or (side if fixed else None)
-    side = side or spec.grad_size or 64
+    return side or spec.grad_size or 64
+
+
+def grad_check(spec: Spec) -> GradResult:
+    model, notes = _build_for_grad(spec)
+    model = model.double().train()
+    side = _check_side(spec, model)
     res = GradResult("error", size=side, notes=notes)
     converted, why = _convert(model, torch.zeros(_BATCH, 3, side, side, dtype=torch.float64))
     if not converted:
@@ -473,6 +513,83 @@ def grad_check(spec: Spec) -> GradResult:
 
 
 # ----------------------------------------------------------------------------------------------
+# Output error at conversion
+
+
+def _logits(y: Any) -> Tensor:
+    return torch.cat([t.flatten() for t in y]) if isinstance(y, (tuple, list)) else y
+
+
+def _calibrate_batchnorm(model: nn.Module, side: int, batches: int = 4) -> bool:
+    """Replace BatchNorm running statistics by their average over ``batches`` train-mode
+    forwards of random (8, 3, side, side) inputs, as training would leave them; returns whether
+    the model has BatchNorm."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats]
+    if not norms:
+        return False
+    momenta = [m.momentum for m in norms]
+    gen = torch.Generator().manual_seed(5)
+    training = {m: m.training for m in model.modules()}
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the calibration batches
+        model.train()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            for _ in range(batches):
+                model(torch.randn(8, 3, side, side, generator=gen))
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        for m, t in training.items():
+            m.training = t
+    return True
+
+
+def _rel_error(model: nn.Module, original: nn.Module, x: Tensor) -> float:
+    with torch.no_grad():
+        y = _logits(model.eval()(x)).double()
+        y0 = _logits(original.eval()(x)).double()
+    return float((y - y0).norm() / y0.norm().clamp_min(1e-300))
+
+
+def output_error(spec: Spec) -> OutputError:
+    """``||f_converted(x) - f(x)|| / ||f(x)||`` of the default and the RevNet coupling, eval mode,
+    float32, on the gradient-check weights (non-zero residual branches) and a fixed input; for
+    models with BatchNorm also after calibrating its running statistics (the same buffers
+    loaded into both models)."""
+    original, _ = _build_for_grad(spec)
+    original.train()  # converted as users convert: a model in train mode
+    side = _check_side(spec, original)
+    res = OutputError("error", size=side)
+    x = torch.randn(_BATCH, 3, side, side, generator=torch.Generator().manual_seed(4))
+    couplings = {"default": DEFAULT, "revnet": REVNET}
+    models = {}
+    for name, options in couplings.items():
+        model = copy.deepcopy(original)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            revify.convert(model, torch.zeros(_BATCH, 3, side, side), **options)
+        if not revify.stages(model):
+            res.status, res.detail = "not converted", f"not converted at {side} px"
+            return res
+        models[name] = model
+    res.default = _rel_error(models["default"], original, x)
+    res.revnet = _rel_error(models["revnet"], original, x)
+    if _calibrate_batchnorm(original, side):
+        for model in models.values():
+            model.load_state_dict(original.state_dict())
+        res.default_calibrated = _rel_error(models["default"], original, x)
+        res.revnet_calibrated = _rel_error(models["revnet"], original, x)
+    values = (res.default, res.revnet, res.default_calibrated, res.revnet_calibrated)
+    if not all(math.isfinite(v) for v in values if v is not None):
+        res.detail = "non-finite output"
+    res.status = "ok"
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
 # One model
 
 
@@ -484,7 +601,7 @@ def _exc(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}".strip()
 
 
-def survey(spec: Spec, grad: bool) -> Row:
+def survey(spec: Spec, grad: bool, out_error: bool = True) -> Row:
     row = Row(spec.name, spec.family)
     start = time.perf_counter()
     try:
@@ -538,12 +655,30 @@ def survey(spec: Spec, grad: bool) -> Row:
             traceback.print_exc()
     else:
         row.grad = GradResult("skipped")
+    if not out_error:
+        row.output_error = OutputError("skipped")
+    elif not row.converted:
+        row.output_error = OutputError("not converted")
+    else:
+        try:
+            row.output_error = output_error(spec)
+        except Exception as e:
+            row.output_error = OutputError("error", detail=_exc(e))
+            traceback.print_exc()
     row.seconds = time.perf_counter() - start
     return row
 
 
 # ----------------------------------------------------------------------------------------------
 # Markdown
+
+
+def _coupling(options: dict[str, Any]) -> str:
+    if not options:
+        return "revify.convert(model)"
+    text = {0.0: "0", 1.0: "1", 63 / 64: "63/64", 1 / 64: "1/64"}
+    return ", ".join(f"{k}={text.get(v, v) if isinstance(v, float) else v}"
+                     for k, v in options.items())
 
 
 def _md(text: str) -> str:
@@ -576,6 +711,77 @@ def _grad_cell(g: GradResult | None) -> str:
     return g.status
 
 
+def _error_cell(e: OutputError | None) -> str:
+    if e is None or e.status == "skipped":
+        return "—"
+    if e.status != "ok":
+        return e.status
+    return f"{e.default:.1e} / {e.revnet:.2f}"
+
+
+def _output_error_summary(rows: list[Row]) -> str:
+    measured = [r.output_error for r in rows
+                if r.output_error is not None and r.output_error.status == "ok"]
+    if not measured:
+        return ""
+    default = sorted(e.default for e in measured)
+    revnet = sorted(e.revnet for e in measured)
+    within = sum(e <= 0.05 for e in default)
+    text = (f" Output error at conversion (eval mode, random weights with live residual "
+            f"branches) on {len(measured)} models: default coupling median "
+            f"{statistics.median(default):.1e}, largest {default[-1]:.1e} ({within} of "
+            f"{len(measured)} ≤ 5 %); RevNet coupling median {statistics.median(revnet):.2f}, "
+            f"largest {revnet[-1]:.2f}.")
+    calibrated = sorted(e.default_calibrated for e in measured
+                        if e.default_calibrated is not None)
+    if calibrated:
+        text += (f" With BatchNorm statistics calibrated ({len(calibrated)} BN models), the "
+                 f"default's median is {statistics.median(calibrated):.1e}, largest "
+                 f"{calibrated[-1]:.1e} ({sum(e <= 0.05 for e in calibrated)} ≤ 5 %).")
+    return text
+
+
+def _output_error_section(rows: list[Row]) -> list[str]:
+    measured = [r for r in rows if r.output_error is not None and r.output_error.status == "ok"]
+    if not measured:
+        return []
+    lines = [
+        "", "## Output error at conversion", "",
+        "`||f_converted(x) - f(x)|| / ||f(x)||` right after `revify.convert`, eval mode, "
+        "float32, batch 2 of a fixed N(0, 1) input at the given size, against the unconverted "
+        "model with the same weights: *default* is "
+        f"`{_coupling(DEFAULT)}` (the coming default of `revify.convert`, issue 12), *revnet* "
+        f"`{_coupling(REVNET)}`. Weights: the gradient-check copy's, random with non-zero "
+        "residual branches (`zero_init_last=False`, or norm weights and layer-scale gains "
+        "re-randomised; see the set-up table above). *Initial BN statistics*: BatchNorm "
+        "normalises with its initial running mean 0 and variance 1, so in deep networks the "
+        "stream grows from unit to unit. *BN calibrated* (models with BatchNorm only): running "
+        "statistics replaced by the average over 4 train-mode forwards of random batches of 8 "
+        "(loaded into both models), so every unit's input is normalised as in a trained "
+        "network and random branches are about as large as the stream: the hardest case for a "
+        "coupling that stays close to the original by a margin of `beta = 1/64` per unit. "
+        "Random weights make this a stress test; pretrained checkpoints: "
+        "[finetune.md](finetune.md). ‖R(h)‖/‖h‖ is the gradient check's median (train mode).",
+        "",
+        "| model | size | default, initial BN statistics | revnet, initial BN statistics | "
+        "default, BN calibrated | revnet, BN calibrated | ‖R(h)‖/‖h‖ median |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+
+    def cell(v: float | None, digits: str) -> str:
+        return "—" if v is None else format(v, digits)
+
+    for r in measured:
+        e, g = r.output_error, r.grad
+        ratio_text = (f"{g.median_branch_ratio:.2g}" if g is not None
+                      and g.median_branch_ratio is not None else "—")
+        lines.append(
+            f"| `{r.model}` | {e.size} | {cell(e.default, '.1e')} | {cell(e.revnet, '.2f')} | "
+            f"{cell(e.default_calibrated, '.1e')} | {cell(e.revnet_calibrated, '.2f')} | "
+            f"{ratio_text} |")
+    return lines
+
+
 def _short(text: str, n: int = 60) -> str:
     text = text.splitlines()[0] if text else ""
     return text if len(text) <= n else text[: n - 1] + "…"
@@ -601,7 +807,8 @@ def to_markdown(rows: list[Row], grad: bool, seconds: float) -> str:
         + (f", float64 gradient check passing on {passing} of {len(checked)} checked"
            if grad else ", gradient check not run")
         + f".** Over the converted models, bytes saved for backward went from "
-        f"{mib(before):.0f} MiB to {mib(after):.0f} MiB ({ratio(after, before):.2f}×).",
+        f"{mib(before):.0f} MiB to {mib(after):.0f} MiB ({ratio(after, before):.2f}×)."
+        + _output_error_summary(rows),
         "",
         "Columns: *identity residuals* are `plan.report` lines saying \"identity residual\" "
         "(converted / found; one line per module unit, so a ViT or Swin block with two "
@@ -612,12 +819,21 @@ def to_markdown(rows: list[Row], grad: bool, seconds: float) -> str:
         "distinct non-parameter storages), before → after conversion; *grad check* is the "
         "largest per-tensor relative error of revify's float64 gradients (parameters and "
         "input) against the same converted model under `revify.plain_autograd()`, at batch "
-        f"{_BATCH} and the given size, pass ≤ {_TOL:g}. *Left alone* counts `plan.report` lines "
-        "of kind \"unchanged\" (listed below).",
+        f"{_BATCH} and the given size, pass ≤ {_TOL:g}. *Output error* is "
+        "`||f_converted(x) - f(x)|| / ||f(x)||` right after conversion, eval mode, float32, a "
+        "fixed random input at the gradient check's size, for the default coupling "
+        f"(`{_coupling(DEFAULT)}`, the coming default of `revify.convert`, issue 12) / the "
+        f"RevNet coupling (`{_coupling(REVNET)}`); weights are random with non-zero residual "
+        "branches (the gradient-check copy: `zero_init_last=False`, or norm weights and "
+        "layer-scale gains re-randomised, listed in the set-up table below; BatchNorm at its "
+        "initial running statistics), so this stresses the coupling rather than measuring a "
+        "checkpoint (pretrained ones: [finetune.md](finetune.md)). *Left alone* counts "
+        "`plan.report` lines of kind \"unchanged\" (listed below).",
         "",
         "| model | family | size | traced | identity residuals | stages | units | transitions "
-        "| stem | saved MiB before → after | ratio | grad check | left alone |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| stem | saved MiB before → after | ratio | grad check | output error default / "
+        "revnet | left alone |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r.bytes_before is not None and r.bytes_after is not None:
@@ -631,7 +847,7 @@ def to_markdown(rows: list[Row], grad: bool, seconds: float) -> str:
             f"{r.identity_converted} / {r.identity_found} | {r.stages} | {r.units} | "
             f"{r.transitions_checkpointed} / {r.transitions} | "
             f"{'ckpt' if r.stem_checkpointed else '—'} | {saved} | {rat} | "
-            f"{_grad_cell(r.grad)} | {len(r.unchanged)} |"
+            f"{_grad_cell(r.grad)} | {_error_cell(r.output_error)} | {len(r.unchanged)} |"
         )
 
     lines += ["", "## Not converted", ""]
@@ -652,6 +868,10 @@ def to_markdown(rows: list[Row], grad: bool, seconds: float) -> str:
         g = r.grad
         err = f"max relative error {g.max_rel_err:.3e}" if g.max_rel_err is not None else ""
         lines.append(f"- `{r.model}`: {g.status} {err} {_md(g.detail)}".rstrip())
+    for r in rows:
+        e = r.output_error
+        if e is not None and (e.status == "error" or e.detail):
+            lines.append(f"- `{r.model}`: output error {e.status}: {_md(e.detail)}")
 
     odd = [r for r in rows if r.converted and r.units != r.identity_converted]
     lines += ["", "## Report lines vs. units", ""]
@@ -696,6 +916,7 @@ def to_markdown(rows: list[Row], grad: bool, seconds: float) -> str:
             f"{_md('; '.join(flags))} |"
         )
 
+    lines += _output_error_section(rows)
     lines += ["", "## Left alone (plan.report lines of kind \"unchanged\")", ""]
     for r in rows:
         groups = _grouped_unchanged(r)
@@ -725,6 +946,8 @@ def main(argv: list[str] | None = None) -> None:
                              "default: the built-in list")
     parser.add_argument("--no-grad-check", dest="grad", action="store_false",
                         help="skip the float64 gradient checks")
+    parser.add_argument("--no-output-error", dest="output_error", action="store_false",
+                        help="skip the output error at conversion")
     parser.add_argument("--out", default="docs/coverage.md", help="markdown output")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--threads", type=int, default=1,
@@ -743,12 +966,13 @@ def main(argv: list[str] | None = None) -> None:
         task = progress.add_task("coverage", total=len(specs))
         for spec in specs:
             progress.update(task, description=f"{spec.name:<34}")
-            row = survey(spec, args.grad)
+            row = survey(spec, args.grad, args.output_error)
             rows.append(row)
             g = row.grad.status if row.grad else "-"
             progress.console.print(
                 f"{spec.name:<34} traced={row.traced!s:<5} converted={row.converted!s:<5} "
-                f"units={row.units:<3} grad={g:<13} {row.seconds:5.1f}s"
+                f"units={row.units:<3} grad={g:<13} out err={_error_cell(row.output_error):<15} "
+                f"{row.seconds:5.1f}s"
                 + (f"  [{_short(row.error, 70)}]" if row.error else ""),
                 markup=False,
             )

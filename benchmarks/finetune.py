@@ -1,13 +1,15 @@
-"""Fine-tuning a locally pretrained timm ResNet: does revify keep what the pretrained weights know?
+"""Fine-tuning locally pretrained timm backbones: does revify keep what the pretrained weights know?
 
-Protocol (everything offline, on CPU, scikit-learn's 8x8 handwritten digits):
+Three families, each narrow enough for one CPU thread: a ResNet-34 (BasicBlocks, BatchNorm), a
+ConvNeXt (depthwise conv, LayerNorm, layer scale) and a ViT (attention, LayerNorm). Protocol,
+the same for every family (everything offline, on CPU, scikit-learn's 8x8 handwritten digits):
 
-1. **Pre-train** a timm ResNet on digits 0-4 (images upscaled to 32 px, 3 channels, random
-   shifts of up to 3 px) and save its ``state_dict`` to a file.
+1. **Pre-train** the family's model from scratch on digits 0-4 (images upscaled to 32 px,
+   3 channels, random shifts of up to 3 px) and save its ``state_dict`` to a file.
 2. **Load** it the way users load local pretrained weights::
 
        timm.create_model(arch, pretrained=True, num_classes=5,
-                         pretrained_cfg_overlay=dict(file=path, num_classes=5))
+                         pretrained_cfg_overlay=dict(file=path, num_classes=5), **arch_kwargs)
 
    ``file`` makes timm read the file (it takes precedence over the URL and Hugging Face hub
    sources of the registry's config, so nothing is downloaded). ``num_classes=5`` in the overlay
@@ -16,49 +18,59 @@ Protocol (everything offline, on CPU, scikit-learn's 8x8 handwritten digits):
    the checkpoint's classifier and loads the rest non-strictly, which would leave the 5-class
    head we trained randomly initialised without an error. The script checks that every loaded
    tensor equals the file's.
-3. **Convert** and measure the **top-1 agreement** with the pretrained model on the digits 0-4
-   test images through the pretrained 5-class head, before any fine-tuning.
+3. **Convert** and measure the **top-1 agreement** with the pretrained model and the relative
+   output (logit) error ``||f_converted(x) - f(x)|| / ||f(x)||`` on the digits 0-4 test images
+   through the pretrained 5-class head, before any fine-tuning (eval mode).
 4. **Fine-tune** on digits 5-9 (a new, seeded 5-class head: ``reset_classifier(5)``) with the
    same steps, optimizer, data order, augmentation and head initialisation for every method, over
    several seeds (each seed draws its own training subset, order and head):
 
    - ``plain``: ordinary autograd;
    - ``timm-ckpt``: timm's ``set_grad_checkpointing(True)``;
-   - ``revify``: ``revify.convert(model, x)`` (``alpha=0, beta=1``);
-   - ``faithful+schedule``: ``convert(..., alpha=63/64, beta=1/64, exact=True)`` with a
-     ``revify.Schedule`` that holds the faithful coupling for the first third of the steps,
-     moves to ``alpha=0, beta=1`` over the second third and trains the last third there;
-   - ``faithful``: the same conversion, coefficients kept for the whole run.
+   - ``revnet``: ``revify.convert(model, x, **REVNET)``, the RevNet coupling ``alpha=0, beta=1``;
+   - ``default``: ``revify.convert(model, x, **DEFAULT)``, the coupling issue 12 makes
+     ``convert``'s default (``_common.DEFAULT``: the faithful ``alpha=63/64, beta=1/64,
+     exact=True``, passed explicitly until ``convert``'s own default changes);
+   - ``faithful+schedule`` (only with ``--methods``): the faithful conversion with a
+     ``revify.Schedule`` that holds it for the first third of the steps, moves to
+     ``alpha=0, beta=1`` over the second third and trains the last third there.
 
-5. **Memory**: bytes saved for backward by one training forward at 224x224, batch 2, for each
-   method on the architecture trained here and on the standard-width ``resnet34`` (random
-   weights), counted with ``saved_bytes.count_saved_bytes`` (saved-tensor hooks, one count per
-   storage, parameters left out). timm is switched to re-entrant checkpointing for that count
-   only, so that the inputs its checkpoints keep go through the hooks (see ``saved_bytes.py``).
+   Per family, the optimizer is the one that family is usually trained with (SGD for the
+   ResNet, AdamW for ConvNeXt and ViT), the same for every method.
+5. **Memory**: bytes saved for backward by one training forward, for each method, on the
+   architecture trained here (32 px, the fine-tuning batch) and on the family's standard timm
+   model (224x224, batch 2, random weights), counted with ``saved_bytes.count_saved_bytes``
+   (saved-tensor hooks, one count per storage, parameters left out). timm is switched to
+   re-entrant checkpointing for that count only, so that the inputs its checkpoints keep go
+   through the hooks (see ``saved_bytes.py``).
 6. **Time**: median training-step time of each method on the fine-tuning batch, all methods built
    in this process and their steps interleaved after warm-up (so that load drift on a shared
    machine hits them alike), with ratios to plain training and to timm checkpointing.
 
-Why ``zero_init_last=False`` for pre-training (``--zero-init-last`` to change it): timm zeroes the
-last norm of every residual branch at initialisation, and a few hundred steps on digits leave the
-branches small (``|R(x)| / |x|`` about 0.1), so *every* coupling is then close to the original
-network and the comparison says little about pretrained backbones, whose branches are live
-(DESIGN.md §3). Both recipes are reported in ``docs/finetune.md``.
+Initialisation for pre-training (``--timm-init`` to use timm's defaults instead): timm zeroes
+the last norm of every ResNet residual branch (``zero_init_last=True``) and starts ConvNeXt's
+layer scale at 1e-6, and a few hundred steps on digits leave those branches small, so *every*
+coupling is then close to the original network and the comparison says little about pretrained
+backbones, whose branches are live (DESIGN.md §3). Here the ResNet is built with
+``zero_init_last=False`` and ConvNeXt with ``ls_init_value=1.0``; the ViT has no layer scale.
+The median ``|U(h) - h| / |h|`` over the identity units of each pretrained model is reported.
 
 Threads: ``--threads 1`` by default. On a 2-core machine shared with other jobs, two OpenMP
 threads made a step 4x slower than one (spinning threads waiting for a descheduled peer).
 
 Writes ``docs/finetune.md`` (tables and machine), ``docs/finetune.png`` (learning curves) and,
-with ``--json``, every number. The defaults take about 15 minutes on two CPU cores::
+with ``--json``, every number. The defaults take about 40 minutes on one CPU thread::
 
-    .venv/bin/python benchmarks/finetune.py --json finetune.json
-    .venv/bin/python benchmarks/finetune.py --seeds 1 --steps 20 --pretrain-steps 50  # smoke
+    .venv/bin/python benchmarks/finetune.py --json benchmarks/results/finetune.json
+    .venv/bin/python benchmarks/finetune.py --seeds 1 --steps 20 --pretrain-steps 50 \\
+        --out /tmp/finetune  # smoke
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -66,7 +78,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +86,23 @@ import matplotlib
 import timm
 import torch
 import torch.nn.functional as F
-from _common import console, environment, mib, ratio, write_json
+from _common import (
+    DEFAULT,
+    FAITHFUL,
+    REVNET,
+    console,
+    environment,
+    mib,
+    parse_list,
+    ratio,
+    write_json,
+)
 from rich.table import Table
 from saved_bytes import count_saved_bytes
 from sklearn.datasets import load_digits
+from timm.models.convnext import ConvNeXtBlock
+from timm.models.resnet import BasicBlock, Bottleneck
+from timm.models.vision_transformer import Block as ViTBlock
 from torch import Tensor, nn
 
 import revify
@@ -86,15 +111,84 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after selecting the non-interactive backend)
 
 _ROOT = Path(__file__).resolve().parent.parent
-_FAITHFUL = dict(alpha=63 / 64, beta=1 / 64, exact=True)
-METHODS: tuple[str, ...] = ("plain", "timm-ckpt", "revify", "faithful+schedule", "faithful")
+METHODS: tuple[str, ...] = ("plain", "timm-ckpt", "revnet", "default", "faithful+schedule")
+DEFAULT_METHODS: tuple[str, ...] = ("plain", "timm-ckpt", "revnet", "default")
+# revify.convert options of the converting methods.
+_CONVERT: dict[str, dict[str, Any]] = {"revnet": REVNET, "default": DEFAULT,
+                                       "faithful+schedule": FAITHFUL}
 # Extra conversions whose agreement with the pretrained model is reported (no fine-tuning).
 _AGREEMENT_ONLY = {
-    "exact alpha=0, beta=1 (schedule end)": dict(alpha=0.0, beta=1.0, exact=True),
+    "exact alpha=0, beta=1": dict(alpha=0.0, beta=1.0, exact=True),
     "exact alpha=1, beta=1/64": dict(alpha=1.0, beta=1 / 64, exact=True),
     "exact alpha=15/16, beta=1/16": dict(alpha=15 / 16, beta=1 / 16, exact=True),
 }
 _SHIFT = 3  # random shifts of up to 3 px at 32 px (under one pixel of the 8x8 original)
+_SIZE = 32
+_TARGET_AGREEMENT, _TARGET_ERROR, _TARGET_PP = 0.99, 0.05, 0.3  # issue 12, for `default`
+
+
+# ----------------------------------------------------------------------------------------------
+# Families
+@dataclass
+class Family:
+    """One architecture family of the benchmark and its training recipe.
+
+    Args:
+        name: ``--families`` name.
+        arch: timm model name.
+        arch_kwargs: timm kwargs that narrow the model for the CPU (its structure).
+        live_init: timm kwargs of the pre-training initialisation with live residual branches.
+        timm_init: the same kwargs at timm's defaults (``--timm-init``).
+        standard: the family's standard timm model, for the memory rows at 224 px.
+        optimizer: ``"sgd"`` (momentum 0.9, Nesterov) or ``"adamw"``, for both phases.
+        weight_decay, pretrain_lr, pretrain_steps, lr, steps: the recipe (``lr`` and
+            ``steps`` for fine-tuning), chosen on ``plain``.
+    """
+
+    name: str
+    arch: str
+    arch_kwargs: dict[str, Any]
+    live_init: dict[str, Any] = field(default_factory=dict)
+    timm_init: dict[str, Any] = field(default_factory=dict)
+    standard: str = ""
+    optimizer: str = "sgd"
+    weight_decay: float = 5e-4
+    pretrain_lr: float = 0.05
+    pretrain_steps: int = 300
+    lr: float = 0.02
+    steps: int = 150
+
+    def describe(self) -> str:
+        kw = ", ".join(f"{k}={v}" for k, v in self.arch_kwargs.items())
+        return f"`{self.arch}({kw})`"
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("resnet", "resnet34", dict(channels=(16, 32, 64, 128)),
+           live_init=dict(zero_init_last=False), timm_init=dict(zero_init_last=True),
+           standard="resnet34"),
+    Family("convnext", "convnext_atto", dict(dims=(16, 32, 64, 128)),
+           live_init=dict(ls_init_value=1.0), timm_init=dict(ls_init_value=1e-6),
+           standard="convnext_atto", optimizer="adamw", weight_decay=0.05,
+           pretrain_lr=2e-3, lr=5e-4),
+    Family("vit", "vit_tiny_patch16_224",
+           dict(img_size=_SIZE, patch_size=8, embed_dim=64, depth=6, num_heads=2),
+           standard="vit_tiny_patch16_224", optimizer="adamw", weight_decay=0.05,
+           pretrain_lr=1e-3, pretrain_steps=1000, lr=5e-4, steps=300),
+)}
+
+
+def identity_units(model: nn.Module) -> list[nn.Module]:
+    """The stride-1 identity residual blocks of the three families (the units revify couples)."""
+    units = []
+    for m in model.modules():
+        if isinstance(m, (BasicBlock, Bottleneck)) and m.downsample is None:
+            units.append(m)
+        elif isinstance(m, ConvNeXtBlock) and isinstance(m.shortcut, nn.Identity):
+            units.append(m)
+        elif isinstance(m, ViTBlock):
+            units.append(m)
+    return units
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,12 +263,7 @@ def subset(x: Tensor, y: Tensor, per_class: int, seed: int) -> tuple[Tensor, Ten
 
 # ----------------------------------------------------------------------------------------------
 # Models
-def model_kwargs(width: int, zero_init_last: bool) -> dict[str, Any]:
-    """timm kwargs of the architecture: ResNet stage widths ``width * (1, 2, 4, 8)``."""
-    return dict(channels=tuple(width * 2**i for i in range(4)), zero_init_last=zero_init_last)
-
-
-def load_pretrained(arch: str, path: Path, width: int, num_classes: int = 5) -> nn.Module:
+def load_pretrained(family: Family, path: Path, num_classes: int = 5) -> nn.Module:
     """The user's path: timm reads ``path`` through ``pretrained_cfg_overlay`` (see module doc).
 
     Raises:
@@ -182,9 +271,9 @@ def load_pretrained(arch: str, path: Path, width: int, num_classes: int = 5) -> 
             what got loaded, e.g. timm dropped the classifier).
     """
     model = timm.create_model(
-        arch, pretrained=True, num_classes=num_classes,
+        family.arch, pretrained=True, num_classes=num_classes,
         pretrained_cfg_overlay=dict(file=str(path), num_classes=num_classes),
-        **model_kwargs(width, zero_init_last=True),  # init is overwritten by the file
+        **family.arch_kwargs, **family.timm_init,  # init is overwritten by the file
     )
     saved = torch.load(path, map_location="cpu", weights_only=True)
     loaded = model.state_dict()
@@ -197,14 +286,18 @@ def load_pretrained(arch: str, path: Path, width: int, num_classes: int = 5) -> 
     return model
 
 
-def prepare(model: nn.Module, method: str, example: Tensor) -> nn.Module:
+def example_input(batch: int = 2) -> Tensor:
+    """The conversion's example input: the size the models are built for, passed explicitly
+    (convert's default comes from ``pretrained_cfg['input_size']``, 224, not the ViT's 32)."""
+    return torch.zeros(batch, 3, _SIZE, _SIZE)
+
+
+def prepare(model: nn.Module, method: str) -> nn.Module:
     """Set ``model`` (pretrained, train mode) up for ``method``, in place."""
     if method == "timm-ckpt":
         model.set_grad_checkpointing(True)
-    elif method == "revify":
-        revify.convert(model, example, strict=True)
-    elif method.startswith("faithful"):
-        revify.convert(model, example, strict=True, **_FAITHFUL)
+    elif method in _CONVERT:
+        revify.convert(model, example_input(), strict=True, **_CONVERT[method])
     elif method != "plain":
         raise ValueError(f"benchmarks/finetune: unknown method {method!r}")
     return model
@@ -221,9 +314,17 @@ def schedule_for(model: nn.Module, method: str, steps: int) -> revify.Schedule |
 
 # ----------------------------------------------------------------------------------------------
 # Training and evaluation
-def make_optimizer(model: nn.Module, lr: float, steps: int) -> tuple[Any, Any]:
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
-                                weight_decay=5e-4)
+def make_optimizer(model: nn.Module, family: Family, lr: float, steps: int
+                   ) -> tuple[torch.optim.Optimizer, Any]:
+    """The family's optimizer with a cosine learning rate over ``steps``."""
+    if family.optimizer == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(
+            model.parameters(), lr=lr, momentum=0.9, nesterov=True,
+            weight_decay=family.weight_decay)
+    elif family.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=family.weight_decay)
+    else:
+        raise ValueError(f"benchmarks/finetune: unknown optimizer {family.optimizer!r}")
     return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
 
 
@@ -245,6 +346,7 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
 
 def train(
     model: nn.Module,
+    family: Family,
     x: Tensor,
     y: Tensor,
     *,
@@ -256,13 +358,14 @@ def train(
     on_step: Callable[[int], None] | None = None,
     schedule: revify.Schedule | None = None,
 ) -> list[float]:
-    """SGD (momentum, cosine learning rate) on random shifted mini-batches; returns the losses.
+    """The family's optimizer (cosine learning rate) on random shifted mini-batches; returns
+    the losses.
 
     The batches and shifts come from a generator seeded with ``seed``, so every method sees the
     same data in the same order. ``on_step(i)`` runs after step ``i`` (and with ``i = 0``
     before the first step).
     """
-    optimizer, lr_schedule = make_optimizer(model, lr, steps)
+    optimizer, lr_schedule = make_optimizer(model, family, lr, steps)
     gen = torch.Generator().manual_seed(seed)
     losses = []
     model.train()
@@ -283,18 +386,23 @@ def train(
     return losses
 
 
-def pretrain(args: argparse.Namespace, data: Digits, path: Path) -> dict[str, Any]:
+def pretrain(args: argparse.Namespace, family: Family, data: Digits, path: Path
+             ) -> dict[str, Any]:
     """Train on digits 0-4 from scratch and save the ``state_dict`` to ``path``."""
     torch.manual_seed(args.pretrain_seed)
-    model = timm.create_model(args.arch, pretrained=False, num_classes=5,
-                              **model_kwargs(args.width, args.zero_init_last))
+    init = family.timm_init if args.timm_init else family.live_init
+    model = timm.create_model(family.arch, pretrained=False, num_classes=5,
+                              **family.arch_kwargs, **init)
+    steps = args.pretrain_steps or family.pretrain_steps
+    lr = args.pretrain_lr or family.pretrain_lr
     start = time.perf_counter()
-    losses = train(model, data.pre_x, data.pre_y, steps=args.pretrain_steps,
-                   batch=args.pretrain_batch, lr=args.pretrain_lr, seed=args.pretrain_seed,
+    losses = train(model, family, data.pre_x, data.pre_y, steps=steps,
+                   batch=args.pretrain_batch, lr=lr, seed=args.pretrain_seed,
                    background=data.background)
     seconds = time.perf_counter() - start
     torch.save(model.state_dict(), path)
-    return dict(steps=args.pretrain_steps, seconds=seconds, final_loss=losses[-1],
+    return dict(steps=steps, lr=lr, init=init, seconds=seconds, final_loss=losses[-1],
+                parameters=sum(p.numel() for p in model.parameters()),
                 test_accuracy=accuracy(model, data.pre_test_x, data.pre_test_y),
                 branch_ratio=branch_ratio(model, data.pre_test_x))
 
@@ -302,16 +410,14 @@ def pretrain(args: argparse.Namespace, data: Digits, path: Path) -> dict[str, An
 @torch.no_grad()
 def branch_ratio(model: nn.Module, x: Tensor) -> float:
     """Median over identity units of ``||U(h) - h|| / ||h||`` (eval mode): how live the
-    residual branches are (0 for timm's initialisation with ``zero_init_last=True``)."""
+    residual branches are (0 for timm's ResNet initialisation with ``zero_init_last=True``)."""
     ratios: list[float] = []
 
     def hook(block: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
-        if block.downsample is None:  # identity units only (the ones revify couples)
-            h = inputs[0]
-            ratios.append(float((out - h).norm() / h.norm()))
+        h = inputs[0]
+        ratios.append(float((out - h).norm() / h.norm()))
 
-    blocks = [m for m in model.modules() if isinstance(m, timm.models.resnet.BasicBlock)]
-    handles = [b.register_forward_hook(hook) for b in blocks]
+    handles = [b.register_forward_hook(hook) for b in identity_units(model)]
     try:
         predict(model, x)
     finally:
@@ -320,25 +426,24 @@ def branch_ratio(model: nn.Module, x: Tensor) -> float:
     return statistics.median(ratios) if ratios else float("nan")
 
 
-def fidelity(args: argparse.Namespace, data: Digits, path: Path) -> list[dict[str, Any]]:
+def fidelity(family: Family, data: Digits, path: Path) -> list[dict[str, Any]]:
     """Agreement with the pretrained model right after conversion, digits 0-4 test images."""
-    reference = predict(load_pretrained(args.arch, path, args.width), data.pre_test_x)
-    example = data.pre_x[:2]
+    reference = predict(load_pretrained(family, path), data.pre_test_x)
     settings: dict[str, dict[str, Any] | None] = {
-        "plain": None, "timm-ckpt": None, "revify": {}, "faithful": dict(_FAITHFUL),
-        **_AGREEMENT_ONLY,
+        "plain": None, "timm-ckpt": None, "revnet": REVNET, "default": DEFAULT, **_AGREEMENT_ONLY,
     }
     rows = []
     for name, convert_kwargs in settings.items():
-        model = load_pretrained(args.arch, path, args.width)
+        model = load_pretrained(family, path)
         if name == "timm-ckpt":
             model.set_grad_checkpointing(True)
         row: dict[str, Any] = dict(setting=name)
         if convert_kwargs is not None:
-            revify.convert(model, example, strict=True, **convert_kwargs)
+            revify.convert(model, example_input(), strict=True, **convert_kwargs)
             report = revify.check(model, data.pre_test_x, gradients=False)
-            row.update(output_rel_error=report.output_rel_error,
-                       check_top1_agreement=report.top1_agreement)
+            row.update(check_output_rel_error=report.output_rel_error,
+                       check_top1_agreement=report.top1_agreement,
+                       stage_units=[len(st.units) for st in revify.stages(model)])
         logits = predict(model, data.pre_test_x)
         row["top1_agreement"] = float((logits.argmax(1) == reference.argmax(1)).double().mean())
         row["output_rel_error"] = float((logits - reference).norm() / reference.norm())
@@ -347,37 +452,39 @@ def fidelity(args: argparse.Namespace, data: Digits, path: Path) -> list[dict[st
     return rows
 
 
-def finetune(args: argparse.Namespace, data: Digits, path: Path) -> list[dict[str, Any]]:
+def finetune(args: argparse.Namespace, family: Family, data: Digits, path: Path
+             ) -> list[dict[str, Any]]:
     """One run per seed and method; the curves are test accuracy every ``--eval-every`` steps."""
     runs = []
+    lr, steps = args.lr or family.lr, args.steps or family.steps
     for seed in range(args.seeds):
         x, y = subset(data.ft_pool_x, data.ft_pool_y, args.train_per_class, seed)
         for method in args.methods:
-            model = prepare(load_pretrained(args.arch, path, args.width), method, x[:2])
+            model = prepare(load_pretrained(family, path), method)
             torch.manual_seed(seed)  # the same new head for every method
             model.reset_classifier(5)
-            schedule = schedule_for(model, method, args.steps)
+            schedule = schedule_for(model, method, steps)
             curve: list[tuple[int, float]] = []
 
             def evaluate(i: int, model: nn.Module = model, curve: list = curve) -> None:
-                if i % args.eval_every == 0 or i == args.steps:
+                if i % args.eval_every == 0 or i == steps:
                     curve.append((i, accuracy(model, data.ft_test_x, data.ft_test_y)))
 
             start = time.perf_counter()
-            losses = train(model, x, y, steps=args.steps, batch=args.batch, lr=args.lr,
+            losses = train(model, family, x, y, steps=steps, batch=args.batch, lr=lr,
                            seed=1000 + seed, background=data.background, on_step=evaluate,
                            schedule=schedule)
             seconds = time.perf_counter() - start
             errors = [st.last_reconstruction_error for st in revify.stages(model)]
             runs.append(dict(
-                method=method, seed=seed, train_images=len(y), losses=losses, curve=curve,
-                test_accuracy=curve[-1][1], seconds=seconds,
+                family=family.name, method=method, seed=seed, train_images=len(y),
+                losses=losses, curve=curve, test_accuracy=curve[-1][1], seconds=seconds,
                 final_coefficients=schedule.coefficients() if schedule else None,
                 max_reconstruction_error=max((float(e) for e in errors if e is not None),
                                              default=None),
             ))
-            console().print(f"  seed {seed} {method:<18} test accuracy {curve[-1][1]:.2%} "
-                            f"({seconds:.0f} s)")
+            console().print(f"  {family.name} seed {seed} {method:<18} test accuracy "
+                            f"{curve[-1][1]:.2%} ({seconds:.0f} s)")
     return runs
 
 
@@ -393,28 +500,34 @@ def _reentrant_timm_checkpoints() -> Iterator[None]:
         timm.layers.set_reentrant_ckpt(previous)
 
 
-def saved_bytes(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Bytes saved for backward at 224x224, batch 2 (random weights: only shapes matter)."""
-    architectures = {f"{args.arch} width {args.width} (trained here)":
-                     model_kwargs(args.width, False),
-                     f"{args.arch} (standard width)": dict(zero_init_last=False)}
-    settings = {"plain": None, "timm-ckpt": None, "revify": {}, "faithful": _FAITHFUL,
-                "exact alpha=0, beta=1 (schedule end)": _AGREEMENT_ONLY[
-                    "exact alpha=0, beta=1 (schedule end)"]}
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, 224, 224, generator=gen)
-    target = torch.randint(0, 5, (2,), generator=gen)
+def saved_bytes(args: argparse.Namespace, family: Family) -> list[dict[str, Any]]:
+    """Bytes saved for backward by one training forward (random weights: only shapes matter):
+    the architecture trained here on the fine-tuning batch at 32 px, and the family's standard
+    model at 224 px, batch 2."""
+    architectures = {
+        f"{family.arch} as trained here, {_SIZE} px, batch {args.batch}":
+            (family.arch, family.arch_kwargs, args.batch, _SIZE),
+        f"{family.standard} (standard), 224 px, batch 2": (family.standard, {}, 2, 224),
+    }
+    settings = {m: _CONVERT.get(m) for m in args.methods if m != "faithful+schedule"}
+    if "faithful+schedule" in args.methods:  # the coupling at the schedule's end
+        settings["exact alpha=0, beta=1"] = _AGREEMENT_ONLY["exact alpha=0, beta=1"]
     rows = []
     with _reentrant_timm_checkpoints():
-        for label, kwargs in architectures.items():
+        for label, (arch, kwargs, batch, size) in architectures.items():
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randn(batch, 3, size, size, generator=gen)
+            target = torch.randint(0, 5, (batch,), generator=gen)
             group = []
             for name, convert_kwargs in settings.items():
                 torch.manual_seed(0)
-                model = timm.create_model(args.arch, num_classes=5, **kwargs).train()
+                model = timm.create_model(arch, num_classes=5, **kwargs,
+                                          **family.live_init).train()
                 if name == "timm-ckpt":
                     model.set_grad_checkpointing(True)
                 elif convert_kwargs is not None:
-                    revify.convert(model, x, strict=True, **convert_kwargs)
+                    revify.convert(model, torch.zeros(2, 3, size, size), strict=True,
+                                   **convert_kwargs)
                 n_bytes, n_saved = count_saved_bytes(model, x, target)
                 group.append(dict(architecture=label, setting=name, bytes=n_bytes,
                                   saved_tensors=n_saved))
@@ -426,20 +539,21 @@ def saved_bytes(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def step_times(args: argparse.Namespace, data: Digits, path: Path) -> list[dict[str, Any]]:
+def step_times(args: argparse.Namespace, family: Family, data: Digits, path: Path
+               ) -> list[dict[str, Any]]:
     """Median step time per method on one fixed fine-tuning batch, steps interleaved.
 
-    ``faithful`` is timed at its coupling and ``faithful+schedule`` at the end of its
+    ``default`` is timed at its coupling and ``faithful+schedule`` at the end of its
     schedule, ``alpha=0, beta=1`` (still with exact streams).
     """
     x, y = data.ft_pool_x[: args.batch], data.ft_pool_y[: args.batch]
     runs: dict[str, Callable[[], None]] = {}
     for method in args.methods:
-        model = prepare(load_pretrained(args.arch, path, args.width), method, x[:2])
-        if method == "faithful+schedule":  # `faithful` times the start: time the end here
+        model = prepare(load_pretrained(family, path), method)
+        if method == "faithful+schedule":  # `default` times the start: time the end here
             for st in revify.stages(model):
                 st.alpha, st.beta = 0.0, 1.0
-        optimizer, _ = make_optimizer(model, args.lr, 1)
+        optimizer, _ = make_optimizer(model, family, args.lr or family.lr, 1)
         model.train()
 
         def step(model: nn.Module = model, optimizer: Any = optimizer) -> None:
@@ -470,156 +584,164 @@ def step_times(args: argparse.Namespace, data: Digits, path: Path) -> list[dict[
 # Report
 def summarise(runs: list[dict[str, Any]], methods: list[str], steps: int
               ) -> dict[str, dict[str, float]]:
-    """Per method: final test accuracy (mean, std over seeds), wall time per run, and the
-    lowest seed-mean test accuracy measured after the first third of the steps."""
+    """Per method: final test accuracy (mean, std over seeds), its per-seed difference from
+    ``plain`` (mean and standard error: the methods share data, order and head per seed), wall
+    time per run, and the lowest seed-mean test accuracy after the first third of the steps."""
     out = {}
+    plain = {r["seed"]: r["test_accuracy"] for r in runs if r["method"] == "plain"}
     for m in methods:
         mine = [r for r in runs if r["method"] == m]
         acc = [r["test_accuracy"] for r in mine]
+        diff = [r["test_accuracy"] - plain[r["seed"]] for r in mine]
         curve = torch.tensor([[a for i, a in r["curve"] if i >= steps // 3] for r in mine])
         out[m] = dict(mean=statistics.fmean(acc),
                       std=statistics.stdev(acc) if len(acc) > 1 else 0.0, n=len(acc),
+                      vs_plain=statistics.fmean(diff),
+                      vs_plain_se=statistics.stdev(diff) / math.sqrt(len(diff))
+                      if len(diff) > 1 else 0.0,
                       seconds=statistics.fmean(r["seconds"] for r in mine),
                       lowest_after_third=float(curve.mean(0).min()))
     return out
 
 
-def plot(runs: list[dict[str, Any]], methods: list[str], path: Path) -> None:
-    """Test accuracy (left) and training loss (right) against step, mean over seeds."""
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
-    for m in methods:
-        mine = [r for r in runs if r["method"] == m]
-        steps = [s for s, _ in mine[0]["curve"]]
-        accs = torch.tensor([[a for _, a in r["curve"]] for r in mine])
-        ax_acc.plot(steps, accs.mean(0) * 100, marker=".", label=m)
-        losses = torch.tensor([r["losses"] for r in mine]).mean(0)
-        window = max(len(losses) // 20, 1)  # moving average over 5 % of the run
-        smooth = losses.unfold(0, window, 1).mean(1)
-        ax_loss.plot(range(window, len(losses) + 1), smooth, label=m)
-    ax_acc.set(xlabel="fine-tuning step", ylabel="test accuracy, digits 5-9 (%)",
-               title=f"Test accuracy, mean over {len(mine)} seeds")
-    ax_loss.set(xlabel="fine-tuning step", ylabel="training loss (moving average)",
-                yscale="log", title="Training loss")
-    for ax in (ax_acc, ax_loss):
-        ax.grid(alpha=0.3)
-        ax.legend()
+def plot(result: dict[str, Any], runs: list[dict[str, Any]], path: Path) -> None:
+    """Per family (rows): test accuracy (left) and training loss (right) against step, mean
+    over seeds."""
+    methods = result["args"]["methods"]
+    names = list(result["families"])
+    fig, axes = plt.subplots(len(names), 2, figsize=(11, 3.8 * len(names)), squeeze=False)
+    for (ax_acc, ax_loss), name in zip(axes, names, strict=True):
+        n_seeds = 0
+        for m in methods:
+            mine = [r for r in runs if r["method"] == m and r["family"] == name]
+            n_seeds = len(mine)
+            steps = [s for s, _ in mine[0]["curve"]]
+            accs = torch.tensor([[a for _, a in r["curve"]] for r in mine])
+            ax_acc.plot(steps, accs.mean(0) * 100, marker=".", label=m)
+            losses = torch.tensor([r["losses"] for r in mine]).mean(0)
+            window = max(len(losses) // 20, 1)  # moving average over 5 % of the run
+            smooth = losses.unfold(0, window, 1).mean(1)
+            ax_loss.plot(range(window, len(losses) + 1), smooth, label=m)
+        arch = result["families"][name]["arch"]
+        ax_acc.set(xlabel="fine-tuning step", ylabel="test accuracy, digits 5-9 (%)",
+                   title=f"{name} ({arch}): test accuracy, mean over {n_seeds} seeds")
+        ax_loss.set(xlabel="fine-tuning step", ylabel="training loss (moving average)",
+                    yscale="log", title=f"{name}: training loss")
+        for ax in (ax_acc, ax_loss):
+            ax.grid(alpha=0.3)
+            ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def markdown(result: dict[str, Any], methods: list[str]) -> str:
+def coupling_text(kwargs: dict[str, Any]) -> str:
+    """``alpha=63/64, beta=1/64, exact=True`` for a dict of convert options."""
+    if not kwargs:
+        return "`revify.convert`'s own default"
+
+    def frac(v: float) -> str:
+        if v in (0.0, 1.0):
+            return f"{v:g}"
+        d = round(1 / (1 - v)) if v > 0.5 else round(1 / v)
+        return f"{d - 1}/{d}" if v > 0.5 else f"1/{d}"
+
+    return ", ".join(f"{k}={frac(v) if isinstance(v, float) else v}" for k, v in kwargs.items())
+
+
+def _pp(x: float) -> str:
+    return f"{x * 100:+.2f} pp"
+
+
+def markdown(result: dict[str, Any]) -> str:
     """``docs/finetune.md``."""
     args, env = result["args"], result["environment"]
-    summary = result["summary"]
-    agree = {r["setting"]: r for r in result["fidelity"]}
-    times = {r["method"]: r for r in result["step_times"]}
-    pre, sizes = result["pretrain"], result["sizes"]
-    d = args.get("faithful_d", 16)
-    fl = f"alpha={d - 1}/{d}, beta=1/{d}"  # the faithful coupling of this run
-    bits = "4 bits" if d <= 16 else "1 byte"
-
-    def agreement(method: str) -> str:
-        r = agree.get("faithful" if method.startswith("faithful") else method)
-        return f"{r['top1_agreement']:.1%}" if r else "-"
-
+    methods = args["methods"]
+    fams = result["families"]
+    default_text = coupling_text(result["couplings"]["default"])
     lines = [
-        "# Fine-tuning a pretrained backbone with revify",
+        "# Fine-tuning pretrained backbones with revify",
         "",
         "Generated by `benchmarks/finetune.py` (see its docstring for the protocol). "
-        f"Command: `.venv/bin/python benchmarks/finetune.py {result['argv']}`.",
+        f"Command: `.venv/bin/python benchmarks/finetune.py {result['argv']}`; every number is "
+        "in `benchmarks/results/finetune.json`.",
         "",
-        f"Pre-training: timm `{args['arch']}` at stage widths "
-        f"{model_kwargs(args['width'], False)['channels']} "
-        f"(layers 3, 4, 6, 3: reversible chains of 2, 3, 5 and 2 units), "
-        f"`zero_init_last={args['zero_init_last']}`, on digits 0-4 "
-        f"({sizes['pre_train']} images, 32 px, random shifts of up to {_SHIFT} px), "
-        f"{pre['steps']} steps of batch {args['pretrain_batch']}, "
-        f"{pre['seconds']:.0f} s: test accuracy {pre['test_accuracy']:.1%}, median "
-        f"`|U(h) - h| / |h|` of the identity units {pre['branch_ratio']:.2f}. Loaded with "
-        "`timm.create_model(arch, pretrained=True, num_classes=5, "
-        "pretrained_cfg_overlay=dict(file=path, num_classes=5))`; every tensor checked equal to "
-        "the file's (without `num_classes` in the overlay timm silently drops the 5-class head: "
-        "it compares with the registry's 1000 classes).",
+        "Three families, each pre-trained here from scratch on digits 0-4, saved as a timm "
+        "checkpoint, loaded with `timm.create_model(arch, pretrained=True, num_classes=5, "
+        "pretrained_cfg_overlay=dict(file=path, num_classes=5), **arch_kwargs)` (every tensor "
+        "checked equal to the file's; without `num_classes` in the overlay timm silently drops "
+        "the 5-class head: it compares with the registry's 1000 classes), converted, and "
+        "fine-tuned on digits 5-9. Methods: `plain` (ordinary autograd), `timm-ckpt` "
+        "(`set_grad_checkpointing(True)`), `revnet` (`revify.convert(model, x, "
+        f"{coupling_text(result['couplings']['revnet'])})`, the RevNet coupling) and `default` "
+        f"(`{default_text}`, the coupling issue 12 makes `revify.convert`'s default, passed "
+        "explicitly in this run). Every conversion gets the example input "
+        f"`torch.zeros(2, 3, {_SIZE}, {_SIZE})`.",
         "",
-        f"Fine-tuning: digits 5-9, {args['train_per_class']} training images per class drawn "
-        f"per seed, {sizes['ft_test']} test images, {args['steps']} steps of batch "
-        f"{args['batch']}, SGD (momentum 0.9, Nesterov, weight decay 5e-4), cosine learning "
-        f"rate from {args['lr']}, the same data order, shifts and new head for every method; "
-        f"{args['seeds']} seeds.",
+        "## Summary",
         "",
-        f"`faithful+schedule` holds `{fl}` for the first third of the steps (the "
-        "new head and the backbone adapt while the network still computes nearly the "
-        "pretrained function), moves linearly in alpha and geometrically in beta (`beta = 1/d`, "
-        "d rounded, as exact streams need) to `alpha=0, beta=1` over the second third, and "
-        "trains the last third at the final coupling, so that the evaluated network is the one "
-        f"the weights were last trained for. `faithful` keeps `{fl}` throughout: "
-        "with exact streams its reconstruction is exact at any beta, so nothing forces the move.",
+        f"Targets (issue 12) for `default`: ≥ {_TARGET_AGREEMENT:.0%} top-1 agreement and "
+        f"≤ {_TARGET_ERROR:.0%} output error at conversion; mean fine-tuning test accuracy within "
+        f"{_TARGET_PP} pp of `plain`. *Agreement* and *error* are measured right after "
+        "conversion on the digits 0-4 test images through the pretrained head, in eval mode: "
+        "top-1 agreement with the pretrained model and `||f_converted(x) - f(x)|| / ||f(x)||` "
+        "of the logits. Test accuracy (digits 5-9) is the mean ± std over seeds at the end of "
+        "fine-tuning; *− plain* is the mean per-seed difference from `plain` ± its standard "
+        "error (all methods share a seed's data, order, shifts and head).",
         "",
-        "## Accuracy and fidelity",
-        "",
-        "| method | top-1 agreement with pretrained (0-4 test, before fine-tuning) | "
-        f"test accuracy 5-9 (mean ± std) | lowest mean test accuracy after step "
-        f"{args['steps'] // 3} | wall time per run (with evaluations) |",
-        "|---|---:|---:|---:|---:|",
+        "| family | `\\|U(h)-h\\|/\\|h\\|` | default: agreement, error | revnet: agreement, "
+        "error | plain | timm-ckpt | revnet (− plain) | default (− plain) | targets |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for m in methods:
-        s = summary[m]
-        lines.append(f"| {m} | {agreement(m)} | {s['mean']:.2%} ± {s['std']:.2%} | "
-                     f"{s['lowest_after_third']:.1%} | {s['seconds']:.0f} s |")
-    lines += [
-        "",
-        "Test accuracy is measured in eval mode, with BatchNorm's running statistics. These "
-        "average the batch statistics of past steps (momentum 0.1), so while a schedule moves "
-        "the coupling they describe an earlier network than the one evaluated.",
-    ]
-    lines += [
-        "",
-        "Right after conversion, through the pretrained head, on the digits 0-4 test images: "
-        "top-1 agreement with a separately loaded original, the same from "
-        "`revify.check(model, x, gradients=False)`, relative output (logit) error and accuracy:",
-        "",
-        "| setting | top-1 agreement | `revify.check` agreement | output rel. error | "
-        "accuracy 0-4 |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for r in result["fidelity"]:
-        checked = r.get("check_top1_agreement")
-        lines.append(f"| {r['setting']} | {r['top1_agreement']:.1%} | "
-                     f"{'-' if checked is None else f'{checked:.1%}'} | "
-                     f"{r['output_rel_error']:.3f} | {r['accuracy_0_4']:.1%} |")
+    for name, fam in fams.items():
+        s = fam["summary"]
+        agree = {r["setting"]: r for r in fam["fidelity"]}
+        d, rv = agree["default"], agree["revnet"]
+
+        def acc(m: str, s: dict = s) -> str:
+            if m not in s:
+                return "-"
+            text = f"{s[m]['mean']:.2%} ± {s[m]['std']:.2%}"
+            return text if m in ("plain", "timm-ckpt") else f"{text} ({_pp(s[m]['vs_plain'])})"
+
+        met = []
+        met.append("agreement ✓" if d["top1_agreement"] >= _TARGET_AGREEMENT else "agreement ✗")
+        met.append("error ✓" if d["output_rel_error"] <= _TARGET_ERROR else "error ✗")
+        if "default" in s:
+            met.append("accuracy ✓" if abs(s["default"]["vs_plain"]) * 100 <= _TARGET_PP
+                       else "accuracy ✗")
+        lines.append(
+            f"| {name} | {fam['pretrain']['branch_ratio']:.2f} | "
+            f"{d['top1_agreement']:.1%}, {d['output_rel_error']:.3f} | "
+            f"{rv['top1_agreement']:.1%}, {rv['output_rel_error']:.3f} | "
+            f"{acc('plain')} | {acc('timm-ckpt')} | {acc('revnet')} | {acc('default')} | "
+            f"{', '.join(met)} |")
     lines += [
         "",
         "![learning curves](finetune.png)",
         "",
-        "## Memory and time",
+        "## Protocol",
         "",
-        "Bytes saved for backward by one training forward at 224x224, batch 2 (saved-tensor "
-        "hooks, one count per storage, parameters excluded; timm checkpoints re-entrant for the "
-        f"count). `faithful` stores the remainders of the division by {d} ({bits} per element "
-        "and unit) on top of the two streams.",
+        f"Data: scikit-learn's 8x8 digits, upscaled to {_SIZE} px, 3 channels, standardised, "
+        f"random shifts of up to {_SHIFT} px in training. Pre-training on digits 0-4 "
+        f"({result['sizes']['pre_train']} images), {args['pretrain_batch']} images a step; "
+        f"fine-tuning on digits 5-9, {args['train_per_class']} training images per class drawn "
+        f"per seed, {result['sizes']['ft_test']} test images, batches of {args['batch']}, "
+        "cosine learning rate, a new seeded head, the same data order and "
+        f"shifts for every method; {args['seeds']} seeds. SGD is with momentum 0.9 "
+        "(Nesterov), AdamW with PyTorch's betas; the optimizer and learning rates of a family "
+        "are the same for every method (chosen for `plain`).",
         "",
-        "| architecture | setting | saved MiB | ÷ plain | ÷ timm-ckpt |",
-        "|---|---|---:|---:|---:|",
+        "Pre-training initialisation: "
+        + ("timm's defaults (`--timm-init`)." if args.get("timm_init") else
+           "live residual branches (the ResNet with `zero_init_last=False`, ConvNeXt with "
+           "`ls_init_value=1.0` instead of timm's 1e-6; the ViT has no layer scale): with "
+           "timm's zero-initialised branches, a short pre-training leaves them small and every "
+           "coupling stays close to the original network, unlike real pretrained backbones "
+           "(DESIGN.md §3)."),
     ]
-    for r in result["saved_bytes"]:
-        lines.append(f"| {r['architecture']} | {r['setting']} | {mib(r['bytes']):.1f} | "
-                     f"{r['vs_plain']:.3f} | {r['vs_timm_ckpt']:.2f} |")
-    batch = result["step_times"][0]["batch"]
-    lines += [
-        "",
-        f"Training step on the fine-tuning batch ({batch} images, 32 px), methods interleaved "
-        f"in one process, {args['time_warmup']} warm-up and {args['time_steps']} timed rounds; "
-        f"ratios are medians of per-round ratios. `faithful` is timed at `{fl}`, "
-        "`faithful+schedule` at the end of its schedule (`alpha=0, beta=1`, exact streams).",
-        "",
-        "| method | median ms | ÷ plain | ÷ timm-ckpt |",
-        "|---|---:|---:|---:|",
-    ]
-    for m in methods:
-        t = times[m]
-        lines.append(f"| {m} | {t['median_s'] * 1e3:.0f} | {t['vs_plain']:.2f} | "
-                     f"{t['vs_timm_ckpt']:.2f} |")
+    for name, fam in fams.items():
+        lines += _family_section(name, fam, methods, args)
     cpu = env["machine"] + (f", {env['processor']}" if env.get("processor") else "")
     load = ", ".join(f"{v:.1f}" for v in env.get("loadavg_1_5_15min", []))
     lines += [
@@ -631,60 +753,164 @@ def markdown(result: dict[str, Any], methods: list[str]) -> str:
         f"Python {env['python']}. Load average (1, 5, 15 min) at the end: "
         f"{load}; the machine is shared with other jobs, so step times are noisy (the "
         f"interleaved ratios less so). revify source: {result.get('revify_source', '?')}. "
-        "Total run time "
-        f"{result['seconds'] / 60:.1f} min.",
+        f"Total run time {result['seconds'] / 60:.1f} min.",
         "",
     ]
     return "\n".join(lines)
 
 
-def display(result: dict[str, Any], methods: list[str]) -> None:
-    table = Table(title="Fine-tuning on digits 5-9")
-    for col in ("method", "agreement", "test acc", "± std", "step ms", "÷ plain", "÷ timm-ckpt"):
-        table.add_column(col, justify="left" if col == "method" else "right")
-    agree = {r["setting"]: r["top1_agreement"] for r in result["fidelity"]}
-    times = {r["method"]: r for r in result["step_times"]}
+def _family_section(name: str, fam: dict[str, Any], methods: list[str], args: dict[str, Any]
+                    ) -> list[str]:
+    pre, s = fam["pretrain"], fam["summary"]
+    agree = {r["setting"]: r for r in fam["fidelity"]}
+    units = agree["default"].get("stage_units", [])
+    init = ", ".join(f"`{k}={v}`" for k, v in pre["init"].items()) or "timm's defaults"
+    lines = [
+        "",
+        f"## {name}: {fam['describe']}",
+        "",
+        f"{pre['parameters'] / 1e6:.2f} M parameters; revify's reversible stages have "
+        f"{', '.join(map(str, units))} units. Pre-training: {init}, {fam['optimizer']} "
+        f"(weight decay {fam['weight_decay']:g}), {pre['steps']} steps from learning rate "
+        f"{pre['lr']:g}, {pre['seconds']:.0f} s: test accuracy {pre['test_accuracy']:.1%}, "
+        f"median `|U(h) - h| / |h|` of the identity units {pre['branch_ratio']:.2f}. "
+        f"Fine-tuning: {fam['steps']} steps from learning rate {fam['lr']:g}.",
+        "",
+        "| method | top-1 agreement at conversion | test accuracy 5-9 (mean ± std) | − plain "
+        f"(± s.e.) | lowest mean test accuracy after step {fam['steps'] // 3} | "
+        "wall time per run |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for m in methods:
-        s, t = result["summary"][m], times[m]
-        a = agree["faithful" if m.startswith("faithful") else m]
-        table.add_row(m, f"{a:.1%}", f"{s['mean']:.2%}", f"{s['std']:.2%}",
-                      f"{t['median_s'] * 1e3:.0f}", f"{t['vs_plain']:.2f}",
-                      f"{t['vs_timm_ckpt']:.2f}")
+        r = agree.get("default" if m == "faithful+schedule" else m)
+        a = f"{r['top1_agreement']:.1%}" if r else "-"
+        lines.append(f"| {m} | {a} | {s[m]['mean']:.2%} ± {s[m]['std']:.2%} | "
+                     f"{_pp(s[m]['vs_plain'])} ± {s[m]['vs_plain_se'] * 100:.2f} | "
+                     f"{s[m]['lowest_after_third']:.1%} | {s[m]['seconds']:.0f} s |")
+    lines += [
+        "",
+        "At conversion (digits 0-4 test images, pretrained head, eval mode): top-1 agreement "
+        "with a separately loaded original, the same from `revify.check(model, x, "
+        "gradients=False)` (against the original code of the converted model), relative "
+        "output error, accuracy:",
+        "",
+        "| setting | top-1 agreement | `revify.check` agreement | output rel. error | "
+        "accuracy 0-4 |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in fam["fidelity"]:
+        checked = r.get("check_top1_agreement")
+        lines.append(f"| {r['setting']} | {r['top1_agreement']:.1%} | "
+                     f"{'-' if checked is None else f'{checked:.1%}'} | "
+                     f"{r['output_rel_error']:.3f} | {r['accuracy_0_4']:.1%} |")
+    lines += [
+        "",
+        "Bytes saved for backward by one training forward (saved-tensor hooks, one count per "
+        "storage, parameters excluded; timm checkpoints re-entrant for the count; random "
+        "weights):",
+        "",
+        "| architecture | setting | saved MiB | ÷ plain | ÷ timm-ckpt |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in fam["saved_bytes"]:
+        lines.append(f"| {r['architecture']} | {r['setting']} | {mib(r['bytes']):.2f} | "
+                     f"{r['vs_plain']:.3f} | {r['vs_timm_ckpt']:.2f} |")
+    times = {r["method"]: r for r in fam["step_times"]}
+    batch = fam["step_times"][0]["batch"]
+    lines += [
+        "",
+        f"Training step on the fine-tuning batch ({batch} images, {_SIZE} px), methods "
+        f"interleaved in one process, {args['time_warmup']} warm-up and {args['time_steps']} "
+        "timed rounds; ratios are medians of per-round ratios:",
+        "",
+        "| method | median ms | ÷ plain | ÷ timm-ckpt |",
+        "|---|---:|---:|---:|",
+    ]
+    for m in methods:
+        t = times[m]
+        lines.append(f"| {m} | {t['median_s'] * 1e3:.0f} | {t['vs_plain']:.2f} | "
+                     f"{t['vs_timm_ckpt']:.2f} |")
+    return lines
+
+
+def display(result: dict[str, Any]) -> None:
+    methods = result["args"]["methods"]
+    table = Table(title="Fine-tuning on digits 5-9")
+    for col in ("family", "method", "agreement", "out err", "test acc", "± std", "- plain",
+                "step ms", "÷ plain", "÷ timm-ckpt"):
+        table.add_column(col, justify="left" if col in ("family", "method") else "right")
+    for name, fam in result["families"].items():
+        agree = {r["setting"]: r for r in fam["fidelity"]}
+        times = {r["method"]: r for r in fam["step_times"]}
+        for m in methods:
+            s, t = fam["summary"][m], times[m]
+            a = agree["default" if m == "faithful+schedule" else m]
+            table.add_row(name, m, f"{a['top1_agreement']:.1%}", f"{a['output_rel_error']:.3f}",
+                          f"{s['mean']:.2%}", f"{s['std']:.2%}", _pp(s["vs_plain"]),
+                          f"{t['median_s'] * 1e3:.0f}", f"{t['vs_plain']:.2f}",
+                          f"{t['vs_timm_ckpt']:.2f}")
     console().print(table)
-    mem = Table(title="Saved for backward, 224x224, batch 2")
-    for col in ("architecture", "setting", "MiB", "÷ plain", "÷ timm-ckpt"):
-        mem.add_column(col, justify="left" if col in ("architecture", "setting") else "right")
-    for r in result["saved_bytes"]:
-        mem.add_row(r["architecture"], r["setting"], f"{mib(r['bytes']):.1f}",
-                    f"{r['vs_plain']:.3f}", f"{r['vs_timm_ckpt']:.2f}")
-    console().print(mem)
+
+
+def run_family(args: argparse.Namespace, family: Family, data: Digits, folder: Path
+               ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Every measurement of one family; returns its summary and its fine-tuning runs."""
+    out = console()
+    started = time.perf_counter()
+    path = folder / f"{family.name}_{family.arch}_digits04.pth"
+    out.print(f"[{family.name}] pre-training {family.arch} on digits 0-4 "
+              f"({len(data.pre_y)} images)...")
+    pre = pretrain(args, family, data, path)
+    out.print(f"  {pre['seconds']:.0f} s, test accuracy {pre['test_accuracy']:.2%}, "
+              f"median branch ratio {pre['branch_ratio']:.2f}; saved to {path}")
+    fid = fidelity(family, data, path)
+    for r in fid:
+        out.print(f"  {r['setting']:<32} agreement {r['top1_agreement']:.1%}, "
+                  f"output error {r['output_rel_error']:.3f}")
+    out.print(f"[{family.name}] fine-tuning on digits 5-9, {args.seeds} seeds x "
+              f"{len(args.methods)} methods...")
+    runs = finetune(args, family, data, path)
+    out.print(f"[{family.name}] step times and saved bytes...")
+    times = step_times(args, family, data, path)
+    memory = saved_bytes(args, family)
+    summary = dict(
+        arch=family.arch, describe=family.describe(), arch_kwargs=family.arch_kwargs,
+        optimizer=family.optimizer, weight_decay=family.weight_decay, lr=args.lr or family.lr,
+        steps=args.steps or family.steps, pretrain=pre, fidelity=fid,
+        summary=summarise(runs, args.methods, args.steps or family.steps),
+        step_times=times, saved_bytes=memory, seconds=time.perf_counter() - started,
+    )
+    return summary, runs
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", default="resnet34", help="a timm ResNet with BasicBlocks")
-    parser.add_argument("--width", type=int, default=16, help="channels of the first stage")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=150, help="fine-tuning steps")
+    parser.add_argument("--families", type=parse_list, default=list(FAMILIES),
+                        help=f"comma-separated, from {', '.join(FAMILIES)} (default: all)")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="fine-tuning steps (default: the family's, 150 or 300)")
     parser.add_argument("--batch", type=int, default=32, help="fine-tuning batch")
-    parser.add_argument("--lr", type=float, default=0.02, help="fine-tuning learning rate")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="fine-tuning learning rate (default: the family's)")
     parser.add_argument("--train-per-class", type=int, default=20,
                         help="fine-tuning images per class (0: the whole pool)")
     parser.add_argument("--eval-every", type=int, default=10)
-    parser.add_argument("--pretrain-steps", type=int, default=300)
+    parser.add_argument("--pretrain-steps", type=int, default=None,
+                        help="default: the family's (300)")
     parser.add_argument("--pretrain-batch", type=int, default=64)
-    parser.add_argument("--pretrain-lr", type=float, default=0.05)
+    parser.add_argument("--pretrain-lr", type=float, default=None,
+                        help="default: the family's")
     parser.add_argument("--pretrain-seed", type=int, default=0)
-    parser.add_argument("--zero-init-last", action="store_true",
-                        help="pre-train with timm's zero_init_last=True (see module doc)")
-    parser.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
+    parser.add_argument("--timm-init", action="store_true",
+                        help="pre-train from timm's default initialisation (see module doc)")
+    parser.add_argument("--methods", type=parse_list, default=list(DEFAULT_METHODS),
+                        help=f"from {', '.join(METHODS)}; plain and timm-ckpt are required")
     parser.add_argument("--time-warmup", type=int, default=2)
     parser.add_argument("--time-steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
-    parser.add_argument("--faithful-d", type=int, default=64,
-                        help="faithful coupling beta = 1/d, alpha = 1 - beta")
-    parser.add_argument("--checkpoint", help="where to save the pretrained weights "
-                        "(default: a temporary file)")
+    parser.add_argument("--checkpoint-dir", help="where to save the pretrained weights "
+                        "(default: a temporary folder)")
     parser.add_argument("--out", default=str(_ROOT / "docs" / "finetune"),
                         help="writes OUT.md and OUT.png")
     parser.add_argument("--json", help="write every number to this JSON file")
@@ -694,45 +920,34 @@ def main(argv: list[str] | None = None) -> None:
     if args.render:
         render(args.render, Path(args.out))
         return
-    _FAITHFUL.update(alpha=1 - 1 / args.faithful_d, beta=1 / args.faithful_d)
     unknown = set(args.methods) - set(METHODS)
     if unknown or not {"plain", "timm-ckpt"} <= set(args.methods):
         parser.error(f"--methods: need plain and timm-ckpt, from {METHODS}; got {args.methods}")
+    if set(args.families) - set(FAMILIES):
+        parser.error(f"--families: from {list(FAMILIES)}; got {args.families}")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     source = _source_version()  # now: revify may change on disk while this runs
-    out = console()
-
-    data = load_data(32)
+    data = load_data(_SIZE)
+    families: dict[str, Any] = {}
+    runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(args.checkpoint or Path(tmp) / f"{args.arch}_digits04.pth")
-        out.print(f"pre-training {args.arch} on digits 0-4 ({len(data.pre_y)} images)...")
-        pre = pretrain(args, data, path)
-        out.print(f"  {pre['seconds']:.0f} s, test accuracy {pre['test_accuracy']:.2%}, "
-                  f"median branch ratio {pre['branch_ratio']:.2f}; saved to {path}")
-        out.print("agreement with the pretrained model after conversion...")
-        fid = fidelity(args, data, path)
-        for r in fid:
-            out.print(f"  {r['setting']:<40} agreement {r['top1_agreement']:.1%}, "
-                      f"output error {r['output_rel_error']:.3f}")
-        out.print(f"fine-tuning on digits 5-9, {args.seeds} seeds x {len(args.methods)} methods...")
-        runs = finetune(args, data, path)
-        out.print("step times...")
-        times = step_times(args, data, path)
-    out.print("saved bytes at 224x224, batch 2...")
-    memory = saved_bytes(args)
-
+        folder = Path(args.checkpoint_dir or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in args.families:
+            families[name], family_runs = run_family(args, FAMILIES[name], data, folder)
+            runs += family_runs
     result = dict(
-        argv=" ".join(sys.argv[1:] if argv is None else argv),
-        args=vars(args), environment=environment(), pretrain=pre, fidelity=fid,
-        summary=summarise(runs, args.methods, args.steps), step_times=times, saved_bytes=memory,
+        argv=" ".join(sys.argv[1:] if argv is None else argv), args=vars(args),
+        environment=environment(), couplings=dict(default=DEFAULT, revnet=REVNET),
+        families=families,
         sizes=dict(pre_train=len(data.pre_y), pre_test=len(data.pre_test_y),
                    ft_pool=len(data.ft_pool_y), ft_test=len(data.ft_test_y)),
         seconds=time.perf_counter() - started, revify_source=source,
     )
-    display(result, args.methods)
+    display(result)
     write_docs(result, runs, Path(args.out))
-    out.print(f"wrote {args.out}.md and {args.out}.png ({result['seconds'] / 60:.1f} min)")
+    console().print(f"wrote {args.out}.md and {args.out}.png ({result['seconds'] / 60:.1f} min)")
     if args.json:
         write_json(args.json, [dict(r, curve=[list(p) for p in r["curve"]]) for r in runs],
                    benchmark="finetune", **{k: v for k, v in result.items() if k != "environment"})
@@ -754,9 +969,8 @@ def _source_version() -> str:
 def write_docs(result: dict[str, Any], runs: list[dict[str, Any]], out: Path) -> None:
     """``OUT.md`` (tables) and ``OUT.png`` (learning curves)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    methods = result["args"]["methods"]
-    plot(runs, methods, out.with_suffix(".png"))
-    out.with_suffix(".md").write_text(markdown(result, methods))
+    plot(result, runs, out.with_suffix(".png"))
+    out.with_suffix(".md").write_text(markdown(result))
 
 
 def render(path: str, out: Path) -> None:

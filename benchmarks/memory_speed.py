@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _common import REVNET, build_model, console, mib, parse_list, ratio, write_json
+from _common import REVNET_METHOD, build_model, console, mib, parse_list, ratio, write_json
 from rich.table import Table
 from step_time import _AMP, _batch, measure_cuda
 
@@ -49,7 +49,7 @@ import revify
 from revify._simulate import LiveBytes, fake_model
 from revify.check import _peak_live_bytes
 
-METHODS = ("plain", "timm-ckpt", "revify", REVNET)
+METHODS = ("plain", "timm-ckpt", "revify", REVNET_METHOD)
 
 
 def cpu_peak_live_bytes(

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from _common import (
     METHODS,
-    REVNET,
+    REVNET_METHOD,
     SavedBytes,
     build_model,
     console,
@@ -60,7 +60,7 @@ def measure(name: str, batch: int, size: int, seed: int) -> list[dict[str, Any]]
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, size, size, generator=gen)
     rows = []
-    for method in (*METHODS, REVNET):
+    for method in (*METHODS, REVNET_METHOD):
         model = build_model(name, method, size=size, seed=seed)
         target = torch.randint(0, model.num_classes, (batch,), generator=gen)
         n_bytes, n_saved = count_saved_bytes(model, x, target)

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _common import METHODS, REVNET, build_model, console, mib, parse_list, ratio, write_json
+from _common import METHODS, REVNET_METHOD, build_model, console, mib, parse_list, ratio, write_json
 from rich.table import Table
 from torch import Tensor, nn
 
@@ -74,7 +74,7 @@ def _batch(batch: int, size: int, device: str, channels_last: bool) -> tuple[Ten
 def time_cpu(name: str, batch: int, size: int, warmup: int, steps: int) -> list[dict[str, Any]]:
     """Median CPU step time per method, steps interleaved across methods."""
     x, target = _batch(batch, size, "cpu", channels_last=False)
-    methods = (*METHODS, REVNET)  # the default (faithful) coupling and the RevNet one
+    methods = (*METHODS, REVNET_METHOD)  # the default (faithful) coupling and the RevNet one
     runs = {m: make_step(build_model(name, m, size=size), x, target, None, 0.9) for m in methods}
     times: dict[str, list[float]] = {m: [] for m in methods}
     for i in range(warmup + steps):
@@ -125,7 +125,7 @@ def time_cuda(name: str, batch: int, size: int, warmup: int, steps: int) -> list
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
     return [measure_cuda(name, m, p, batch, size, warmup, steps) for p in _AMP
-            for m in (*METHODS, REVNET)]
+            for m in (*METHODS, REVNET_METHOD)]
 
 
 def _paired(times: list[float], base: list[float]) -> float:
@@ -143,7 +143,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         plain, ckpt = by[(key(r), "plain")], by[(key(r), "timm-ckpt")]
         r["time_vs_plain"] = ratio(r["median_s"], plain["median_s"])
         r["time_vs_timm_ckpt"] = ratio(r["median_s"], ckpt["median_s"])
-        revnet = by.get((key(r), REVNET))
+        revnet = by.get((key(r), REVNET_METHOD))
         if revnet is not None:
             r["time_vs_revnet"] = ratio(r["median_s"], revnet["median_s"])
         if r["device"] == "cpu":  # interleaved rounds: a paired ratio cancels load drift
