@@ -653,8 +653,6 @@ def plot(result: dict[str, Any], runs: list[dict[str, Any]], path: Path) -> None
 
 def coupling_text(kwargs: dict[str, Any]) -> str:
     """``alpha=63/64, beta=1/64, exact=True`` for a dict of convert options."""
-    if not kwargs:
-        return "`revify.convert`'s own default"
 
     def frac(v: float) -> str:
         if v in (0.0, 1.0):
@@ -687,7 +685,11 @@ def markdown(result: dict[str, Any], image: str = "finetune.png") -> str:
     args, env = result["args"], result["environment"]
     methods = args["methods"]
     fams = result["families"]
-    default_text = coupling_text(result["couplings"]["default"])
+    default_options = result["couplings"]["default"]
+    default_text = (f"`revify.convert(model, x, {coupling_text(default_options)})`, the coupling "
+                    "issue 12 makes `revify.convert`'s default, passed explicitly in this run"
+                    if default_options else
+                    "`revify.convert(model, x)` with no coupling options: the library's default")
     lines = [
         "# Fine-tuning pretrained backbones with revify",
         "",
@@ -704,8 +706,7 @@ def markdown(result: dict[str, Any], image: str = "finetune.png") -> str:
         "fine-tuned on digits 5-9. Methods: `plain` (ordinary autograd), `timm-ckpt` "
         "(`set_grad_checkpointing(True)`), `revnet` (`revify.convert(model, x, "
         f"{coupling_text(result['couplings']['revnet'])})`, the RevNet coupling) and `default` "
-        f"(`{default_text}`, the coupling issue 12 makes `revify.convert`'s default, passed "
-        "explicitly in this run). Every conversion gets the example input "
+        f"({default_text}). Every conversion gets the example input "
         f"`torch.zeros(2, 3, {_SIZE}, {_SIZE})`." + _extra_methods_text(methods),
         "",
         "## Summary",
