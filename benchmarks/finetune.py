@@ -33,7 +33,11 @@ the same for every family (everything offline, on CPU, scikit-learn's 8x8 handwr
      exact=True``, passed explicitly until ``convert``'s own default changes);
    - ``faithful+schedule`` (only with ``--methods``): the faithful conversion with a
      ``revify.Schedule`` that holds it for the first third of the steps, moves to
-     ``alpha=0, beta=1`` over the second third and trains the last third there.
+     ``alpha=0, beta=1`` over the second third and trains the last third there;
+   - ``default/autograd`` (only with ``--methods``): the ``default`` conversion trained under
+     ``revify.plain_autograd()``, i.e. the same converted function with ordinary autograd. It
+     separates what the coupling's change of function does to fine-tuning from what revify's
+     reversible backward does (the two should agree to rounding).
 
    Per family, the optimizer is the one that family is usually trained with (SGD for the
    ResNet, AdamW for ConvNeXt and ViT), the same for every method.
@@ -59,7 +63,8 @@ Threads: ``--threads 1`` by default. On a 2-core machine shared with other jobs,
 threads made a step 4x slower than one (spinning threads waiting for a descheduled peer).
 
 Writes ``docs/finetune.md`` (tables and machine), ``docs/finetune.png`` (learning curves) and,
-with ``--json``, every number. The defaults take about 40 minutes on one CPU thread::
+with ``--json``, every number. The defaults took 54 minutes on one thread of a shared, busy
+2-core machine::
 
     .venv/bin/python benchmarks/finetune.py --json benchmarks/results/finetune.json
     .venv/bin/python benchmarks/finetune.py --seeds 1 --steps 20 --pretrain-steps 50 \\
@@ -69,6 +74,7 @@ with ``--json``, every number. The defaults take about 40 minutes on one CPU thr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -111,11 +117,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after selecting the non-interactive backend)
 
 _ROOT = Path(__file__).resolve().parent.parent
-METHODS: tuple[str, ...] = ("plain", "timm-ckpt", "revnet", "default", "faithful+schedule")
+METHODS: tuple[str, ...] = ("plain", "timm-ckpt", "revnet", "default", "faithful+schedule",
+                             "default/autograd")
 DEFAULT_METHODS: tuple[str, ...] = ("plain", "timm-ckpt", "revnet", "default")
 # revify.convert options of the converting methods.
 _CONVERT: dict[str, dict[str, Any]] = {"revnet": REVNET, "default": DEFAULT,
-                                       "faithful+schedule": FAITHFUL}
+                                       "faithful+schedule": FAITHFUL, "default/autograd": DEFAULT}
+# Methods trained under revify.plain_autograd(): the converted function, ordinary autograd.
+_PLAIN_AUTOGRAD = ("default/autograd",)
+# The conversion whose agreement at step 0 a method starts from.
+_AGREEMENT_OF = {"faithful+schedule": "default", "default/autograd": "default"}
 # Extra conversions whose agreement with the pretrained model is reported (no fine-tuning).
 _AGREEMENT_ONLY = {
     "exact alpha=0, beta=1": dict(alpha=0.0, beta=1.0, exact=True),
@@ -357,13 +368,14 @@ def train(
     background: float,
     on_step: Callable[[int], None] | None = None,
     schedule: revify.Schedule | None = None,
+    plain_autograd: bool = False,
 ) -> list[float]:
     """The family's optimizer (cosine learning rate) on random shifted mini-batches; returns
     the losses.
 
     The batches and shifts come from a generator seeded with ``seed``, so every method sees the
     same data in the same order. ``on_step(i)`` runs after step ``i`` (and with ``i = 0``
-    before the first step).
+    before the first step). ``plain_autograd``: run the steps under ``revify.plain_autograd()``.
     """
     optimizer, lr_schedule = make_optimizer(model, family, lr, steps)
     gen = torch.Generator().manual_seed(seed)
@@ -373,7 +385,8 @@ def train(
         on_step(0)
     for i in range(1, steps + 1):
         idx = torch.randint(0, len(y), (batch,), generator=gen)
-        loss = F.cross_entropy(model(shifted(x[idx], gen, background)), y[idx])
+        with revify.plain_autograd() if plain_autograd else contextlib.nullcontext():
+            loss = F.cross_entropy(model(shifted(x[idx], gen, background)), y[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -457,7 +470,7 @@ def finetune(args: argparse.Namespace, family: Family, data: Digits, path: Path
     """One run per seed and method; the curves are test accuracy every ``--eval-every`` steps."""
     runs = []
     lr, steps = args.lr or family.lr, args.steps or family.steps
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         x, y = subset(data.ft_pool_x, data.ft_pool_y, args.train_per_class, seed)
         for method in args.methods:
             model = prepare(load_pretrained(family, path), method)
@@ -473,7 +486,7 @@ def finetune(args: argparse.Namespace, family: Family, data: Digits, path: Path
             start = time.perf_counter()
             losses = train(model, family, x, y, steps=steps, batch=args.batch, lr=lr,
                            seed=1000 + seed, background=data.background, on_step=evaluate,
-                           schedule=schedule)
+                           schedule=schedule, plain_autograd=method in _PLAIN_AUTOGRAD)
             seconds = time.perf_counter() - start
             errors = [st.last_reconstruction_error for st in revify.stages(model)]
             runs.append(dict(
@@ -509,7 +522,8 @@ def saved_bytes(args: argparse.Namespace, family: Family) -> list[dict[str, Any]
             (family.arch, family.arch_kwargs, args.batch, _SIZE),
         f"{family.standard} (standard), 224 px, batch 2": (family.standard, {}, 2, 224),
     }
-    settings = {m: _CONVERT.get(m) for m in args.methods if m != "faithful+schedule"}
+    settings = {m: _CONVERT.get(m) for m in args.methods
+                if m not in ("faithful+schedule", *_PLAIN_AUTOGRAD)}
     if "faithful+schedule" in args.methods:  # the coupling at the schedule's end
         settings["exact alpha=0, beta=1"] = _AGREEMENT_ONLY["exact alpha=0, beta=1"]
     rows = []
@@ -556,8 +570,10 @@ def step_times(args: argparse.Namespace, family: Family, data: Digits, path: Pat
         optimizer, _ = make_optimizer(model, family, args.lr or family.lr, 1)
         model.train()
 
-        def step(model: nn.Module = model, optimizer: Any = optimizer) -> None:
-            loss = F.cross_entropy(model(x), y)
+        def step(model: nn.Module = model, optimizer: Any = optimizer,
+                 plain: bool = method in _PLAIN_AUTOGRAD) -> None:
+            with revify.plain_autograd() if plain else contextlib.nullcontext():
+                loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad(set_to_none=False)
             loss.backward()
             optimizer.step()
@@ -637,8 +653,6 @@ def plot(result: dict[str, Any], runs: list[dict[str, Any]], path: Path) -> None
 
 def coupling_text(kwargs: dict[str, Any]) -> str:
     """``alpha=63/64, beta=1/64, exact=True`` for a dict of convert options."""
-    if not kwargs:
-        return "`revify.convert`'s own default"
 
     def frac(v: float) -> str:
         if v in (0.0, 1.0):
@@ -649,34 +663,51 @@ def coupling_text(kwargs: dict[str, Any]) -> str:
     return ", ".join(f"{k}={frac(v) if isinstance(v, float) else v}" for k, v in kwargs.items())
 
 
+def _extra_methods_text(methods: list[str]) -> str:
+    text = ""
+    if "default/autograd" in methods:
+        text += (" `default/autograd` is the `default` conversion trained under "
+                 "`revify.plain_autograd()`: the same converted function with ordinary autograd, "
+                 "which tells the coupling's change of function from revify's backward.")
+    if "faithful+schedule" in methods:
+        text += (" `faithful+schedule` converts with `alpha=63/64, beta=1/64, exact=True` and a "
+                 "`revify.Schedule` that holds it for the first third of the steps, moves to "
+                 "`alpha=0, beta=1` over the second third and trains the last third there.")
+    return text
+
+
 def _pp(x: float) -> str:
     return f"{x * 100:+.2f} pp"
 
 
-def markdown(result: dict[str, Any]) -> str:
-    """``docs/finetune.md``."""
+def markdown(result: dict[str, Any], image: str = "finetune.png") -> str:
+    """``docs/finetune.md``; ``image`` is the learning-curve plot's file name."""
     args, env = result["args"], result["environment"]
     methods = args["methods"]
     fams = result["families"]
-    default_text = coupling_text(result["couplings"]["default"])
+    default_options = result["couplings"]["default"]
+    default_text = (f"`revify.convert(model, x, {coupling_text(default_options)})`, the coupling "
+                    "issue 12 makes `revify.convert`'s default, passed explicitly in this run"
+                    if default_options else
+                    "`revify.convert(model, x)` with no coupling options: the library's default")
     lines = [
         "# Fine-tuning pretrained backbones with revify",
         "",
         "Generated by `benchmarks/finetune.py` (see its docstring for the protocol). "
-        f"Command: `.venv/bin/python benchmarks/finetune.py {result['argv']}`; every number is "
-        "in `benchmarks/results/finetune.json`.",
+        f"Command: `.venv/bin/python benchmarks/finetune.py {result['argv']}`"
+        + (f"; every number is in `{args['json']}`." if args.get("json") else "."),
         "",
-        "Three families, each pre-trained here from scratch on digits 0-4, saved as a timm "
-        "checkpoint, loaded with `timm.create_model(arch, pretrained=True, num_classes=5, "
-        "pretrained_cfg_overlay=dict(file=path, num_classes=5), **arch_kwargs)` (every tensor "
-        "checked equal to the file's; without `num_classes` in the overlay timm silently drops "
-        "the 5-class head: it compares with the registry's 1000 classes), converted, and "
+        f"Families: {', '.join(fams)}. Each is pre-trained here from scratch on digits 0-4, "
+        "saved as a timm checkpoint, loaded with `timm.create_model(arch, pretrained=True, "
+        "num_classes=5, pretrained_cfg_overlay=dict(file=path, num_classes=5), **arch_kwargs)` "
+        "(every tensor checked equal to the file's; without `num_classes` in the overlay timm "
+        "silently drops the 5-class head: it compares with the registry's 1000 classes), "
+        "converted, and "
         "fine-tuned on digits 5-9. Methods: `plain` (ordinary autograd), `timm-ckpt` "
         "(`set_grad_checkpointing(True)`), `revnet` (`revify.convert(model, x, "
         f"{coupling_text(result['couplings']['revnet'])})`, the RevNet coupling) and `default` "
-        f"(`{default_text}`, the coupling issue 12 makes `revify.convert`'s default, passed "
-        "explicitly in this run). Every conversion gets the example input "
-        f"`torch.zeros(2, 3, {_SIZE}, {_SIZE})`.",
+        f"({default_text}). Every conversion gets the example input "
+        f"`torch.zeros(2, 3, {_SIZE}, {_SIZE})`." + _extra_methods_text(methods),
         "",
         "## Summary",
         "",
@@ -708,8 +739,9 @@ def markdown(result: dict[str, Any]) -> str:
         met.append("agreement ✓" if d["top1_agreement"] >= _TARGET_AGREEMENT else "agreement ✗")
         met.append("error ✓" if d["output_rel_error"] <= _TARGET_ERROR else "error ✗")
         if "default" in s:
-            met.append("accuracy ✓" if abs(s["default"]["vs_plain"]) * 100 <= _TARGET_PP
-                       else "accuracy ✗")
+            gap = s["default"]["vs_plain"]
+            met.append("accuracy ✓" if abs(gap) * 100 <= _TARGET_PP else
+                       f"accuracy ✗ ({'above' if gap > 0 else 'below'} plain)")
         lines.append(
             f"| {name} | {fam['pretrain']['branch_ratio']:.2f} | "
             f"{d['top1_agreement']:.1%}, {d['output_rel_error']:.3f} | "
@@ -718,7 +750,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"{', '.join(met)} |")
     lines += [
         "",
-        "![learning curves](finetune.png)",
+        f"![learning curves]({image})",
         "",
         "## Protocol",
         "",
@@ -742,6 +774,11 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for name, fam in fams.items():
         lines += _family_section(name, fam, methods, args)
+    if result.get("notes"):
+        lines += ["", "## Notes", ""]
+        for note in result["notes"]:
+            lines += [note, ""]
+        lines.pop()
     cpu = env["machine"] + (f", {env['processor']}" if env.get("processor") else "")
     load = ", ".join(f"{v:.1f}" for v in env.get("loadavg_1_5_15min", []))
     lines += [
@@ -782,7 +819,7 @@ def _family_section(name: str, fam: dict[str, Any], methods: list[str], args: di
         "|---|---:|---:|---:|---:|---:|",
     ]
     for m in methods:
-        r = agree.get("default" if m == "faithful+schedule" else m)
+        r = agree.get(_AGREEMENT_OF.get(m, m))
         a = f"{r['top1_agreement']:.1%}" if r else "-"
         lines.append(f"| {m} | {a} | {s[m]['mean']:.2%} ± {s[m]['std']:.2%} | "
                      f"{_pp(s[m]['vs_plain'])} ± {s[m]['vs_plain_se'] * 100:.2f} | "
@@ -844,7 +881,7 @@ def display(result: dict[str, Any]) -> None:
         times = {r["method"]: r for r in fam["step_times"]}
         for m in methods:
             s, t = fam["summary"][m], times[m]
-            a = agree["default" if m == "faithful+schedule" else m]
+            a = agree[_AGREEMENT_OF.get(m, m)]
             table.add_row(name, m, f"{a['top1_agreement']:.1%}", f"{a['output_rel_error']:.3f}",
                           f"{s['mean']:.2%}", f"{s['std']:.2%}", _pp(s["vs_plain"]),
                           f"{t['median_s'] * 1e3:.0f}", f"{t['vs_plain']:.2f}",
@@ -888,6 +925,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--families", type=parse_list, default=list(FAMILIES),
                         help=f"comma-separated, from {', '.join(FAMILIES)} (default: all)")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="seeds first-seed, ..., first-seed + seeds - 1")
     parser.add_argument("--steps", type=int, default=None,
                         help="fine-tuning steps (default: the family's, 150 or 300)")
     parser.add_argument("--batch", type=int, default=32, help="fine-tuning batch")
@@ -916,9 +955,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="write every number to this JSON file")
     parser.add_argument("--render", metavar="JSON",
                         help="only rewrite OUT.md and OUT.png from a JSON file of an earlier run")
+    parser.add_argument("--note", action="append", default=None,
+                        help="with --render: a paragraph for the Notes section (repeatable; "
+                             "replaces the JSON's notes and is saved in it)")
     args = parser.parse_args(argv)
     if args.render:
-        render(args.render, Path(args.out))
+        render(args.render, Path(args.out), args.note)
         return
     unknown = set(args.methods) - set(METHODS)
     if unknown or not {"plain", "timm-ckpt"} <= set(args.methods):
@@ -970,12 +1012,16 @@ def write_docs(result: dict[str, Any], runs: list[dict[str, Any]], out: Path) ->
     """``OUT.md`` (tables) and ``OUT.png`` (learning curves)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(result, runs, out.with_suffix(".png"))
-    out.with_suffix(".md").write_text(markdown(result))
+    out.with_suffix(".md").write_text(markdown(result, out.with_suffix(".png").name))
 
 
-def render(path: str, out: Path) -> None:
-    """Rewrite the docs from the JSON that ``--json`` saved."""
+def render(path: str, out: Path, notes: list[str] | None = None) -> None:
+    """Rewrite the docs from the JSON that ``--json`` saved; ``notes`` replace its notes and are
+    written back to it."""
     payload = json.loads(Path(path).read_text())
+    if notes is not None:
+        payload["notes"] = notes
+        Path(path).write_text(json.dumps(payload, indent=2) + "\n")
     runs = payload.pop("results")
     payload.pop("benchmark", None)
     write_docs(payload, runs, out)
