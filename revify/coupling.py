@@ -614,6 +614,7 @@ class _UnitStep(torch.autograd.Function):
         if check is not None and k == 0:
             check.record(0, walk.pair[1])
         watch = BufferWatch(state_slots(unit.owners()), unit.written)
+        ctx.layout = walk.pair[1].stride()  # x_k as unit k reads it (NOTE [ Recompute layout ])
         rem = walk.advance(k)
         ctx.written, unit.written = watch.written()
         if check is not None and k + 1 <= len(units) - 2:  # x_{n-1}, x_n are kept, not rebuilt
@@ -712,7 +713,7 @@ def _step_backward(ctx: Any, g_cur: Tensor | None, g_next: Tensor | None) -> tup
     check_same_tensors(what, ctx.tensor_ids, tensors)
     beta = walk.beta
 
-    h = mid.detach().to(walk.in_dtype)
+    h = _as_read(mid.detach().to(walk.in_dtype), ctx.layout)
     a, m = _step_terms(walk.alpha, unit, mid, h)
     folded = None
     if need_dx and k == 0 and _can_fold(walk, mid, h):
@@ -760,13 +761,11 @@ def _step_backward(ctx: Any, g_cur: Tensor | None, g_next: Tensor | None) -> tup
                 _judge(walk)
     inputs = ([h] if need_dx else []) + wanted
     vjp: Sequence[Tensor | None] = (None,) * len(inputs)
-    # R_k = U_k - id: the - id joins the vjp's graph (NOTE [ Unit minus input ]), except at
-    # step 0 when x_{-1} and x_0 (both the stage input) give it back: alpha + beta = 1.
-    minus = unit.subtract_input and need_dx and not (k == 0 and walk.alpha + beta == 1)
-    if g_next is not None and (u.requires_grad or minus):
-        if minus:
-            with torch.enable_grad():
-                u = _MinusInput.apply(u, h)
+    # R_k = U_k - id with U_k ending in its shortcut's add: the - id cancels that add's pass to
+    # h, dropped from the vjp instead of subtracted after it (NOTE [ Unit shortcut ])
+    dropped = False
+    if g_next is not None and u.requires_grad:
+        dropped = unit.subtract_input and need_dx and _drop_shortcut(u, h)
         out = get_gradient_edge(u) if u.grad_fn is not None else u
         g = g_next.to(u.dtype)
         del u, h
@@ -784,57 +783,98 @@ def _step_backward(ctx: Any, g_cur: Tensor | None, g_next: Tensor | None) -> tup
     # a_{k-1} = beta a_{k+1};  a_k += a a_{k+1} + dx_k, in dx_k's memory (the vjp made it).
     # a_{k-1} is handed on unscaled, as a_{k+1} itself: its only reader is step k-1 (as its
     # g_cur), which applies beta when it adds it in, so no scaled copy of a state is made.
-    dx, dx_owned = vjp[0], True
+    dx = vjp[0]
     del vjp
     if dx is not None and _is_alias(dx, g_next, g_cur):
         dx = dx.clone()  # a pass-through branch can hand back a_{k+1} itself: never alias it
     # Step 0's two inputs are both the stage input x: dL/dx = a_0 + a_{-1}, summed here.
-    alpha = walk.alpha if minus else _coefficient(walk.alpha, unit)
-    for term, coef in ((g_cur, beta), (g_next, alpha + beta if k == 0 else alpha)):
-        if term is None or coef == 0:
-            continue
-        if dx is None:
-            dx, dx_owned = (term, False) if coef == 1 else (term * coef, True)
-        elif dx_owned:
-            dx.add_(term, alpha=coef)
-        else:
-            dx, dx_owned = torch.add(dx, term, alpha=coef), True
+    alpha = walk.alpha if dropped else _coefficient(walk.alpha, unit)
+    terms = [(t, c) for t, c in ((g_cur, beta), (g_next, alpha + beta if k == 0 else alpha))
+             if t is not None and c != 0]
+    dx = _adjoint_sum(dx, terms, _stream_dtype(walk.in_dtype), walk.in_dtype)
     g_prev = None if k == 0 else g_next  # beta * g_prev is the true a_{k-1}
     return (None, None, g_prev, dx, *grads_out)
 
 
-# NOTE [ Unit minus input ]
-# A unit run as U(h) with R(h) = U(h) - h (a module unit, or a unit ending in a post-add op)
-# holds its own shortcut, U(h) = h + F(h), so step k's adjoint of h is a - a + F'^T a with
-# a = a_{k+1}. Ordinary autograd sums the step's - a first (the subtraction is the last op of
-# the step), then the shortcut's + a: they cancel exactly and F'^T a, often far smaller than
-# a, keeps its precision. Subtracting a from the vjp's a + F'^T a afterwards leaves the
-# rounding of a + F'^T a, eps |a|, on F'^T a. Where nothing else reaches x_k (the last unit:
-# x_{n-1} is not a stage output) that was the whole error of a_{n-1}, and the parameter
-# gradients of the unit before were 3-80x less accurate than plain autograd's in fp32
-# (ConvNeXt, whose 2-unit stages make that unit 0); under bf16 autocast, where h and the vjp
-# are bf16, every unit before another lost precision (15-17x at unit 0, ~2x further in).
-# _MinusInput puts - a into h's gradient before the unit's graph does, as autograd does. Cost:
-# the - a tensor lives through the vjp (it replaces the a + F'^T a that the engine formed at
-# its end); ResNet-50 fp32 CPU peak 202 -> 221 MiB, bf16 unchanged. At step 0 with
-# alpha + beta = 1 the stage input's two uses give the - id back and no - a is needed.
+def _adjoint_sum(
+    dx: Tensor | None, terms: list[tuple[Tensor, float]], stream: torch.dtype, out: torch.dtype
+) -> Tensor | None:
+    """``dx + sum(coef * term)`` in ``out`` (the adjoints' dtype), summed in the ``stream``
+    dtype as ordinary autograd sums the streams' adjoints, and in ``dx``'s memory when ``dx``
+    (made by the vjp) has that dtype. Under autocast the vjp of a bf16 ``h`` is bf16: the sum is
+    then rounded to bf16 once, not at every term."""
+    parts = ([(dx, 1.0)] if dx is not None else []) + terms
+    if not parts:
+        return None
+    if len(parts) == 1:
+        term, coef = parts[0]
+        return term if coef == 1 else term * coef
+    (first, coef), *rest = parts
+    if first is dx and dx.dtype == stream and coef == 1:
+        acc = dx
+    else:
+        acc = first.to(stream, copy=True)
+        if coef != 1:
+            acc.mul_(coef)
+    for term, coef in rest:
+        acc.add_(term, alpha=coef)
+    return acc.to(out)
 
 
-class _MinusInput(torch.autograd.Function):
-    """``u - h`` for the vjp only: the forward computes nothing (a one-element token of ``u``'s
-    shape), the backward sends ``(a, -a)``, the ``-a`` reaching ``h`` before ``u``'s graph
-    does (NOTE [ Unit minus input ])."""
+# NOTE [ Unit shortcut ]
+# A module unit holds its own shortcut, U(h) = h + F(h), and R(h) = U(h) - h, so the vjp of
+# step k sends a_{k+1} to h through the shortcut and the step's coefficient alpha - 1 takes it
+# back. Summed that way, (a + F'^T a) - a, the rounding of a + F'^T a (eps |a|) lands on
+# F'^T a, which can be far smaller than a: the adjoint of x_{n-1}, which no other step reaches,
+# is F'^T a alone. ConvNeXt's 2-unit stages make that unit 0's input, and its parameter
+# gradients were 3-7x less accurate than plain autograd's in fp32 and 15-37x under bf16 autocast
+# (there h, and so the vjp, is bf16, and every unit before another lost precision, ~2x).
+# Ordinary autograd cancels a - a exactly: the step's - a reaches h first. When the unit's last
+# op is that add (h + F(h), alpha 1, one operand h itself), _drop_shortcut drops its gradient to
+# h from the vjp, so the vjp returns F'^T a, and the step's coefficient is alpha. This costs
+# nothing (putting - a into h's gradient first, as autograd does, kept one more full-size tensor
+# through every vjp: +12 % simulated peak on ResNet-50). Units ending otherwise (ResNet's
+# relu(h + F(h)), a ViT block's two adds) keep the subtraction: their a - a cancels only where
+# the ReLU passes, or beside a second branch's gradient, and measured as accurate as plain.
 
-    @staticmethod
-    def forward(ctx: Any, u: Tensor, h: Tensor) -> Tensor:
-        ctx.set_materialize_grads(False)
-        return _token(u)
 
-    @staticmethod
-    def backward(ctx: Any, g: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
-        if g is None:
-            return None, None
-        return (g if ctx.needs_input_grad[0] else None), (-g if ctx.needs_input_grad[1] else None)
+def _drop_shortcut(u: Tensor, h: Tensor) -> bool:
+    """If ``u = h + F(h)`` by its last op, make that op send no gradient to ``h``; whether done."""
+    node = u.grad_fn
+    if node is None or node.name() != "AddBackward0" or getattr(node, "_saved_alpha", 1) != 1:
+        return False
+    edges = [
+        i for i, (fn, _) in enumerate(node.next_functions)
+        if fn is not None and getattr(fn, "variable", None) is h
+    ]
+    if len(edges) != 1:  # h + h, or a shortcut through some op of its own
+        return False
+    (i,) = edges
+
+    def drop(grad_inputs: tuple[Tensor | None, ...], _: Any) -> tuple[Tensor | None, ...]:
+        return tuple(None if j == i else g for j, g in enumerate(grad_inputs))
+
+    node.register_hook(drop)
+    return True
+
+
+# NOTE [ Recompute layout ]
+# A rebuilt state takes the memory layout of the tensor it is computed in (x_{k+1}'s, or what
+# the elementwise ops choose), which can differ from the layout the forward gave x_k: a unit
+# returning f(h) + h with f(h) a permuted view (a channel LayerNorm) makes x_{k+1} channels-last
+# while x_k was contiguous. The recompute must read x_k as the forward did: dropout draws its
+# mask in memory order, so the replayed RNG gave another mask in another layout (gradients 0.43
+# off in float64, silently), and kernels may round differently. The step records the strides
+# its unit read and the backward copies a state into them when they differ (not for the usual
+# contiguous models, where the layouts agree).
+
+
+def _as_read(h: Tensor, stride: tuple[int, ...]) -> Tensor:
+    """``h`` with the strides the forward's unit read (``stride``), copied only if needed."""
+    if all(n == 1 or a == b for n, a, b in zip(h.shape, h.stride(), stride, strict=True)):
+        return h
+    out = torch.empty_strided(h.shape, stride, dtype=h.dtype, device=h.device)
+    return out.copy_(h)
 
 
 def _rebuild(

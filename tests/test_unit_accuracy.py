@@ -65,28 +65,39 @@ def _rel(a: list[Tensor | None], b: list[Tensor | None]) -> float:
     return math.sqrt(num / den)
 
 
-def unit_ratios(model: nn.Module, x: Tensor, bf16: bool = False) -> dict[str, tuple]:
-    """``{unit name: (ratio, err_revify, err_plain)}`` for every unit of a converted model."""
-    model64 = copy.deepcopy(model).double()
+def _projection(model: nn.Module, x: Tensor) -> Tensor:
+    """The output projection ``revify.check(model, x, seed=0)`` uses, so the two compare."""
     state = bn_state(model)
     with torch.no_grad():
         shape = model(x).shape
     restore(model, state)
-    # the projection revify.check(model, x, seed=0) uses, so that the two can be compared
-    weight = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    truth = _grads(model64, x.double(), weight, plain=True)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def truth(model: nn.Module, x: Tensor) -> list[Tensor | None]:
+    """Float64 ordinary-autograd gradients of the converted function (a float64 copy)."""
+    return _grads(copy.deepcopy(model).double(), x.double(), _projection(model, x), plain=True)
+
+
+def unit_ratios(
+    model: nn.Module, x: Tensor, bf16: bool = False, ref: list[Tensor | None] | None = None
+) -> dict[str, tuple[float, float, float]]:
+    """``{unit name: (ratio, err_revify, err_plain)}`` for every unit of a converted model, the
+    errors over the unit's parameters against the float64 ``ref`` (:func:`truth`)."""
+    ref = truth(model, x) if ref is None else ref
+    weight = _projection(model, x)
     rev = _grads(model, x, weight, plain=False, bf16=bf16)
     plain = _grads(model, x, weight, plain=True, bf16=bf16)
     index = {id(p): i for i, p in enumerate(p for p in model.parameters() if p.requires_grad)}
     out = {}
     for stage in revify.stages(model):
-        for k, tensors in enumerate(stage.unit_tensors()):  # a unit's parameters
+        for unit, tensors in zip(stage.units, stage.unit_tensors(), strict=True):
             idx = [index[id(t)] for t in tensors if id(t) in index]
             if not idx:
                 continue
-            err = _rel([rev[i] for i in idx], [truth[i] for i in idx])
-            ref = _rel([plain[i] for i in idx], [truth[i] for i in idx])
-            out[stage.units[k].name] = (err / ref, err, ref)
+            err = _rel([rev[i] for i in idx], [ref[i] for i in idx])
+            err_plain = _rel([plain[i] for i in idx], [ref[i] for i in idx])
+            out[unit.name] = (err / err_plain, err, err_plain)
     return out
 
 
@@ -97,26 +108,37 @@ def _assert_every_unit(ratios: dict[str, tuple]) -> None:
     assert all(r <= _RATIO for r, _, _ in ratios.values()), table
 
 
-def _convnext(seed: int = 0) -> tuple[nn.Module, Tensor]:
+def _convnext(seed: int = 0, **kwargs) -> tuple[nn.Module, Tensor]:
     torch.manual_seed(seed)  # ConvNeXt has no zero_init_last: its branches are non-zero
-    model = _layer_scaled(timm.create_model("convnext_atto", pretrained=False), seed).train()
+    model = timm.create_model("convnext_atto", pretrained=False, **kwargs)
+    model = _layer_scaled(model, seed).train()
     revify.convert(model, torch.zeros(2, 3, 32, 32), alpha=0.0, beta=1.0)
     return model, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.fixture(scope="module")
+def narrow_convnext() -> tuple[nn.Module, Tensor, list[Tensor | None]]:
+    # convnext_atto at 40 % of its width: float64 depthwise convolutions run one group at a
+    # time on the CPU, and they are most of the test's time
+    model, x = _convnext(dims=(16, 32, 64, 128))
+    return model, x, truth(model, x)
+
+
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-def test_convnext_every_unit(bf16):
+def test_convnext_every_unit(narrow_convnext, bf16):
     """ConvNeXt's 2-unit stages: unit 0's gradients read a_1, the adjoint of x_{n-1}, which is
-    F'^T a_2 alone. Formed as (a_2 + F'^T a_2) - a_2 it carried eps |a_2| of error (ratios
-    2.7-3.4 in fp32, 15-17 under bf16 here); autograd's order cancels a_2 exactly."""
-    model, x = _convnext()
-    _assert_every_unit(unit_ratios(model, x, bf16))
+    F'^T a_2 alone. Formed as (a_2 + F'^T a_2) - a_2 it carried eps |a_2| of error (unit 0 of
+    the first stage: ratio 7.3 in fp32, 37 under bf16 autocast). Plain autograd cancels a_2
+    exactly; revify now drops the shortcut's a_2 from the vjp (NOTE [ Unit shortcut ])."""
+    model, x, ref = narrow_convnext
+    _assert_every_unit(unit_ratios(model, x, bf16, ref))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-def test_convnext_every_unit_seeds(seed, bf16):
+def test_convnext_atto_every_unit(seed, bf16):
+    """The full convnext_atto (ratios before the fix: 2.7-3.4 in fp32, 15-17 in bf16)."""
     model, x = _convnext(seed)
     _assert_every_unit(unit_ratios(model, x, bf16))
 
@@ -130,10 +152,10 @@ def test_resnet50_every_unit(bf16):
     _assert_every_unit(unit_ratios(model, x, bf16))
 
 
-def _vit(class_token_std: float | None) -> tuple[nn.Module, Tensor]:
+def _vit(class_token_std: float | None, **kwargs) -> tuple[nn.Module, Tensor]:
     torch.manual_seed(0)
-    model = timm.create_model("vit_small_patch16_224", img_size=32, patch_size=4, depth=6,
-                       drop_path_rate=0.1).train()
+    kwargs = {"img_size": 32, "patch_size": 4, "depth": 6, "drop_path_rate": 0.1, **kwargs}
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, **kwargs).train()
     if class_token_std is not None:
         with torch.no_grad():
             model.cls_token.normal_(0.0, class_token_std,
@@ -166,16 +188,19 @@ def test_vit_small_initial_class_token():
 
 
 def test_check_reports_the_worst_unit():
-    """revify.check's worst unit per stage is the unit with the largest per-unit ratio, with its
-    errors: on the ViT above, unit 0 (~4x), which the stage row alone would not name."""
-    model, x = _vit(class_token_std=None)
+    """revify.check names each stage's worst unit with its errors. Here a gap is made on
+    purpose (the limit above, on a small ViT whose class-token row is 100x smaller still):
+    unit 0 is ~4.5x off plain autograd while the stage as a whole reads less."""
+    model, x = _vit(class_token_std=None, patch_size=8, depth=4, embed_dim=96, num_heads=2)
+    with torch.no_grad():
+        model.pos_embed[:, 0].mul_(0.01)
     ratios = unit_ratios(model, x)
     report = revify.check(model, x)
     (row,) = report.stages
-    name, (ratio, err, ref) = max(ratios.items(), key=lambda kv: kv[1][0])
+    name, (ratio, err, err_plain) = max(ratios.items(), key=lambda kv: kv[1][0])
     assert name == row.worst_unit == "blocks.0", str(report)
-    assert ratio > 2.0
+    assert ratio > 2.0 and row.ratio < ratio
     assert row.worst_unit_ratio == pytest.approx(ratio, rel=1e-9)
     assert row.worst_unit_grad_error == pytest.approx(err, rel=1e-9)
-    assert row.worst_unit_plain_grad_error == pytest.approx(ref, rel=1e-9)
+    assert row.worst_unit_plain_grad_error == pytest.approx(err_plain, rel=1e-9)
     assert f"worst unit=blocks.0 ratio={ratio:.3g}" in str(report)
