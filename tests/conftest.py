@@ -97,6 +97,16 @@ def max_rel_err(a, b) -> float:
     return worst
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of small-tensor tests: on a busy machine two OpenMP
+    threads waiting on each other at every op made them 10-80x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def inline_net() -> nn.Module:
     torch.manual_seed(0)
