@@ -827,8 +827,9 @@ def _adjoint_sum(
 # back. Summed that way, (a + F'^T a) - a, the rounding of a + F'^T a (eps |a|) lands on
 # F'^T a, which can be far smaller than a: the adjoint of x_{n-1}, which no other step reaches,
 # is F'^T a alone. ConvNeXt's 2-unit stages make that unit 0's input, and its parameter
-# gradients were 3-7x less accurate than plain autograd's in fp32 and 15-37x under bf16 autocast
-# (there h, and so the vjp, is bf16, and every unit before another lost precision, ~2x).
+# gradients were 2.5-8x less accurate than plain autograd's in fp32 and 15-37x under bf16
+# autocast (there h, and so the vjp, is bf16, and every unit before another lost precision,
+# ~2x; tests/test_unit_accuracy.py).
 # Ordinary autograd cancels a - a exactly: the step's - a reaches h first. When the unit's last
 # op is that add (h + F(h), alpha 1, one operand h itself), _drop_shortcut drops its gradient to
 # h from the vjp, so the vjp returns F'^T a, and the step's coefficient is alpha. This costs
