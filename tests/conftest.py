@@ -62,11 +62,12 @@ def restore(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             v.copy_(state[k])
 
 
-def step_grads(model: nn.Module, x: torch.Tensor, plain: bool, seed: int = 1):
+def step_grads(model: nn.Module, x: torch.Tensor, plain: bool, seed: int = 1, scale: float = 1.0):
     """Output and gradients (parameters, then input) of a fixed projection of the output.
 
     Buffers are restored afterwards and the RNG seeded, so two calls see the same state and
-    draw the same dropout masks.
+    draw the same dropout masks. ``scale`` multiplies the loss and divides the gradients: the
+    same gradients, rounded differently in the backward.
     """
     state = bn_state(model)
     x = x.detach().clone().requires_grad_(True)
@@ -78,7 +79,9 @@ def step_grads(model: nn.Module, x: torch.Tensor, plain: bool, seed: int = 1):
     else:
         y = model(x)
     w = torch.linspace(-1.0, 1.0, y.numel(), dtype=y.dtype).view_as(y)
-    grads = torch.autograd.grad((y * w).sum(), [*params, x], allow_unused=True)
+    grads = torch.autograd.grad((y * w).sum() * scale, [*params, x], allow_unused=True)
+    if scale != 1.0:
+        grads = tuple(None if g is None else g / scale for g in grads)
     restore(model, state)
     return y.detach(), grads
 

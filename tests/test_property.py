@@ -9,7 +9,9 @@ norms (BatchNorm in train mode, a channel LayerNorm, GroupNorm), activations, dr
 scale. Built in float64 and converted with ``alpha=0, beta=1``, it must:
 
 (a) be refused by ``convert`` with a clear error, or run forward and backward;
-(b) give the gradients of ordinary autograd of the same function (``plain_autograd()``);
+(b) give the gradients of ordinary autograd of the same function (``plain_autograd()``), to
+    1e-10, or to 10x plain autograd's own rounding spread where its backward amplifies
+    rounding beyond that (:func:`_rounding_spread`);
 (c) compute the function of the coupling that ``plain_autograd()`` runs, also without grad, and
     the original network's when every chain has one unit (the coupling is then the identity
     residual itself).
@@ -83,7 +85,7 @@ def units(draw: st.DrawFn, block: bool | None = None) -> UnitSpec:
         spelling=spelling,
         branch=tuple(branch),
         post=draw(st.sampled_from((None, None, "relu", "gelu"))),
-        shared=not is_block and draw(st.integers(0, 3)) == 0,
+        shared=not is_block and draw(st.integers(0, 3)) == 3,  # shrinks to False
     )
 
 
@@ -293,6 +295,15 @@ def _forward(model: nn.Module, x: Tensor, seed: int = 1) -> Tensor:
     return y
 
 
+def _rounding_spread(model: nn.Module, x: Tensor, g_plain: list) -> float:
+    """How far plain autograd's gradients move when only the backward's rounding changes (the
+    loss scaled by 3 and by 7). A backward can amplify rounding far beyond 1e-10 in float64: a
+    LayerNorm of an all-zero pixel (after a ReLU) multiplies the gradient by 1/sqrt(eps) = 316,
+    three in a row by 3e7, and revify's adjoints, summed in another order, differ by as much."""
+    return max(max_rel_err(step_grads(model, x, plain=True, scale=s)[1], g_plain)
+               for s in (3.0, 7.0))
+
+
 def _kink_tie(model: nn.Module, spec: NetSpec, x: Tensor) -> bool:
     """Whether a gradient gap is the known limit of float reconstruction, not a bug: the states
     were rebuilt to rounding (1e-9 at most, deep stages amplify it) and exact streams (bit-exact
@@ -313,9 +324,10 @@ def _kink_tie(model: nn.Module, spec: NetSpec, x: Tensor) -> bool:
 
 
 def check(spec: NetSpec) -> str:
-    """Assert (a)-(c) for the network ``spec`` describes; returns what happened: "converted",
-    "unchanged" (no chain), "refused" (a clear error at convert), or, for networks the
-    property does not apply to, "untrainable" and "kink tie"."""
+    """Assert (a)-(c) for the network ``spec`` describes; returns what happened: "converted"
+    (or "converted, ill-conditioned backward": gradients within 10x plain autograd's own
+    rounding spread, beyond 1e-10), "unchanged" (no chain), "refused" (a clear error at
+    convert), or, for networks the property does not apply to, "untrainable", "kink tie"."""
     model = build(spec)
     x = torch.randn(2, 3, _SIZE, _SIZE, dtype=torch.float64,
                     generator=torch.Generator().manual_seed(0))
@@ -334,16 +346,23 @@ def check(spec: NetSpec) -> str:
     y_plain, g_plain = step_grads(model, x, plain=True)
     assert _rel(y_rev, y_plain) <= _TOL, "(c) reversible forward differs from plain_autograd"
     err = max_rel_err(g_rev, g_plain)
-    if err > _TOL and _kink_tie(model, spec, x):
-        return "kink tie"  # the documented limit, see _kink_tie
-    assert err <= _TOL, f"(b) gradients differ from plain_autograd: {err:.3g}"
+    outcome = "converted" if chain_units else "unchanged"
+    if err > _TOL:
+        spread = _rounding_spread(model, x, g_plain)
+        if err <= 10 * spread:  # as close as plain autograd is to itself
+            outcome = "converted, ill-conditioned backward"
+        elif _kink_tie(model, spec, x):
+            return "kink tie"  # the documented limit, see _kink_tie
+        else:
+            raise AssertionError(f"(b) gradients differ from plain_autograd: {err:.3g} "
+                                 f"(plain autograd's own rounding spread {spread:.3g})")
     y_ng = _forward(model, x)
     assert _rel(y_ng, y_plain) <= _TOL, "(c) no-grad forward differs from plain_autograd"
     if all(n == 1 for n in chain_units):
         y_orig = _forward(original, x)
         assert _rel(y_plain, y_orig) <= _TOL, "(c) one-unit chains differ from the original"
     assert all(math.isfinite(float(g.abs().max())) for g in g_rev if g is not None)
-    return "converted" if chain_units else "unchanged"
+    return outcome
 
 
 _COMMON = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
