@@ -185,10 +185,12 @@ def _slots(owners: Owners) -> list[Slot]:
 
 @contextlib.contextmanager
 def stand_ins(
-    what: str, owners: Owners, tensors: Sequence[Tensor], needs: Sequence[bool], linked: bool
+    what: str, slots: Sequence[Slot], tensors: Sequence[Tensor], needs: Sequence[bool],
+    linked: bool,
 ) -> Iterator[list[Tensor]]:
-    """Within the body, ``owners`` read each of ``tensors`` through a stand-in (NOTE [ Recompute
-    leaves ]) that requires grad where ``needs`` says; yields the stand-ins, in order.
+    """Within the body, ``slots`` (``slots_of(...).slots``) hold each of ``tensors`` as a
+    stand-in (NOTE [ Recompute leaves ]) that requires grad where ``needs`` says; yields the
+    stand-ins, in order.
 
     ``linked``: views of the tensors (their gradients' graph reaches the tensors), else detached
     leaves. A tensor found in no slot (none is, as units and segments list their tensors) is
@@ -199,7 +201,7 @@ def stand_ins(
         stand[id(t)] = t.view_as(t) if linked and need else t.detach().requires_grad_(need)
     swapped: list[tuple[dict[str, Any], str, Tensor, Tensor]] = []
     try:
-        for d, key in _slots(owners):
+        for d, key in slots:
             v = d.get(key)
             s = stand.get(id(v)) if isinstance(v, Tensor) else None
             if s is not None:
@@ -218,6 +220,72 @@ def stand_ins(
     finally:
         for d, key, v, _ in reversed(swapped):
             d[key] = v
+
+
+# NOTE [ Slot cache ]
+# Every step, every unit and segment needs where its tensors live (the parameter and buffer
+# slots of its modules), which of those buffers a forward may write, and its BatchNorms. Walking
+# the modules for them cost ~7 ms per ResNet-50 step on an H100 host (issue 14). They depend on
+# the module structure only, so slots_of computes them once per holder and reuses them until a
+# module, parameter or buffer is registered anywhere: torch's global registration hooks
+# (``nn.Module.__setattr__``, ``register_parameter``/``register_buffer``/``add_module``, and so
+# ``load_state_dict(assign=True)``, parametrizations, FSDP's swaps) move _EPOCH. Slots hold
+# ``(dict, key)``, so tensors replaced in place of a slot (``model.to()``) are read afresh at each
+# call. Writing ``module._modules[name]`` directly bypasses the hooks: call
+# ``revify.convert`` again after such surgery (the stand-in check of NOTE [ Recompute leaves ]
+# and check_same_tensors then catch most stale reads, not all).
+
+_EPOCH = [0]
+_HOOKS: list[Any] = []
+
+
+def _bump(*_: Any) -> None:
+    _EPOCH[0] += 1
+
+
+def _install_hooks() -> None:
+    if not _HOOKS:
+        from torch.nn.modules import module as _module
+
+        _HOOKS.extend((
+            _module.register_module_module_registration_hook(_bump),
+            _module.register_module_parameter_registration_hook(_bump),
+            _module.register_module_buffer_registration_hook(_bump),
+        ))
+
+
+class Slots(NamedTuple):
+    """What :func:`slots_of` caches for a holder: its tensor ``slots``, the ``state`` slots a
+    forward may write (:func:`state_slots`) and its BatchNorms ``bns``."""
+
+    slots: list[Slot]
+    state: list[Slot]
+    bns: list[_BatchNorm]
+
+
+def slots_of(holder: Any) -> Slots:
+    """The cached :class:`Slots` of ``holder`` (anything with ``owners()``: a unit, a segment),
+    recomputed after any module, parameter or buffer registration (NOTE [ Slot cache ])."""
+    _install_hooks()
+    cached = holder.__dict__.get("_slot_cache")
+    if cached is not None and cached[0] == _EPOCH[0]:
+        return cached[1]
+    owners = holder.owners()
+    out = Slots(_slots(owners), state_slots(owners), batchnorms(owners.modules))
+    holder._slot_cache = (_EPOCH[0], out)
+    return out
+
+
+def read_slots(slots: Sequence[Slot], grad_only: bool = False) -> list[Tensor]:
+    """The tensors in ``slots`` now, once each (only those requiring grad if ``grad_only``)."""
+    seen: set[int] = set()
+    out: list[Tensor] = []
+    for d, k in slots:
+        t = d.get(k)
+        if isinstance(t, Tensor) and (t.requires_grad or not grad_only) and id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
 
 
 # NOTE [ Buffers a forward writes ]

@@ -22,13 +22,13 @@ from ._replay import (
     Owners,
     RecomputeCheck,
     _ForwardState,
-    batchnorms,
     check_same_tensors,
     frozen_running_stats,
+    read_slots,
     replayed_buffers,
     report_mismatch,
+    slots_of,
     stand_ins,
-    state_slots,
 )
 
 __all__ = ["Segment"]
@@ -78,8 +78,8 @@ class Segment(MismatchOptions):
         self.written: list[frozenset[int] | None] = [None] * len(self.pieces)
 
     def tensors(self) -> list[Tensor]:
-        """The parameters and buffers the code reads now."""
-        return self._reads()
+        """The parameters and buffers the code reads now (NOTE [ Slot cache ])."""
+        return read_slots(slots_of(self).slots)
 
     def owners(self) -> Owners:
         """Where the code reads its tensors (``_replay.stand_ins``, ``_replay.state_slots``)."""
@@ -118,7 +118,7 @@ class _CheckpointFunction(torch.autograd.Function):
         ctx.tensor_ids = [id(t) for t in args[n_in:]]
         # Each piece's RNG/autocast state, so that the backward can recompute any one alone.
         ctx.states, ctx.written = [], []
-        slots = state_slots(seg.owners())
+        slots = slots_of(seg).state
         outs: tuple[Any, ...] = inputs
         for p, piece in enumerate(seg.pieces):
             ctx.states.append(_ForwardState(device))
@@ -161,8 +161,7 @@ def _segment_backward(ctx: Any, *grad_outs: Tensor | None) -> tuple[Tensor | Non
     tensors = [t for t in seg.tensors() if t.requires_grad]
     what = f"segment {seg.name}"
     check_same_tensors(what, ctx.tensor_ids, tensors)
-    bns = batchnorms(seg.modules)
-    owners = seg.owners()
+    bns = slots_of(seg).bns
     # boundary[p]: the inputs of piece p.
     boundary: list[tuple[Any, ...]] = [tuple(inputs)]
     with torch.no_grad(), frozen_running_stats(bns):
@@ -185,7 +184,7 @@ def _segment_backward(ctx: Any, *grad_outs: Tensor | None) -> tuple[Tensor | Non
             ctx.states[p].replay(),
             frozen_running_stats(bns),
             replayed_buffers(ctx.written[p]),
-            stand_ins(what, owners, tensors, needs_t, linked=False) as leaves,
+            stand_ins(what, slots_of(seg).slots, tensors, needs_t, linked=False) as leaves,
         ):
             outs = _tuple(seg.pieces[p](seg.root, *ins))
         if ctx.check is not None:  # the last piece, recomputed first: NOTE [ Mismatch check ]
@@ -240,8 +239,8 @@ def _segment_backward_graph(ctx: Any, *grad_outs: Tensor | None) -> tuple[Tensor
     what = f"segment {seg.name}"
     check_same_tensors(what, ctx.tensor_ids, tensors)
     needs_t = needs[ctx.n_in:]
-    bns = batchnorms(seg.modules)
-    with stand_ins(what, seg.owners(), tensors, needs_t, linked=True) as leaves:
+    bns = slots_of(seg).bns
+    with stand_ins(what, slots_of(seg).slots, tensors, needs_t, linked=True) as leaves:
         outs: tuple[Any, ...] = tuple(inputs)
         for p, piece in enumerate(seg.pieces):
             with ctx.states[p].replay(), frozen_running_stats(bns), replayed_buffers(

@@ -36,6 +36,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import _mode
 from ._inplace import InplaceError, check_units, clone_foreign_writes, storage, written_from
 from ._match import Residual, Unit, chains, find_residuals, is_add
+from ._replay import slots_of
 from ._trace import (
     GraphCode,
     entry_method,
@@ -423,6 +424,9 @@ def _install(model: nn.Module, plan: Plan) -> None:
     model.__dict__[plan.method] = _Rewritten(model, plan)
     if callable(getattr(model, "set_grad_checkpointing", None)):
         model.__dict__["set_grad_checkpointing"] = _GradCheckpointingIgnored()
+    # The first step finds every unit's and segment's slots ready (NOTE [ Slot cache ]).
+    for holder in [*(u for st in plan.stages for u in st.units), *plan.segments]:
+        slots_of(holder)
 
 
 class _GradCheckpointingIgnored:

@@ -18,7 +18,6 @@ vector-Jacobian product. See NOTE [ Stage backward ].
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -39,10 +38,11 @@ from ._replay import (
     batchnorms,
     check_same_tensors,
     frozen_running_stats,
+    read_slots,
     replayed_buffers,
     report_mismatch,
+    slots_of,
     stand_ins,
-    state_slots,
 )
 
 __all__ = ["ReversibleStage"]
@@ -209,17 +209,14 @@ class _GraphUnit(_BranchUnit):
 
 
 def _grad_tensors(unit: Any) -> list[Tensor]:
-    """The tensors ``unit`` reads that require grad, once each."""
-    ts: dict[int, Tensor] = {}
-    for t in unit.tensors():
-        if t.requires_grad:
-            ts.setdefault(id(t), t)
-    return list(ts.values())
+    """The tensors ``unit`` reads that require grad, once each (from its cached slots,
+    NOTE [ Slot cache ] in _replay.py)."""
+    return read_slots(slots_of(unit).slots, grad_only=True)
 
 
 def _stage_state_slots(stage: ReversibleStage) -> list[Any]:
     """The buffer slots the stage's units may write (``_replay.state_slots``)."""
-    return [slot for u in stage.units for slot in state_slots(u.owners())]
+    return [slot for u in stage.units for slot in slots_of(u).state]
 
 
 def _stream_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -386,12 +383,6 @@ class _Walk:
         self.pair: tuple[Tensor, Tensor] | None = (x0, x0)
         self.owned = (False, False)  # backward: whether a step may write into each of pair
         self.reference: Tensor | None = None  # revify.check: the true input
-
-    @functools.cached_property
-    def bns(self) -> list[nn.Module]:
-        """The stage's BatchNorms, whose statistics a recompute must leave alone (looked up only
-        when a backward or a redone forward needs them, not at every forward)."""
-        return batchnorms(self.stage.modules())
 
     def advance(self, k: int) -> Tensor | None:
         """Forward step k: ``pair`` becomes ``(x_k, x_{k+1})``; returns the packed remainder of
@@ -613,7 +604,7 @@ class _UnitStep(torch.autograd.Function):
         unit, check = units[k], walk.check
         if check is not None and k == 0:
             check.record(0, walk.pair[1])
-        watch = BufferWatch(state_slots(unit.owners()), unit.written)
+        watch = BufferWatch(slots_of(unit).state, unit.written)
         ctx.layout = walk.pair[1].stride()  # x_k as unit k reads it (NOTE [ Recompute layout ])
         rem = walk.advance(k)
         ctx.written, unit.written = watch.written()
@@ -707,7 +698,8 @@ def _step_backward(ctx: Any, g_cur: Tensor | None, g_next: Tensor | None) -> tup
     hi_owned = walk.owned[1]
     walk.pair = None
     need_dx = bool(ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
-    tensors = _grad_tensors(unit)
+    slots = slots_of(unit)
+    tensors = read_slots(slots.slots, grad_only=True)
     needs = ctx.needs_input_grad[4:]
     what = f"stage {stage.name}, unit {unit.name}"
     check_same_tensors(what, ctx.tensor_ids, tensors)
@@ -725,9 +717,9 @@ def _step_backward(ctx: Any, g_cur: Tensor | None, g_next: Tensor | None) -> tup
     with (
         torch.enable_grad(),
         ctx.state.replay(),
-        frozen_running_stats(walk.bns),
+        frozen_running_stats(slots.bns),  # this unit's only: NOTE [ Slot cache ]
         replayed_buffers(ctx.written),
-        stand_ins(what, unit.owners(), tensors, needs, linked=False) as leaves,
+        stand_ins(what, slots.slots, tensors, needs, linked=False) as leaves,
     ):
         h.requires_grad_(need_dx)
         u = unit.raw(h)
