@@ -8,7 +8,9 @@ inverse.
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,13 +80,30 @@ class Grid:
     delta: Tensor
     finite_only: bool = False
 
+    @functools.cached_property
+    def big(self) -> Tensor:
+        """``1.5 * 2^(p-1) * delta`` (NOTE [ Stream kernels ])."""
+        return _big(self.delta)
+
     def max_abs(self, x: Tensor) -> Tensor:
         return finite_max_abs(x) if self.finite_only else max_abs(x)
+
+    def extrema(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(min, max)`` of ``x`` (of its finite values if ``finite_only``), for :func:`top`."""
+        return torch.aminmax(torch.where(torch.isfinite(x), x, 0.0) if self.finite_only else x)
 
     @property
     def limit(self) -> Tensor:
         """States must stay below this in magnitude."""
         return self.delta * 2.0**GRID_BITS
+
+
+def top(extrema: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """``max |x|`` over the states whose :meth:`Grid.extrema` are given (a few kernels per stage,
+    one ``aminmax`` per state)."""
+    lo = torch.stack([e[0] for e in extrema]).min()
+    hi = torch.stack([e[1] for e in extrema]).max()
+    return torch.maximum(hi, lo.neg())
 
 
 def _step(top: Tensor, bits: int) -> Tensor:
@@ -133,169 +152,267 @@ def coefficients(a: float, beta: float, d: int) -> tuple[float, float]:
     return (s, 0.0) if float(s).is_integer() else (0.0, s)
 
 
-def _slices(t: Tensor, parts: int = 16) -> list[Any]:
-    """Index tuples cutting ``t`` into up to ``parts`` slices along its first dimension: work
-    done a slice at a time needs temporaries of one slice, not of a whole state."""
-    if t.dim() == 0 or t.shape[0] < 2:
-        return [(...,)]
-    step = -(-t.shape[0] // min(parts, t.shape[0]))
-    return [(slice(i, i + step),) for i in range(0, t.shape[0], step)]
+# NOTE [ Stream kernels ]
+# Each pass over a stage-sized tensor is a kernel launch and a trip through memory; on a GPU at
+# batch 64 the launches are the step time (issue 14). So every operation here is a whole-tensor
+# op, in place where the memory is ours, and the integer arithmetic is read from the floats'
+# bits instead of dividing by delta:
+#   * with BIG = 1.5 * 2^(p-1) * delta (p the significand bits), (v + BIG) - BIG is v rounded
+#     to a multiple of delta (nearest, ties to even) for |v| < 2^(p-2) delta, and the float
+#     v + BIG, a state difference D * delta moved up by BIG, has the integer BIG/delta + D as
+#     its significand: its low k bits are D mod 2^k (BIG/delta is a multiple of 2^(p-2));
+#   * clearing them gives (BIG/delta + d floor(D/d)) delta; setting them back (an OR, the low
+#     bits being zero) inverts that.
+# The remainders are packed from those bits, a group of 8/gcd(8, b) values to a few bytes, by
+# one multiply-and-sum. Packed values are laid out in the state's memory order (the forward
+# records it, the backward reads the rebuilt state in the same order), so no copy is needed
+# for channels-last states. The only slicing left is for the CPU: TensorIterator there
+# allocates a whole fp32 copy of a bf16 operand of an fp32 in-place op, so that subtraction is
+# done a slice at a time (not on fake tensors, which allocate nothing).
 
 
-def rounded(u: Tensor, m: Tensor | None, x_cur: Tensor, inner: float, delta: Tensor,
-             own: bool) -> Tensor:
-    """``round((u - m + inner * x_k) / delta)`` in the stream dtype: in ``u``'s memory if
-    ``own`` (and it has that dtype), else in a new tensor, formed a slice at a time so that
-    no temporary of a whole state is made (on the CPU, ``t -= m`` with a bf16 ``m`` would
-    allocate an fp32 copy of ``m``)."""
+def _mixed_sub_(t: Tensor, m: Tensor) -> None:
+    """``t -= m`` without a full-size hidden copy of a lower-precision ``m`` on the CPU."""
+    if t.device.type != "cpu" or m.dtype == t.dtype or is_fake(t) or t.dim() == 0:
+        t.sub_(m)
+        return
+    step = -(-t.shape[0] // min(16, t.shape[0]))
+    for i in range(0, t.shape[0], step):
+        t[i : i + step].sub_(m[i : i + step])
+
+
+def rounded(u: Tensor, m: Tensor | None, x_cur: Tensor, inner: float, grid: Grid,
+            own: bool) -> Tensor:
+    """``(u - m + inner * x_k)`` rounded onto the grid, in the stream dtype: in ``u``'s memory if
+    ``own`` (and it has that dtype), else in a new tensor (NOTE [ Stream kernels ])."""
     if own and u.dtype == x_cur.dtype:
-        t = u if m is None else u.sub_(m)
-        if inner:
-            t.add_(x_cur, alpha=inner)
-        return t.div_(delta).round_()
-    t = torch.empty_like(x_cur)
-    for sl in _slices(t) if m is not None or t.device.type == "cpu" else [(...,)]:
-        ts = t[sl].copy_(u[sl])
-        if m is not None:
-            ts.sub_(m[sl])
-        if inner:
-            ts.add_(x_cur[sl], alpha=inner)
-        ts.div_(delta).round_()
-    return t
-
-
-def _magic(dtype: torch.dtype) -> tuple[float, torch.dtype]:
-    p = {torch.float32: 24, torch.float64: 53}[dtype]  # significand bits
-    return 1.5 * 2.0 ** (p - 1), torch.int32 if dtype == torch.float32 else torch.int64
-
-
-def _floor_divide_(diff: Tensor, delta: Tensor, d: int) -> Tensor:
-    """Turns ``diff = D * delta`` into ``floor(D / d)`` in place; returns ``D mod d`` (uint8,
-    flat, padded with zeros to a multiple of 8)."""
-    n = diff.numel()
-    rem = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8, device=diff.device)
-    diff.div_(delta)
-    if d & (d - 1) == 0:  # a power of two: D mod d from the bits (NOTE [ Exact streams ])
-        magic, int_dtype = _magic(diff.dtype)
-        diff.add_(magic)
-        rem[:n].copy_(diff.view(int_dtype).flatten())  # the low byte (modular conversion)
-        rem.bitwise_and_(d - 1)
-        # floor(D / d) = round((D - (d-1)/2) / d), every step exact. (Subtracting the uint8
-        # remainder instead would make TensorIterator allocate a float copy of it.)
-        diff.sub_(magic).sub_((d - 1) / 2).div_(d).round_()
+        t = u
     else:
-        r = torch.remainder(diff, d)
-        rem[:n].copy_(r.flatten())
-        diff.sub_(r).div_(d)
-        del r
-    return rem
+        t = torch.empty_like(x_cur)
+        t.copy_(u)
+    if m is not None:
+        _mixed_sub_(t, m)
+    if inner:
+        t.add_(x_cur, alpha=inner)
+    return t.add_(grid.big).sub_(grid.big)
+
+
+def _order(t: Tensor) -> tuple[int, ...]:
+    """``t``'s dimensions from the outermost in memory (its layout, for :func:`_flat`)."""
+    try:
+        return tuple(t.dim_order())
+    except (RuntimeError, ValueError):  # not dense: treated as row-major (a copy is made)
+        return tuple(range(t.dim()))
+
+
+def _flat(t: Tensor, order: tuple[int, ...]) -> tuple[Tensor, Tensor | None]:
+    """A flat view of ``t`` in the memory order ``order``; when ``t`` is not laid out that way,
+    a flat copy, returned with the view to copy it back into."""
+    p = t.permute(order) if order else t
+    if p.is_contiguous():
+        return p.view(-1), None
+    return p.contiguous().view(-1), p
+
+
+def _int_view(t: Tensor) -> Tensor:
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int64)
+
+
+def _big(delta: Tensor) -> Tensor:
+    p = {torch.float32: 24, torch.float64: 53}[delta.dtype]
+    return delta * (1.5 * 2.0 ** (p - 1))
+
+
+# NOTE [ Stream slices ]
+# The inverse needs two temporaries of a state (the rounded unit output and the unpacked
+# remainders), the forward one (the remainders before packing). Formed whole they raised the
+# simulated ResNet-50 bf16 batch-64 peak by a state (+12 %); formed a slice at a time they cost
+# one slice. A slice is a run of rows of dimension 0 of at most _SLICE elements (32 MiB of
+# fp32): below that size the launches, not the bytes, are what an elementwise pass costs on a
+# GPU (an H100 moves 64 MiB in about as long as the host takes to launch a kernel), so small
+# states are never cut and large ones are cut only where the passes are long anyway.
+_SLICE = 1 << 23
+
+
+def _row_slices(t: Tensor, per: int) -> list[slice]:
+    """Runs of rows of ``t`` of at most _SLICE elements each, holding whole groups of ``per``
+    packed remainders (else one slice: all of ``t``); NOTE [ Stream slices ]."""
+    row = t[0].numel() if t.dim() else 1
+    if t.dim() == 0 or t.numel() <= _SLICE or row % per:
+        return [slice(None)]
+    rows = max(1, _SLICE // row)
+    return [slice(i, i + rows) for i in range(0, t.shape[0], rows)]
+
+
+def _bytes_of(sl: slice, t: Tensor, per: int, nbytes: int) -> slice:
+    """The packed bytes of the elements of ``t[sl]`` (whole groups, :func:`_row_slices`)."""
+    if sl == slice(None):
+        return sl
+    row = t[0].numel()
+    start, stop, _ = sl.indices(t.shape[0])
+    return slice(start * row // per * nbytes, stop * row // per * nbytes)
 
 
 def next_state(
     grid: Grid, d: int, outer: float, t: Tensor, x_prev: Tensor, x_cur: Tensor,
     own_prev: bool, first: bool,
-) -> tuple[Tensor, Tensor | None]:
-    """``x_{k+1}``, formed in the memory of ``t = rounded(...)``, and the remainder ``D mod d``
-    (None when d = 1 or at the first step, where ``x_{k-1} = x_k``). ``x_prev`` is
+) -> tuple[Tensor, Packed | None]:
+    """``x_{k+1}``, formed in the memory of ``t = rounded(...)``, and the packed remainders
+    ``D mod d`` (None when d = 1 or at the first step, where ``x_{k-1} = x_k``). ``x_prev`` is
     overwritten if ``own_prev``. Run without grad."""
-    rem = None
+    packed = None
     if d == 1:
-        t.mul_(grid.delta).add_(x_prev)
-    elif first:
-        t.mul_(grid.delta)
-    else:
-        diff = x_prev.sub_(x_cur) if own_prev else torch.sub(x_prev, x_cur)
-        rem = _floor_divide_(diff, grid.delta, d)
-        t.add_(diff).mul_(grid.delta)
-        del diff
+        t.add_(x_prev)
+    elif not first:
+        per, nbytes = _group(_bits(d))
+        data = torch.empty(-(-x_cur.numel() // per) * nbytes, dtype=torch.uint8,
+                           device=x_cur.device)
+        order = _order(x_prev)
+        for sl in _row_slices(x_cur, per):
+            xp = x_prev[sl]
+            y = xp.sub_(x_cur[sl]) if own_prev else torch.sub(xp, x_cur[sl])  # D * delta
+            flat, back = _flat(y, order)
+            out = data[_bytes_of(sl, x_cur, per, nbytes)]
+            if d & (d - 1) == 0:
+                flat.add_(grid.big)
+                bits = _int_view(flat)
+                pack(torch.bitwise_and(bits, d - 1), d, out=out)
+                bits.bitwise_and_(-d)  # (BIG/delta + d * floor(D/d)) * delta
+                flat.sub_(grid.big)  # d * floor(D/d) * delta
+                scale = 1.0 / d  # a power of two: exact
+            else:
+                flat.div_(grid.delta)
+                r = torch.remainder(flat, d)
+                pack(r.to(_int_view(flat).dtype), d, out=out)
+                flat.sub_(r).div_(d).mul_(grid.delta)  # floor(D/d) * delta, every step exact
+                del r
+                scale = 1.0
+            if back is not None:
+                back.copy_(flat.view(back.shape))
+            t[sl].add_(y, alpha=scale)
+            del y, flat, back
+        packed = Packed(data, order)
     if outer:
         t.add_(x_cur, alpha=outer)
-    return t, rem
-
-
-def _rows(packed: Tensor, d: int, like: Tensor, sl: tuple[Any, ...]) -> Tensor:
-    """The unpacked remainders of ``like[sl]`` (a slice of whole rows of dimension 0)."""
-    if sl == (...,):
-        return unpack(packed, d, 0, like.numel()).view(like.shape)
-    row = like[0].numel()
-    start, stop, _ = sl[0].indices(like.shape[0])
-    return unpack(packed, d, start * row, stop * row).view(like[sl].shape)
+    return t, packed
 
 
 def prev_state(
     grid: Grid, d: int, outer: float, inner: float, u: Tensor, m: Tensor | None,
-    x_cur: Tensor, x_next: Tensor, rem: Tensor | None, own_next: bool = False,
+    x_cur: Tensor, x_next: Tensor, packed: Packed | None, own_next: bool = False,
 ) -> Tensor:
     """The exact inverse of :func:`next_state`: ``x_{k-1}`` from ``x_k``, ``x_{k+1}``, the
     recomputed ``u`` and the packed remainders (None: zero), in ``x_next``'s memory if
-    ``own_next``, else in a new tensor. A slice at a time: the rounded ``u`` costs one
-    slice, not a state, beside the unit's graph. Run without grad."""
-    out = x_next if own_next else torch.empty_like(x_cur)
-    for sl in _slices(out):
-        o = out[sl] if own_next else out[sl].copy_(x_next[sl])
-        t = rounded(u[sl], None if m is None else m[sl], x_cur[sl], inner, grid.delta, False)
-        o.sub_(t.mul_(grid.delta))  # x_{k+1} - round(...) * delta
-        del t
+    ``own_next``, else in a new tensor; a slice at a time (NOTE [ Stream slices ]). Run without
+    grad."""
+    out = x_next if own_next else x_next.clone()
+    per, nbytes = _group(_bits(d))
+    for sl in _row_slices(x_cur, per if packed is not None else 1):
+        o, xc = out[sl], x_cur[sl]
+        t = rounded(u[sl], None if m is None else m[sl], xc, inner, grid, own=False)
+        o.sub_(t)
         if outer:
-            o.sub_(x_cur[sl], alpha=outer)
+            o.sub_(xc, alpha=outer)
         if d == 1:
+            del t  # before the next slice's is made
             continue  # x_{k-1}
-        o.mul_(d)  # d * floor(D / d) * delta
-        if rem is not None:  # on the CPU the uint8 slice is copied to float for this
-            o.addcmul_(_rows(rem, d, x_cur, sl), grid.delta)
-        o.add_(x_cur[sl])
+        # o = floor(D / d) * delta
+        power = d & (d - 1) == 0
+        o.mul_(d)
+        if power:
+            o.add_(grid.big)
+        if packed is not None:
+            flat, back = _flat(o, packed.order)
+            data = packed.data[_bytes_of(sl, x_cur, per, nbytes)]
+            # into t's memory: its value is no longer needed
+            r = unpack(data, d, flat.numel(), into=_int_view(_flat(t, _order(t))[0]))
+            if power:
+                _int_view(flat).bitwise_or_(r)  # the low bits are zero
+            else:
+                flat.add_(r.to(flat.dtype).mul_(grid.delta))
+            del r
+            if back is not None:
+                back.copy_(flat.view(back.shape))
+        if power:
+            o.sub_(grid.big)
+        o.add_(xc)
+        del t
     return out
 
 
-# Remainders of d <= 2^b take b bits; stored at 1, 2, 4, 6 or 8 bits per element.
+# Remainders of d <= 2^b take b bits; stored at 1, 2, 4, 6 or 8 bits per element, a group of
+# `per` values in `nbytes` bytes.
 def _bits(d: int) -> int:
     b = max(1, (d - 1).bit_length())
-    return next(w for w in (1, 2, 4, 6, 8) if w >= b)
+    widths = (1, 2, 4, 6, 8) if sys.byteorder == "little" else (1, 2, 4, 8)  # 6: see pack
+    return next(w for w in widths if w >= b)
 
 
-def pack(rem: Tensor, d: int) -> Tensor:
-    """The flat uint8 remainders (length a multiple of 8) packed at :func:`_bits` per element."""
+def _group(b: int) -> tuple[int, int]:
+    return (4, 3) if b == 6 else (8 // b, 1)
+
+
+@dataclass(frozen=True)
+class Packed:
+    """The packed remainders of one step, and the memory order they follow."""
+
+    data: Tensor
+    order: tuple[int, ...]
+
+
+_CONSTANTS: dict[tuple[Any, ...], Tensor] = {}
+
+
+def _constant(values: tuple[int, ...], dtype: torch.dtype, like: Tensor) -> Tensor:
+    """A small constant tensor on ``like``'s device, made once per device (``torch.tensor(list,
+    device="cuda")`` copies from pageable host memory: a synchronisation at every call); made
+    afresh for fake and meta tensors, which must not meet a real one."""
+    if is_fake(like):
+        return torch.tensor(values, dtype=dtype, device=like.device)
+    key = (values, dtype, like.device)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=like.device)
+    return t
+
+
+def pack(r: Tensor, d: int, out: Tensor | None = None) -> Tensor:
+    """The flat integer remainders ``r`` (each below ``d``; overwritten) packed at
+    :func:`_bits` each into uint8, padded with zeros to whole groups (into ``out`` if given)."""
     b = _bits(d)
-    if b == 8:
-        return rem
-    if b == 6:  # four remainders in three bytes
-        r = rem.view(-1, 4)
-        out = torch.empty(r.shape[0], 3, dtype=torch.uint8, device=rem.device)
-        torch.bitwise_left_shift(r[:, 1], 6, out=out[:, 0]).bitwise_or_(r[:, 0])
-        torch.bitwise_left_shift(r[:, 2], 4, out=out[:, 1]).bitwise_or_(r[:, 1] >> 2)
-        torch.bitwise_left_shift(r[:, 3], 2, out=out[:, 2]).bitwise_or_(r[:, 2] >> 4)
-        return out.view(-1)
-    per = 8 // b
-    r = rem.view(-1, per)
-    out = r[:, 0].clone()
-    for j in range(1, per):
-        out.bitwise_or_(r[:, j] << (b * j))
-    return out
+    per, nbytes = _group(b)
+    n = r.numel()
+    if n % per:
+        r = torch.cat([r, r.new_zeros(per - n % per)])
+    g = r.view(-1, per)
+    weights = _constant(tuple(1 << (b * j) for j in range(per)), r.dtype, r)
+    v = g.mul_(weights).sum(-1, dtype=torch.int32)  # one integer per group, < 2^24
+    if nbytes == 1:
+        return v.to(torch.uint8) if out is None else out.copy_(v)
+    # the low three bytes of each int32 (little-endian, NOTE [ Stream kernels ])
+    low = v.view(torch.uint8).view(-1, 4)[:, :nbytes]
+    return low.reshape(-1) if out is None else out.view(-1, nbytes).copy_(low).view(-1)
 
 
-def _unpack_flat(packed: Tensor, b: int) -> Tensor:
-    if b == 8:
-        return packed
-    if b == 6:
-        p = packed.view(-1, 3)
-        out = torch.empty(p.shape[0], 4, dtype=torch.uint8, device=packed.device)
-        torch.bitwise_and(p[:, 0], 63, out=out[:, 0])
-        torch.bitwise_right_shift(p[:, 0], 6, out=out[:, 1]).bitwise_or_((p[:, 1] & 15) << 2)
-        torch.bitwise_right_shift(p[:, 1], 4, out=out[:, 2]).bitwise_or_((p[:, 2] & 3) << 4)
-        torch.bitwise_right_shift(p[:, 2], 2, out=out[:, 3])
+def unpack(packed: Tensor, d: int, n: int, into: Tensor | None = None) -> Tensor:
+    """The first ``n`` remainders :func:`pack` packed, as integers (int32, or ``into``'s dtype,
+    written into ``into``'s memory when it has room)."""
+    b = _bits(d)
+    per, nbytes = _group(b)
+    groups = packed.numel() // nbytes
+    dtype = torch.int32 if into is None else into.dtype
+    if into is not None and into.numel() >= groups * per:
+        work = into.view(-1)[: groups * per]
     else:
-        per, mask = 8 // b, (1 << b) - 1
-        out = torch.empty(packed.numel(), per, dtype=torch.uint8, device=packed.device)
-        for j in range(per):
-            torch.bitwise_right_shift(packed, b * j, out=out[:, j]).bitwise_and_(mask)
-    return out.view(-1)
-
-
-def unpack(packed: Tensor, d: int, start: int, stop: int) -> Tensor:
-    """Remainders ``start:stop`` (flat, in the order of the state's elements) of those
-    :func:`pack` packed; only the bytes that hold them are unpacked."""
-    b = _bits(d)
-    group, nbytes = (4, 3) if b == 6 else (8 // b, 1)  # elements per group of whole bytes
-    g0, g1 = start // group, -(-stop // group)
-    flat = _unpack_flat(packed[g0 * nbytes : g1 * nbytes], b)
-    return flat[start - g0 * group : stop - g0 * group]
+        work = torch.empty(groups * per, dtype=dtype, device=packed.device)
+    if nbytes == 1:
+        v = packed.to(dtype)
+    else:
+        w = work[: groups * nbytes].view(-1, nbytes)
+        w.copy_(packed.view(-1, nbytes))
+        scale = _constant(tuple(1 << (8 * j) for j in range(nbytes)), dtype, packed)
+        v = w.mul_(scale).sum(-1, dtype=dtype)
+    shifts = _constant(tuple(b * j for j in range(per)), dtype, packed)
+    out = work.view(-1, per)
+    torch.bitwise_right_shift(v.unsqueeze(-1), shifts, out=out)
+    return out.bitwise_and_((1 << b) - 1).view(-1)[:n]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
+from itertools import compress, repeat
 from typing import Any, NamedTuple
 
 import torch
@@ -99,13 +100,14 @@ def frozen_running_stats(bns: Iterable[_BatchNorm]) -> Iterator[None]:
     normalisation without a second update (``torch.utils.checkpoint`` updates twice).
     """
     switched = [bn for bn in bns if bn.training and bn.track_running_stats]
+    # A plain attribute: set without nn.Module.__setattr__'s checks (it runs for every unit).
     for bn in switched:
-        bn.track_running_stats = False
+        object.__setattr__(bn, "track_running_stats", False)
     try:
         yield
     finally:
         for bn in switched:
-            bn.track_running_stats = True
+            object.__setattr__(bn, "track_running_stats", True)
 
 
 def check_same_tensors(what: str, forward_ids: Sequence[int], tensors: Sequence[Tensor]) -> None:
@@ -201,12 +203,13 @@ def stand_ins(
         stand[id(t)] = t.view_as(t) if linked and need else t.detach().requires_grad_(need)
     swapped: list[tuple[dict[str, Any], str, Tensor, Tensor]] = []
     try:
-        for d, key in slots:
-            v = d.get(key)
-            s = stand.get(id(v)) if isinstance(v, Tensor) else None
-            if s is not None:
-                d[key] = s
-                swapped.append((d, key, v, s))
+        values = list(map(dict.get, *zip(*slots, strict=True))) if slots else []
+        # the slots holding one of ``tensors``, found without a Python loop over all slots
+        for i in compress(range(len(values)), map(stand.__contains__, map(id, values))):
+            (d, key), v = slots[i], values[i]
+            s = stand[id(v)]
+            d[key] = s
+            swapped.append((d, key, v, s))
         found = {id(v) for _, _, v, _ in swapped}
         yield [stand[id(t)] if id(t) in found else t for t in tensors]
         for d, key, _, s in swapped:
@@ -277,15 +280,14 @@ def slots_of(holder: Any) -> Slots:
 
 
 def read_slots(slots: Sequence[Slot], grad_only: bool = False) -> list[Tensor]:
-    """The tensors in ``slots`` now, once each (only those requiring grad if ``grad_only``)."""
-    seen: set[int] = set()
-    out: list[Tensor] = []
-    for d, k in slots:
-        t = d.get(k)
-        if isinstance(t, Tensor) and (t.requires_grad or not grad_only) and id(t) not in seen:
-            seen.add(id(t))
-            out.append(t)
-    return out
+    """The tensors in ``slots`` now, once each (only those requiring grad if ``grad_only``).
+    Built from C-level iterators: this runs for every unit twice a step."""
+    if not slots:
+        return []
+    values = list(map(dict.get, *zip(*slots, strict=True)))
+    keep = map(getattr, values, repeat("requires_grad"), repeat(False)) if grad_only else \
+        map(isinstance, values, repeat(Tensor))
+    return list(dict.fromkeys(compress(values, keep)))  # a tensor hashes by identity
 
 
 # NOTE [ Buffers a forward writes ]
@@ -444,7 +446,7 @@ def default_tolerance(dtype: torch.dtype, device_type: str) -> float:
     return {torch.float64: 1e-6, torch.float32: 1e-2}.get(dtype, 5e-2)
 
 
-def _sampled(x: Tensor) -> Tensor:
+def sampled(x: Tensor) -> Tensor:
     """A view of about 4096 elements of ``x`` on a regular grid of logical positions (the same
     whatever the memory layout)."""
     if x.dim() == 0:
@@ -486,12 +488,12 @@ class RecomputeCheck:
 
     def record(self, key: Any, x: Tensor) -> None:
         if x.is_floating_point():
-            self.samples[key] = _sampled(x.detach()).clone()
+            self.samples[key] = sampled(x.detach()).clone()
 
     def compare(self, key: Any, x: Tensor) -> None:
         ref = self.samples.pop(key, None)
         if ref is not None:
-            self.deviations[key] = _rel_max(_sampled(x.detach()).to(ref.dtype), ref)
+            self.deviations[key] = _rel_max(sampled(x.detach()).to(ref.dtype), ref)
 
     def worst(self, extra: dict[Any, Tensor] | None = None) -> dict[Any, float]:
         """The deviations above the tolerance (NaN is not one), read with one device sync."""

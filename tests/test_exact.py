@@ -172,17 +172,19 @@ def test_exact_beta_must_be_reciprocal_integer():
         revify.stages(model)[0].beta = 0.3
 
 
-@pytest.mark.parametrize("d", [2, 16, 64, 37, 256])
-def test_remainder_packing_round_trips(d):
+@pytest.mark.parametrize("d", [2, 4, 16, 64, 37, 256])
+@pytest.mark.parametrize("n", [8 * 1001, 8 * 1001 + 3])
+def test_remainder_packing_round_trips(d, n):
     from revify import _exact
 
-    n = 8 * 1001
-    rem = torch.randint(0, d, (n,), dtype=torch.uint8)
-    packed = _exact.pack(rem, d)
-    assert packed.numel() == n * _exact._bits(d) // 8
-    assert torch.equal(_exact.unpack(packed, d, 0, n), rem)
-    for start, stop in ((0, 5), (3, 4), (5, 1003), (997, n)):  # any range, aligned or not
-        assert torch.equal(_exact.unpack(packed, d, start, stop), rem[start:stop])
+    rem = torch.randint(0, d, (n,), dtype=torch.int32)
+    packed = _exact.pack(rem.clone(), d)
+    assert packed.dtype == torch.uint8
+    assert packed.numel() == -(-n * _exact._bits(d) // 8) or n % 8  # whole groups when padded
+    assert packed.numel() * 8 >= n * _exact._bits(d)
+    assert torch.equal(_exact.unpack(packed, d, n), rem)
+    room = torch.empty(n + 8, dtype=torch.int32)  # unpacked into memory the caller lends
+    assert torch.equal(_exact.unpack(packed, d, n, into=room), rem)
 
 
 @pytest.mark.parametrize(("beta", "bits"), [(1 / 16, 4), (1 / 64, 6)])
@@ -281,12 +283,15 @@ class _Bottleneck(torch.nn.Module):
 
 
 @pytest.mark.parametrize("coeffs", [dict(alpha=0.0, beta=1.0), dict(alpha=0.0, beta=0.5)])
-def test_exact_streams_cost_no_more_peak_memory(coeffs):
-    """Exact steps round and divide in memory the float steps would use anyway: the simulated
-    step peak (``revify.audit``) of a bottleneck stage is the default's. Forming ``x_{k+1} -
-    parts`` out of place, and dividing by d = 1, once cost a full state more."""
+def test_exact_streams_cost_no_more_peak_memory(coeffs, monkeypatch):
+    """Exact steps round and divide in memory the float steps would use anyway, and their
+    temporaries are a slice of a state (NOTE [ Stream slices ]; one row here): the simulated
+    step peak (``revify.audit``) of a bottleneck stage is the default's plus the remainders
+    and a slice. Forming ``x_{k+1} - parts`` out of place, dividing by d = 1, and unsliced
+    temporaries each once cost a full state more."""
     width, side, batch = 64, 32, 4
     state = batch * width * side * side * 4
+    monkeypatch.setattr(revify._exact, "_SLICE", 4096)  # below a row: one row per slice
     x = torch.zeros(batch, 3, side, side)
     peaks = []
     for exact in (False, True):
@@ -299,3 +304,27 @@ def test_exact_streams_cost_no_more_peak_memory(coeffs):
     # what exact mode stores more: the remainders of x_{k-1} / d, 4 bits each, for units 1..3
     remainders = 0 if coeffs["beta"] == 1 else 3 * state // 8
     assert peaks[1] <= peaks[0] + remainders + state // 4, [p / state for p in peaks]
+
+
+@pytest.mark.parametrize("beta", [1 / 64, 1 / 3, 1.0])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_exact_sliced_streams_are_exact(beta, channels_last, monkeypatch):
+    """Streams cut into slices (NOTE [ Stream slices ]; a few rows each here), in either memory
+    layout, with power-of-two, other and unit d: the input is rebuilt bit for bit and float64
+    gradients equal plain autograd's."""
+    monkeypatch.setattr(revify._exact, "_SLICE", 3 * 64 * 8 * 8)  # three rows of layer1
+    model = timm_model("resnet34", drop_path_rate=0.2).double()  # stages of 3, 3, 5, 2 units
+    revify.convert(model, torch.zeros(2, 3, 32, 32, dtype=torch.float64), alpha=1 - beta,
+                   beta=beta, exact=True)
+    x = torch.randn(8, 3, 32, 32, dtype=torch.float64)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
+    model.train()
+    y_ref, g_ref = step_grads(model, x, plain=True)
+    y_rev, g_rev = step_grads(model, x, plain=False)
+    assert torch.equal(y_ref, y_rev)
+    assert max_rel_err(g_rev, g_ref) <= 1e-10
+    assert [len(st.units) for st in revify.stages(model)] == [3, 3, 5, 2]
+    for st in revify.stages(model):
+        assert st.last_reconstruction_error == 0
