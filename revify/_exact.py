@@ -231,26 +231,26 @@ def _big(delta: Tensor) -> Tensor:
 # fp32): below that size the launches, not the bytes, are what an elementwise pass costs on a
 # GPU (an H100 moves 64 MiB in about as long as the host takes to launch a kernel), so small
 # states are never cut and large ones are cut only where the passes are long anyway.
-_SLICE = 1 << 23
+_SLICE = 1 << 23  # a multiple of every packing group
 
 
-def _row_slices(t: Tensor, per: int) -> list[slice]:
-    """Runs of rows of ``t`` of at most _SLICE elements each, holding whole groups of ``per``
-    packed remainders (else one slice: all of ``t``); NOTE [ Stream slices ]."""
+def _row_slices(t: Tensor) -> list[slice]:
+    """Runs of rows of ``t`` of at most _SLICE elements each (NOTE [ Stream slices ])."""
     row = t[0].numel() if t.dim() else 1
-    if t.dim() == 0 or t.numel() <= _SLICE or row % per:
+    if t.dim() == 0 or t.numel() <= _SLICE:
         return [slice(None)]
     rows = max(1, _SLICE // row)
     return [slice(i, i + rows) for i in range(0, t.shape[0], rows)]
 
 
-def _bytes_of(sl: slice, t: Tensor, per: int, nbytes: int) -> slice:
-    """The packed bytes of the elements of ``t[sl]`` (whole groups, :func:`_row_slices`)."""
-    if sl == slice(None):
-        return sl
-    row = t[0].numel()
-    start, stop, _ = sl.indices(t.shape[0])
-    return slice(start * row // per * nbytes, stop * row // per * nbytes)
+def _chunks(n: int) -> list[slice]:
+    """Ranges of at most _SLICE elements of a flat tensor of ``n`` (whole packing groups: the
+    packed bytes of chunk ``i`` follow those of chunk ``i - 1``)."""
+    return [slice(i, min(n, i + _SLICE)) for i in range(0, n, _SLICE)] or [slice(0, 0)]
+
+
+def _packed_range(sl: slice, per: int, nbytes: int) -> slice:
+    return slice(sl.start // per * nbytes, -(-sl.stop // per) * nbytes)
 
 
 def next_state(
@@ -265,32 +265,31 @@ def next_state(
         t.add_(x_prev)
     elif not first:
         per, nbytes = _group(_bits(d))
-        data = torch.empty(-(-x_cur.numel() // per) * nbytes, dtype=torch.uint8,
-                           device=x_cur.device)
-        order = _order(x_prev)
-        for sl in _row_slices(x_cur, per):
-            xp = x_prev[sl]
-            y = xp.sub_(x_cur[sl]) if own_prev else torch.sub(xp, x_cur[sl])  # D * delta
-            flat, back = _flat(y, order)
-            out = data[_bytes_of(sl, x_cur, per, nbytes)]
-            if d & (d - 1) == 0:
-                flat.add_(grid.big)
-                bits = _int_view(flat)
-                pack(torch.bitwise_and(bits, d - 1), d, out=out)
-                bits.bitwise_and_(-d)  # (BIG/delta + d * floor(D/d)) * delta
-                flat.sub_(grid.big)  # d * floor(D/d) * delta
-                scale = 1.0 / d  # a power of two: exact
-            else:
-                flat.div_(grid.delta)
-                r = torch.remainder(flat, d)
-                pack(r.to(_int_view(flat).dtype), d, out=out)
-                flat.sub_(r).div_(d).mul_(grid.delta)  # floor(D/d) * delta, every step exact
-                del r
-                scale = 1.0
-            if back is not None:
-                back.copy_(flat.view(back.shape))
-            t[sl].add_(y, alpha=scale)
-            del y, flat, back
+        n = x_cur.numel()
+        data = torch.empty(-(-n // per) * nbytes, dtype=torch.uint8, device=x_cur.device)
+        y = x_prev.sub_(x_cur) if own_prev else torch.sub(x_prev, x_cur)  # D * delta
+        order = _order(y)
+        flat, back = _flat(y, order)
+        if d & (d - 1) == 0:
+            flat.add_(grid.big)
+            bits = _int_view(flat)
+            for sl in _chunks(n):  # the remainders' temporary: a slice
+                out = data[_packed_range(sl, per, nbytes)]
+                pack(torch.bitwise_and(bits[sl], d - 1), d, out=out)
+            bits.bitwise_and_(-d)  # (BIG/delta + d * floor(D/d)) * delta
+            flat.sub_(grid.big)  # d * floor(D/d) * delta
+            scale = 1.0 / d  # a power of two: exact
+        else:
+            flat.div_(grid.delta)
+            r = torch.remainder(flat, d)
+            pack(r.to(_int_view(flat).dtype), d, out=data)
+            flat.sub_(r).div_(d).mul_(grid.delta)  # floor(D/d) * delta, every step exact
+            del r
+            scale = 1.0
+        if back is not None:
+            back.copy_(flat.view(back.shape))
+        t.add_(y, alpha=scale)
+        del y, flat, back
         packed = Packed(data, order)
     if outer:
         t.add_(x_cur, alpha=outer)
@@ -303,41 +302,42 @@ def prev_state(
 ) -> Tensor:
     """The exact inverse of :func:`next_state`: ``x_{k-1}`` from ``x_k``, ``x_{k+1}``, the
     recomputed ``u`` and the packed remainders (None: zero), in ``x_next``'s memory if
-    ``own_next``, else in a new tensor; a slice at a time (NOTE [ Stream slices ]). Run without
-    grad."""
+    ``own_next``, else in a new tensor; its temporaries a slice at a time (NOTE [ Stream
+    slices ]). Run without grad."""
     out = x_next if own_next else x_next.clone()
-    per, nbytes = _group(_bits(d))
-    for sl in _row_slices(x_cur, per if packed is not None else 1):
-        o, xc = out[sl], x_cur[sl]
-        t = rounded(u[sl], None if m is None else m[sl], xc, inner, grid, own=False)
-        o.sub_(t)
-        if outer:
-            o.sub_(xc, alpha=outer)
-        if d == 1:
-            del t  # before the next slice's is made
-            continue  # x_{k-1}
-        # o = floor(D / d) * delta
-        power = d & (d - 1) == 0
-        o.mul_(d)
-        if power:
-            o.add_(grid.big)
-        if packed is not None:
-            flat, back = _flat(o, packed.order)
-            data = packed.data[_bytes_of(sl, x_cur, per, nbytes)]
-            # into t's memory: its value is no longer needed
-            r = unpack(data, d, flat.numel(), into=_int_view(_flat(t, _order(t))[0]))
+    for sl in _row_slices(x_cur):
+        t = rounded(u[sl], None if m is None else m[sl], x_cur[sl], inner, grid, own=False)
+        out[sl].sub_(t)
+        del t  # before the next slice's is made
+    if outer:
+        out.sub_(x_cur, alpha=outer)
+    if d == 1:
+        return out  # x_{k-1}
+    # out = floor(D / d) * delta
+    power = d & (d - 1) == 0
+    out.mul_(d)
+    if power:
+        out.add_(grid.big)
+    if packed is not None:
+        per, nbytes = _group(_bits(d))
+        flat, back = _flat(out, packed.order)
+        n = flat.numel()
+        scratch = torch.empty(min(n, _SLICE) + per, dtype=_int_view(flat).dtype,
+                              device=flat.device)
+        for sl in _chunks(n):
+            data = packed.data[_packed_range(sl, per, nbytes)]
+            r = unpack(data, d, sl.stop - sl.start, into=scratch)
             if power:
-                _int_view(flat).bitwise_or_(r)  # the low bits are zero
+                _int_view(flat[sl]).bitwise_or_(r)  # the low bits are zero
             else:
-                flat.add_(r.to(flat.dtype).mul_(grid.delta))
+                flat[sl].add_(r.to(flat.dtype).mul_(grid.delta))
             del r
-            if back is not None:
-                back.copy_(flat.view(back.shape))
-        if power:
-            o.sub_(grid.big)
-        o.add_(xc)
-        del t
-    return out
+        del scratch
+        if back is not None:
+            back.copy_(flat.view(back.shape))
+    if power:
+        out.sub_(grid.big)
+    return out.add_(x_cur)
 
 
 # Remainders of d <= 2^b take b bits; stored at 1, 2, 4, 6 or 8 bits per element, a group of
