@@ -18,6 +18,10 @@ Simulated (``--simulate``): the same training step run on fake tensors (``revify
 what ``revify.audit`` uses), counting live tensor bytes, at CUDA's batch (64) and precisions
 without allocating: the estimate of the CUDA rows where no GPU is at hand. It sees no kernel
 workspace (cuDNN) nor allocator rounding; timm's CUDA figures in DESIGN.md §4 are within 5 %.
+Beside each simulated row, the shared GPU time model (``../shared/tools/gpu_time_model.py``,
+beside the checkout, or ``--time-model PATH``; ``benchmarks/_time_model.py`` calls it) predicts
+the step time on an H100 ("model ms", with its ratios to plain and timm-ckpt and the host-device
+synchronisations it counted), fitted on real H100 rows to about 15 % on ratios.
 
 CUDA (when available): ``step_time.measure_cuda``: channels_last, SGD with momentum, fp32 (TF32)
 and bf16 autocast, ``max_memory_allocated`` above the weights+grads+optimizer baseline and the
@@ -42,6 +46,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from _common import REVNET_METHOD, build_model, console, mib, parse_list, ratio, write_json
+from _time_model import find_tool, predict
 from rich.table import Table
 from step_time import _AMP, _batch, measure_cuda
 
@@ -95,6 +100,16 @@ def simulated_peak(
                 size=size, peak_above_baseline_bytes=live.peak)
 
 
+def add_prediction(row: dict[str, Any], tool: Any) -> None:
+    """The time model's step time for a simulated row (``modelled_s``, ``modelled_syncs``)."""
+    got = predict(tool, row["model"], row["method"], row["precision"], row["batch"],
+                  row["size"])
+    if got is not None:
+        row["modelled_s"] = got["step_s"]
+        row["modelled_host_s"], row["modelled_device_s"] = got["host_s"], got["device_s"]
+        row["modelled_syncs"] = sum(got.get("syncs", {}).values())
+
+
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     """Memory and time ratios against plain and timm-ckpt, same device, precision, model, batch."""
     def key(r: dict[str, Any]) -> tuple[Any, ...]:
@@ -105,7 +120,8 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         for base in ("plain", "timm-ckpt"):
             other = by.get((key(r), base))
             suffix = base.replace("-", "_")
-            for field, short in (("peak_above_baseline_bytes", "mem"), ("median_s", "time")):
+            for field, short in (("peak_above_baseline_bytes", "mem"), ("median_s", "time"),
+                                 ("modelled_s", "model")):
                 if other is not None and field in r and field in other:
                     r[f"{short}_vs_{suffix}"] = ratio(r[field], other[field])
 
@@ -114,7 +130,8 @@ def display(rows: list[dict[str, Any]]) -> None:
     table = Table(title="Peak memory above the weights+grads+optimizer baseline, and step time")
     cols = ("device", "precision", "model", "batch", "method", "act MiB", "audit MiB",
             "MiB/sample",
-            "mem ÷ plain", "mem ÷ timm", "ms/step", "time ÷ plain", "time ÷ timm")
+            "mem ÷ plain", "mem ÷ timm", "ms/step", "time ÷ plain", "time ÷ timm",
+            "model ms", "model ÷ plain", "model ÷ timm", "syncs")
     for col in cols:
         left = col in ("device", "precision", "model", "method")
         table.add_column(col, justify="left" if left else "right")
@@ -132,6 +149,9 @@ def display(rows: list[dict[str, Any]]) -> None:
             cell(r, "mem_vs_plain", ".2f"), cell(r, "mem_vs_timm_ckpt", ".2f"),
             "-" if "median_s" not in r else f"{r['median_s'] * 1e3:.1f}",
             cell(r, "time_vs_plain", ".2f"), cell(r, "time_vs_timm_ckpt", ".2f"),
+            "-" if "modelled_s" not in r else f"{r['modelled_s'] * 1e3:.1f}",
+            cell(r, "model_vs_plain", ".2f"), cell(r, "model_vs_timm_ckpt", ".2f"),
+            cell(r, "modelled_syncs", "d"),
         )
     console().print(table)
 
@@ -154,7 +174,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="start no new row after this many seconds")
     parser.add_argument("--json", help="write the results to this JSON file (after every row)")
+    parser.add_argument("--time-model", help="the shared GPU time model's script (default: "
+                        "../shared/tools/gpu_time_model.py beside the checkout)")
+    parser.add_argument("--no-time-model", action="store_true",
+                        help="no time-model prediction beside the simulated rows")
     args = parser.parse_args(argv)
+    tool = None if args.no_time_model else find_tool(args.time_model)
+    if args.simulate and tool is None and not args.no_time_model:
+        console().print("time model not found: simulated rows get no step-time prediction")
 
     jobs: list[tuple[str, Any]] = []
     if args.cpu:
@@ -180,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
                 row = cpu_peak_live_bytes(*job, batch=args.cpu_batch, size=args.size)
             elif device == "fake":
                 row = simulated_peak(*job, batch=args.sim_batch, size=args.size)
+                if tool is not None:
+                    add_prediction(row, tool)
             else:
                 name, method, precision, batch = job
                 row = measure_cuda(name, method, precision, batch, args.size, args.cuda_warmup,
@@ -194,7 +223,9 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         console().print(f"{time.perf_counter() - start:6.0f}s {device} {job}: "
                         f"{mib(row['peak_above_baseline_bytes']):.0f} MiB"
-                        + (f", {row['median_s'] * 1e3:.1f} ms" if "median_s" in row else ""))
+                        + (f", {row['median_s'] * 1e3:.1f} ms" if "median_s" in row else "")
+                        + (f", modelled {row['modelled_s'] * 1e3:.1f} ms" if "modelled_s" in row
+                           else ""))
         if args.json:
             add_ratios(rows)
             write_json(args.json, rows, benchmark="memory_speed")

@@ -287,7 +287,8 @@ def read_slots(slots: Sequence[Slot], grad_only: bool = False) -> list[Tensor]:
     values = list(map(dict.get, *zip(*slots, strict=True)))
     keep = map(getattr, values, repeat("requires_grad"), repeat(False)) if grad_only else \
         map(isinstance, values, repeat(Tensor))
-    return list(dict.fromkeys(compress(values, keep)))  # a tensor hashes by identity
+    kept = list(compress(values, keep))
+    return list(dict(zip(map(id, kept), kept, strict=True)).values())  # once each
 
 
 # NOTE [ Buffers a forward writes ]

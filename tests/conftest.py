@@ -78,7 +78,7 @@ def step_grads(model: nn.Module, x: torch.Tensor, plain: bool, seed: int = 1, sc
             y = model(x)
     else:
         y = model(x)
-    w = torch.linspace(-1.0, 1.0, y.numel(), dtype=y.dtype).view_as(y)
+    w = torch.linspace(-1.0, 1.0, y.numel(), dtype=y.dtype, device=y.device).view_as(y)
     grads = torch.autograd.grad((y * w).sum() * scale, [*params, x], allow_unused=True)
     if scale != 1.0:
         grads = tuple(None if g is None else g / scale for g in grads)
