@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import max_rel_err, step_grads
+from conftest import max_rel_err, step_grads, timm_model
 from torch import nn
 
 import revify
@@ -470,3 +470,24 @@ def test_torch_add_scaling_the_skip_is_reported():
     assert "alpha=0.5) scales the skip value" in str(w.message)
     with pytest.raises(ConversionError, match="scales the skip value"):
         revify.convert(TorchAdd("scaled skip"), X.float(), strict=True)
+
+
+def test_module_replaced_after_conversion_is_differentiated():
+    """A unit's submodule replaced after conversion (``block.conv1 = new``, as LoRA or pruning
+    tools do) is what the recompute reads and differentiates: the cached slots are refreshed
+    (NOTE [ Slot cache ]), so float64 gradients reach the new module's parameters and equal
+    plain autograd's."""
+    model = timm_model("resnet34").double()
+    revify.convert(model, torch.zeros(2, 3, 32, 32, dtype=torch.float64))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    step_grads(model, x, plain=False)  # slots cached by a first step
+    old = model.layer1[1].conv1
+    new = torch.nn.Conv2d(64, 64, 3, padding=1, bias=False).double()
+    model.layer1[1].conv1 = new
+    model.train()
+    _, ref = step_grads(model, x, plain=True)
+    _, rev = step_grads(model, x, plain=False)
+    assert max_rel_err(rev, ref) <= 1e-10
+    names = [n for n, _ in model.named_parameters()]
+    g = dict(zip(names, rev, strict=False))
+    assert g["layer1.1.conv1.weight"] is not None and old.weight.grad is None
