@@ -85,9 +85,6 @@ class Grid:
         """``1.5 * 2^(p-1) * delta`` (NOTE [ Stream kernels ])."""
         return _big(self.delta)
 
-    def max_abs(self, x: Tensor) -> Tensor:
-        return finite_max_abs(x) if self.finite_only else max_abs(x)
-
     def extrema(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(min, max)`` of ``x`` (of its finite values if ``finite_only``), for :func:`top`."""
         return torch.aminmax(torch.where(torch.isfinite(x), x, 0.0) if self.finite_only else x)
