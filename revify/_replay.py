@@ -203,7 +203,7 @@ def stand_ins(
         stand[id(t)] = t.view_as(t) if linked and need else t.detach().requires_grad_(need)
     swapped: list[tuple[dict[str, Any], str, Tensor, Tensor]] = []
     try:
-        values = list(map(dict.get, *zip(*slots, strict=True))) if slots else []
+        values = _slot_values(slots)
         # the slots holding one of ``tensors``, found without a Python loop over all slots
         for i in compress(range(len(values)), map(stand.__contains__, map(id, values))):
             (d, key), v = slots[i], values[i]
@@ -232,7 +232,7 @@ def stand_ins(
 # the module structure only, so slots_of computes them once per holder and reuses them until a
 # module, parameter or buffer is registered anywhere: torch's global registration hooks
 # (``nn.Module.__setattr__``, ``register_parameter``/``register_buffer``/``add_module``, and so
-# ``load_state_dict(assign=True)``, parametrizations, FSDP's swaps) move _EPOCH. Slots hold
+# ``load_state_dict(assign=True)`` and parametrizations) move _EPOCH. Slots hold
 # ``(dict, key)``, so tensors replaced in place of a slot (``model.to()``) are read afresh at each
 # call. Writing ``module._modules[name]`` directly bypasses the hooks: call
 # ``revify.convert`` again after such surgery (the stand-in check of NOTE [ Recompute leaves ]
@@ -269,22 +269,25 @@ class Slots(NamedTuple):
 def slots_of(holder: Any) -> Slots:
     """The cached :class:`Slots` of ``holder`` (anything with ``owners()``: a unit, a segment),
     recomputed after any module, parameter or buffer registration (NOTE [ Slot cache ])."""
-    _install_hooks()
     cached = holder.__dict__.get("_slot_cache")
     if cached is not None and cached[0] == _EPOCH[0]:
         return cached[1]
+    _install_hooks()  # before the first cached value: a hit implies they are in place
     owners = holder.owners()
     out = Slots(_slots(owners), state_slots(owners), batchnorms(owners.modules))
     holder._slot_cache = (_EPOCH[0], out)
     return out
 
 
+def _slot_values(slots: Sequence[Slot]) -> list[Any]:
+    """What each of ``slots`` holds now (None where nothing), without a Python-level loop."""
+    return list(map(dict.get, *zip(*slots, strict=True))) if slots else []
+
+
 def read_slots(slots: Sequence[Slot], grad_only: bool = False) -> list[Tensor]:
     """The tensors in ``slots`` now, once each (only those requiring grad if ``grad_only``).
     Built from C-level iterators: this runs for every unit twice a step."""
-    if not slots:
-        return []
-    values = list(map(dict.get, *zip(*slots, strict=True)))
+    values = _slot_values(slots)
     keep = map(getattr, values, repeat("requires_grad"), repeat(False)) if grad_only else \
         map(isinstance, values, repeat(Tensor))
     kept = list(compress(values, keep))

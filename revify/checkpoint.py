@@ -8,7 +8,7 @@ parameters are inputs of the autograd function, so ``torch.autograd.grad(loss, p
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -42,7 +42,8 @@ class Segment(MismatchOptions):
         code: callable ``code(root, *inputs)`` returning one tensor or a tuple.
         root: the module the code runs on (``self`` in the generated code).
         modules: the submodules the code calls (their BatchNorms are protected on recompute).
-        reads: returns the parameters and buffers the code reads, looked up at each call.
+        reads: where the code reads its parameters and buffers (``reads.owners()``, a
+            ``coupling._Reads``).
         checkpoint: store only the inputs and recompute in backward.
         calls: paths of the submodules called, in order (for reports).
         pieces: the same computation split at single-tensor cuts (the stem, then a first block):
@@ -60,7 +61,7 @@ class Segment(MismatchOptions):
         code: Any,
         root: nn.Module,
         modules: Sequence[nn.Module],
-        reads: Callable[[], list[Tensor]],
+        reads: Any,
         checkpoint: bool,
         calls: Sequence[str] = (),
         pieces: Sequence[Any] | None = None,
@@ -83,8 +84,7 @@ class Segment(MismatchOptions):
 
     def owners(self) -> Owners:
         """Where the code reads its tensors (``_replay.stand_ins``, ``_replay.state_slots``)."""
-        owners = getattr(self._reads, "owners", None)
-        return owners() if owners is not None else Owners(self.modules)
+        return self._reads.owners()
 
     def __call__(self, *inputs: Any) -> tuple[Any, ...]:
         reads = self.tensors()
@@ -161,7 +161,8 @@ def _segment_backward(ctx: Any, *grad_outs: Tensor | None) -> tuple[Tensor | Non
     tensors = [t for t in seg.tensors() if t.requires_grad]
     what = f"segment {seg.name}"
     check_same_tensors(what, ctx.tensor_ids, tensors)
-    bns = slots_of(seg).bns
+    slots = slots_of(seg)
+    bns = slots.bns
     # boundary[p]: the inputs of piece p.
     boundary: list[tuple[Any, ...]] = [tuple(inputs)]
     with torch.no_grad(), frozen_running_stats(bns):
@@ -184,7 +185,7 @@ def _segment_backward(ctx: Any, *grad_outs: Tensor | None) -> tuple[Tensor | Non
             ctx.states[p].replay(),
             frozen_running_stats(bns),
             replayed_buffers(ctx.written[p]),
-            stand_ins(what, slots_of(seg).slots, tensors, needs_t, linked=False) as leaves,
+            stand_ins(what, slots.slots, tensors, needs_t, linked=False) as leaves,
         ):
             outs = _tuple(seg.pieces[p](seg.root, *ins))
         if ctx.check is not None:  # the last piece, recomputed first: NOTE [ Mismatch check ]
@@ -239,8 +240,9 @@ def _segment_backward_graph(ctx: Any, *grad_outs: Tensor | None) -> tuple[Tensor
     what = f"segment {seg.name}"
     check_same_tensors(what, ctx.tensor_ids, tensors)
     needs_t = needs[ctx.n_in:]
-    bns = slots_of(seg).bns
-    with stand_ins(what, slots_of(seg).slots, tensors, needs_t, linked=True) as leaves:
+    slots = slots_of(seg)
+    bns = slots.bns
+    with stand_ins(what, slots.slots, tensors, needs_t, linked=True) as leaves:
         outs: tuple[Any, ...] = tuple(inputs)
         for p, piece in enumerate(seg.pieces):
             with ctx.states[p].replay(), frozen_running_stats(bns), replayed_buffers(

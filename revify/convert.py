@@ -36,7 +36,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import _mode
 from ._inplace import InplaceError, check_units, clone_foreign_writes, storage, written_from
 from ._match import Residual, Unit, chains, find_residuals, is_add
-from ._replay import slots_of
+from ._replay import _slots, read_slots, slots_of
 from ._trace import (
     GraphCode,
     entry_method,
@@ -684,8 +684,8 @@ def _probe_leaves(model: nn.Module, graph: fx.Graph, taken: set[str]) -> dict[st
 
 
 def _params_of(model: nn.Module, nodes: Sequence[fx.Node]) -> tuple[list[nn.Module], _Reads]:
-    """Modules called by ``nodes``, and the tensors they read (parameters, buffers, get_attr),
-    looked up at each call."""
+    """Modules called by ``nodes``, and where they read their tensors (parameters, buffers,
+    get_attr), by path."""
     modules: dict[int, nn.Module] = {}
     paths: list[str] = []
     attrs: list[str] = []
@@ -1013,7 +1013,8 @@ def _make_segment(
     else:
         name = f"{stage_list[index - 1].name} -> {stage_list[index].name}"
         wanted = options["checkpoint_transitions"]
-    has_params = bool(reads())  # the modules' parameters and buffers, and get_attr tensors
+    # the modules' parameters and buffers, and get_attr tensors
+    has_params = bool(read_slots(_slots(reads.owners())))
     tensor_outputs = all(tensor_shape(o) is not None for o in outs)
     checkpoint = wanted and has_params and tensor_outputs
     labels = sorted({str(n.target) for n in nodes if n.op == "call_module"}, key=_natural)

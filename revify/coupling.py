@@ -69,11 +69,9 @@ class _BranchUnit:
         self.modules = [module]
         self.pattern = ""  # the residual pattern matched, for reports
 
-    def tensors(self) -> list[Tensor]:
-        return [*self.module.parameters(), *self.module.buffers()]
-
     def owners(self) -> Owners:
-        """Where the unit reads its tensors (``_replay.stand_ins``, ``_replay.state_slots``)."""
+        """Where the unit reads its tensors (``_replay.slots_of``: its parameter and buffer
+        slots, the buffers it may write, its BatchNorms)."""
         return Owners([self.module])
 
     def raw(self, h: Tensor) -> Tensor:
@@ -104,26 +102,14 @@ class _Attr:
 
 
 class _Reads:
-    """The parameters and buffers that generated code reads: those of the modules it calls and
-    the attributes it fetches, looked up by path at each call, like the code itself does. A
-    parameter replaced after conversion (``load_state_dict(assign=True)``) is then the one that
-    is differentiated, not the one conversion saw."""
+    """Where generated code reads its parameters and buffers: the modules it calls and the
+    attributes it fetches, looked up by path, like the code itself does, whenever the slots
+    are recomputed (NOTE [ Slot cache ] in _replay.py). A module replaced after conversion is
+    then the one that is differentiated, not the one conversion saw."""
 
     def __init__(self, root: nn.Module, module_paths: Sequence[str], attr_paths: Sequence[str]):
         self.root = root
         self.module_paths, self.attr_paths = list(module_paths), list(attr_paths)
-
-    def __call__(self) -> list[Tensor]:
-        ts: dict[int, Tensor] = {}
-        for path in self.module_paths:
-            m = self.root.get_submodule(path)
-            for t in (*m.parameters(), *m.buffers()):
-                ts.setdefault(id(t), t)
-        for path in self.attr_paths:
-            obj = _Attr(self.root, path).get()
-            if isinstance(obj, Tensor):
-                ts.setdefault(id(obj), obj)
-        return list(ts.values())
 
     def owners(self) -> Owners:
         return Owners(
@@ -162,9 +148,6 @@ class _ModuleUnit(_BranchUnit):
         attrs: list[Any] = [*args, *self.kwargs.values()]
         self._attrs = [a for a in attrs if isinstance(a, _Attr)]
 
-    def tensors(self) -> list[Tensor]:
-        return [*super().tensors(), *(a.get() for a in self._attrs)]
-
     def owners(self) -> Owners:
         return Owners([self.module], [a.slot() for a in self._attrs])
 
@@ -196,9 +179,6 @@ class _GraphUnit(_BranchUnit):
         self._reads = reads
         self.subtract_input = subtract_input
         self.pattern = ""
-
-    def tensors(self) -> list[Tensor]:
-        return self._reads()
 
     def owners(self) -> Owners:
         return self._reads.owners()
