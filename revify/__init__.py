@@ -12,6 +12,7 @@ from .check import CheckReport as CheckReport
 from .check import check as check
 from .convert import ConversionError as ConversionError
 from .convert import convert as convert
+from .convert import load_state_dict as load_state_dict
 from .convert import revert as revert
 from .convert import set_on_mismatch as set_on_mismatch
 from .convert import stages as stages
@@ -21,6 +22,7 @@ from .schedule import Schedule as Schedule
 __all__ = [
     "convert",
     "revert",
+    "load_state_dict",
     "stages",
     "set_on_mismatch",
     "check",

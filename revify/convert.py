@@ -24,7 +24,7 @@ import inspect
 import math
 import operator
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +33,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _mode
+from . import _mode, _record
 from ._inplace import InplaceError, check_units, clone_foreign_writes, storage, written_from
 from ._match import Residual, Unit, chains, find_residuals, is_add
 from ._replay import _slots, read_slots, slots_of
@@ -51,7 +51,10 @@ from ._trace import (
 from .checkpoint import Segment
 from .coupling import ReversibleStage, _Attr, _BranchUnit, _GraphUnit, _ModuleUnit, _Reads
 
-__all__ = ["convert", "revert", "stages", "set_on_mismatch", "ConversionError", "COUPLINGS"]
+__all__ = [
+    "convert", "revert", "load_state_dict", "stages", "set_on_mismatch", "ConversionError",
+    "COUPLINGS",
+]
 
 _PLAN = "_revify_plan"
 
@@ -228,7 +231,26 @@ def set_on_mismatch(
 
 
 def revert(model: nn.Module) -> nn.Module:
-    """Undo :func:`convert` in place: every converted module runs its original code again."""
+    """Undo :func:`convert` in place: every converted module runs its original code again.
+
+    The reverted model computes the original network, ``x_{k+1} = x_k + R_k(x_k)``, of the
+    current weights. Weights trained converted were trained for the coupling instead: with the
+    faithful coupling the two differ by its ``(x_{k-1} - x_k)/64`` term (a few percent of the
+    output, docs/finetune.md); with any other coefficients they differ much more, and ``revert``
+    warns, naming the stages."""
+    changed = [
+        f"{st.name} (alpha={st.alpha:.6g}, beta={st.beta:.6g})"
+        for st in stages(model)
+        if (st.alpha, st.beta) != COUPLINGS["faithful"]
+    ]
+    if changed:
+        warnings.warn(
+            "revify.revert: the reverted model computes the original network x + R(x), not "
+            f"the coupling its stages ran: {', '.join(changed)}; weights trained converted "
+            "compute a different function after revert (keep the model converted for "
+            "inference, or save it and use revify.load_state_dict)",
+            stacklevel=2,
+        )
     for _, m in model.named_modules():
         if isinstance(m.__dict__.get("forward"), _LazyContainer):
             del m.__dict__["forward"]
@@ -236,7 +258,116 @@ def revert(model: nn.Module) -> nn.Module:
         if plan is not None:
             m.__dict__.pop(plan.method, None)
             m.__dict__.pop("set_grad_checkpointing", None)
+        _record.uninstall(m)
     return model
+
+
+def load_state_dict(
+    model: nn.Module,
+    state_dict: Mapping[str, Any],
+    example_input: Tensor | Sequence[Any] | None = None,
+    *,
+    strict: bool = True,
+) -> nn.Module:
+    """Convert ``model`` as the model that saved ``state_dict`` was converted, then load it.
+
+    A converted model's ``state_dict()`` records its coupling options and every stage's
+    coefficients in the state dict's metadata (``state_dict._metadata``, kept by ``torch.save``
+    and ``torch.load``; NOTE [ Checkpoint record ] in ``_record.py``), so that weights trained
+    converted are used with the function they were trained for::
+
+        torch.save(converted.state_dict(), "ckpt.pt")
+        model = revify.load_state_dict(timm.create_model("resnet50"), torch.load("ckpt.pt"))
+
+    ``model`` is a fresh (unconverted) instance of the same architecture, or one converted with
+    the same options. ``example_input`` is passed to :func:`convert`. Returns ``model``.
+
+    Raises:
+        ValueError: the state dict records no conversion (saved unconverted, or in a format
+            that keeps tensors only, such as safetensors), or ``model`` is converted
+            differently, or converts into other stages than the saved model had.
+    """
+    recs = _record.records(state_dict)
+    if not recs:
+        raise ValueError(
+            "revify.load_state_dict: the state dict records no conversion: it was saved from an "
+            "unconverted model, or in a format that keeps tensors only (safetensors drops "
+            "torch's state-dict metadata). Load it with model.load_state_dict(state_dict) and "
+            "convert with the coupling it was trained with: revify.convert(model, coupling=...)"
+        )
+    newer = [p for p, r in recs.items() if r.get("format", 0) > _record.FORMAT]
+    if newer:
+        raise ValueError(
+            f"revify.load_state_dict: the record of {newer[0] or 'the model'} was written by a "
+            f"newer revify ({recs[newer[0]].get('version')}); upgrade revify"
+        )
+    options = {repr(sorted(r["options"].items())): r["options"] for r in recs.values()}
+    if len(options) > 1:
+        raise ValueError(
+            "revify.load_state_dict: the state dict's converted modules "
+            f"({', '.join(p or '<root>' for p in recs)}) were converted with different "
+            "options; convert each of them yourself and load with model.load_state_dict"
+        )
+    opts = dict(next(iter(options.values())))
+    fresh = not is_converted(model)
+    if fresh:
+        named = opts.get("coupling")
+        convert(
+            model,
+            example_input,
+            coupling=named if named in COUPLINGS else "faithful",
+            alpha=opts["alpha"],
+            beta=opts["beta"],
+            exact=opts["exact"],
+            checkpoint_stem=opts.get("checkpoint_stem", True),
+            checkpoint_transitions=opts.get("checkpoint_transitions", True),
+            min_units=opts.get("min_units", 1),
+        )
+    try:
+        _adopt(model, recs, opts, state_dict, strict)
+    except Exception:
+        if fresh:  # leave the model as it was given
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                revert(model)
+        raise
+    return model
+
+
+def _adopt(model: nn.Module, recs: dict[str, dict[str, Any]], opts: dict[str, Any],
+           state_dict: Mapping[str, Any], strict: bool) -> None:
+    """Check that ``model`` converted as the records say, set the saved coefficients, load."""
+    ours = {p: plan for p, plan in plans(model) if _record.is_recorded(model.get_submodule(p))}
+    for path, plan in ours.items():
+        mismatched = [k for k, v in opts.items() if k != "coupling" and plan.options.get(k) != v]
+        if mismatched:
+            raise ValueError(
+                f"revify.load_state_dict: {path or type(model).__name__} is already converted "
+                f"with other options ({', '.join(mismatched)}); pass a fresh model"
+            )
+    if set(ours) != set(recs):
+        raise ValueError(
+            "revify.load_state_dict: the saved model converted "
+            f"{sorted(p or '<root>' for p in recs)}, this one {sorted(p or '<root>' for p in ours)}"
+            "; is it the same architecture (and the same example input shape)?"
+        )
+    for path, plan in ours.items():
+        saved = recs[path]["stages"]
+        units = {st.name: [u.name for u in st.units] for st in plan.stages}
+        if sorted(saved) != sorted(units) or recs[path].get("units", units) != units:
+            raise ValueError(
+                f"revify.load_state_dict: {path or type(model).__name__} was saved with stages "
+                f"{recs[path].get('units', sorted(saved))} but converts into {units}; is it the "
+                "same architecture?"
+            )
+        for st in plan.stages:
+            alpha, beta, exact = saved[st.name]
+            if bool(exact) != st.exact:
+                raise ValueError(
+                    f"revify.load_state_dict: stage {st.name} was saved with exact={exact}"
+                )
+            st.alpha, st.beta = alpha, beta
+    model.load_state_dict(state_dict, strict=strict)
 
 
 def _default_example(model: nn.Module) -> Tensor:
@@ -414,12 +545,16 @@ def convert(
             raise ConversionError(msg)
         warnings.warn(msg, stacklevel=2)
         return model
-    _install(model, plan)
+    _install(model, plan, record=True)
     _install_containers(model, plan, inputs, options)
     return model
 
 
-def _install(model: nn.Module, plan: Plan) -> None:
+def _install(model: nn.Module, plan: Plan, record: bool = False) -> None:
+    """Make ``model`` run ``plan``; ``record``: its state dict records the coupling (a module
+    ``convert`` was called on, not a container sharing its stage; NOTE [ Checkpoint record ])."""
+    if record:
+        _record.install(model)
     model.__dict__[_PLAN] = plan
     model.__dict__[plan.method] = _Rewritten(model, plan)
     if callable(getattr(model, "set_grad_checkpointing", None)):
@@ -554,7 +689,7 @@ def _convert_submodules(model: nn.Module, inputs: tuple[Any, ...], options: dict
         except (ConversionError, TypeError):
             continue
         if plan.stages:
-            _install(child, plan)
+            _install(child, plan, record=True)
             done.append(name)
     return done
 
