@@ -498,6 +498,27 @@ def convert(
             "TorchScript module; convert the eager module before scripting (torch.fx cannot "
             "trace TorchScript)"
         )
+    if _is_compiled_wrapper(model):
+        # torch.compile(model): convert the module it wraps; the wrapper then compiles the
+        # converted model (its trunk runs eagerly, NOTE [ torch.compile ]).
+        convert(model._orig_mod, example_input, coupling=coupling, alpha=alpha, beta=beta,
+                exact=exact, checkpoint_stem=checkpoint_stem,
+                checkpoint_transitions=checkpoint_transitions, min_units=min_units,
+                strict=strict)
+        return model
+    compiled = [
+        name or type(model).__name__
+        for name, m in model.named_modules()
+        if _is_compiled_wrapper(m) or m._compiled_call_impl is not None
+    ]
+    if compiled:
+        raise ConversionError(
+            f"revify.convert: {', '.join(compiled[:4])}{' ...' if len(compiled) > 4 else ''} "
+            f"{'is' if len(compiled) == 1 else 'are'} compiled (torch.compile or "
+            "Module.compile), which torch.fx cannot trace, and a compiled unit would draw other "
+            "random numbers in its recompute than in its forward; convert the uncompiled model "
+            "first and compile afterwards: torch.compile(revify.convert(model))"
+        )
     if is_converted(model):
         warnings.warn(
             "revify.convert: model is already converted; returning it unchanged",
@@ -548,6 +569,13 @@ def convert(
     _install(model, plan, record=True)
     _install_containers(model, plan, inputs, options)
     return model
+
+
+def _is_compiled_wrapper(module: nn.Module) -> bool:
+    """``torch.compile(module)``'s ``OptimizedModule`` (without importing torch._dynamo)."""
+    return type(module).__name__ == "OptimizedModule" and isinstance(
+        module.__dict__.get("_modules", {}).get("_orig_mod"), nn.Module
+    )
 
 
 def _install(model: nn.Module, plan: Plan, record: bool = False) -> None:

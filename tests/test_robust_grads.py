@@ -14,12 +14,13 @@ from collections import defaultdict
 import pytest
 import timm
 import torch
-from conftest import bn_state, max_rel_err, restore
+from conftest import bn_state, max_rel_err, restore, step_grads, timm_model
 from timm.layers import EvoNorm2dB0
 from timm.models.resnet import Bottleneck, ResNet
 from torch import nn
 
 import revify
+from revify import ConversionError
 from revify._replay import _CHECK_EVERY, _CHECK_FIRST, RecomputeCheck
 from revify.convert import plans
 
@@ -206,6 +207,48 @@ def test_torch_compile_with_dropout_gives_true_gradients():
         errors.append(abs(fd - exact) / abs(fd))
     assert max(errors) < 1e-6, (errors, compile_s)
     torch._dynamo.reset()
+
+
+def test_compiled_converted_model_breaks_once_and_never_recompiles():
+    # The trunk is one torch.compiler.disable'd call: dynamo compiles what is around it (the
+    # head) and breaks the graph there; a step must not recompile.
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = revify.convert(timm_model("resnet18", num_classes=4), torch.zeros(2, 3, 32, 32))
+    compiled = torch.compile(model, backend="eager")
+    for _ in range(3):
+        compiled(torch.randn(2, 3, 32, 32)).sum().backward()
+    breaks = sum(counters["graph_break"].values())
+    print(f"graph breaks: {breaks}, recompiles: {sum(counters['recompiles'].values())}")
+    assert 1 <= breaks <= 2 and not counters["recompiles"]
+    torch._dynamo.reset()
+
+
+def test_convert_of_a_compiled_model_converts_the_module_it_wraps():
+    torch._dynamo.reset()
+    model = timm_model("resnet18", num_classes=4).double()
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    compiled(x)  # compiled before conversion: dynamo must see the converted trunk after
+    assert revify.convert(compiled, x) is compiled
+    assert [len(st.units) for st in revify.stages(model)] == [2, 1, 1, 1]
+    _, ref = step_grads(model, x, plain=True)
+    _, rev = step_grads(compiled, x, plain=False)
+    assert revify.stages(model)[0].last_reconstruction_error is not None  # the stage ran
+    assert max_rel_err(rev, ref) < 1e-10
+    torch._dynamo.reset()
+
+
+def test_compiled_blocks_are_refused_with_the_fix():
+    model = timm_model("resnet18", num_classes=4)
+    model.layer1[0].compile()
+    model.layer2[1] = torch.compile(model.layer2[1])
+    with pytest.raises(ConversionError, match=r"layer1\.0, layer2\.1 are compiled.*"
+                       r"torch\.compile\(revify\.convert\(model\)\)"):
+        revify.convert(model, torch.zeros(2, 3, 32, 32))
+    assert not revify.stages(model)
 
 
 # 4. Buffers written in forward --------------------------------------------------------------
