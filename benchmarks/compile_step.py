@@ -1,0 +1,97 @@
+"""``torch.compile`` of a converted model against eager: first-step time, steady step time,
+graph breaks and recompiles, beside plain and timm checkpointing in the same process.
+
+A converted trunk runs eagerly inside ``torch.compile`` (NOTE [ torch.compile ] in
+revify/convert.py): dynamo breaks the graph at the trunk's plan and compiles what surrounds it
+(timm's ``forward_head``), so the compiled step is the eager trunk plus a compiled head. The
+steady steps of each method are interleaved (one of each in turn) and the median is reported.
+
+Run::
+
+    .venv/bin/python benchmarks/compile_step.py --models resnet50 --size 64 --batch 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from _common import build_model, console, parse_list, ratio, write_json
+from rich.table import Table
+from torch._dynamo.utils import counters
+
+_VARIANTS = (("plain", False), ("timm-ckpt", False), ("revify", False), ("plain", True),
+             ("revify", True))
+
+
+def _step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], float]:
+    def run() -> float:
+        start = time.perf_counter()
+        F.cross_entropy(model(x), y).backward()
+        model.zero_grad(set_to_none=False)
+        return time.perf_counter() - start
+
+    return run
+
+
+def measure(name: str, size: int, batch: int, steps: int) -> list[dict[str, object]]:
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 10, (batch,))
+    runs, rows = {}, {}
+    for method, compiled in _VARIANTS:
+        label = f"{method}{' (compiled)' if compiled else ''}"
+        model = build_model(name, method, size=size, num_classes=10)
+        torch._dynamo.reset()
+        counters.clear()
+        call = torch.compile(model) if compiled else model
+        run = _step(call, x, y)
+        first = run()
+        run()  # a second step: dynamo may recompile on the second call
+        rows[label] = dict(
+            model=name, method=label, first_s=first,
+            graph_breaks=sum(counters["graph_break"].values()) if compiled else 0,
+            recompiles=sum(counters["recompiles"].values()) if compiled else 0,
+        )
+        runs[label] = run
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(steps):
+        for label, run in runs.items():
+            times[label].append(run())
+    plain = statistics.median(times["plain"])
+    ckpt = statistics.median(times["timm-ckpt"])
+    for label, row in rows.items():
+        med = statistics.median(times[label])
+        row.update(step_s=med, vs_plain=ratio(med, plain), vs_timm=ratio(med, ckpt))
+    return list(rows.values())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="resnet50")
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    results = []
+    for name in parse_list(args.models):
+        results += measure(name, args.size, args.batch, args.steps)
+    table = Table(title=f"torch.compile vs eager, CPU, batch {args.batch}, {args.size}px")
+    for col in ("model", "method", "first step s", "step s", "÷ plain", "÷ timm", "breaks",
+                "recompiles"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r["model"], r["method"], f"{r['first_s']:.1f}", f"{r['step_s']:.3f}",
+                      f"{r['vs_plain']:.2f}", f"{r['vs_timm']:.2f}", str(r["graph_breaks"]),
+                      str(r["recompiles"]))
+    console().print(table)
+    if args.json:
+        write_json(args.json, results, size=args.size, batch=args.batch)
+
+
+if __name__ == "__main__":
+    main()
