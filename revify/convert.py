@@ -133,9 +133,12 @@ def _ensure_eager_plan() -> None:
 class _Rewritten:
     """Replacement for the trunk method, installed on the instance (``model.forward_features``)."""
 
-    def __init__(self, model: nn.Module, plan: Plan) -> None:
+    container = False
+
+    def __init__(self, model: nn.Module, plan: Plan, container: bool = False) -> None:
         self.model = model
         self.plan = plan
+        self.container = container  # a module holding a stage of its parent's plan
         _ensure_eager_plan()
 
     def __setstate__(self, state: dict[str, Any]) -> None:  # torch.load, copy.deepcopy
@@ -147,6 +150,9 @@ class _Rewritten:
         original = getattr(type(model), plan.method)
         if _mode.is_original():
             return original(model, *args, **kwargs)
+        tracer = _fx_tracer(args, kwargs)
+        if tracer is not None:
+            return _traced(model, plan, tracer, args, kwargs, leaf=self.container)
         bound = inspect.signature(original).bind(model, *args, **kwargs)
         bound.apply_defaults()
         values = dict(list(bound.arguments.items())[1:])
@@ -163,6 +169,116 @@ class _Rewritten:
                 )
         run = _run_plan if _run_plan_eagerly is None else _run_plan_eagerly
         return run(plan, [values[a] for a in plan.args])
+
+
+# NOTE [ Tracing a converted model ]
+# torch.fx tracing a converted model (timm's and torchvision's fx feature extraction,
+# quantisation passes) calls the rewritten trunk with Proxies. Its stages are autograd
+# Functions and cannot take Proxies; tracing through the original code instead would record
+# the unconverted function. So the trunk is traced through its original code with every module
+# that holds a whole stage (``layer1``, ``stages.0.blocks``) recorded as one ``call_module``
+# node: the GraphModule then calls that module, which runs the converted stage. The layers
+# between stages are traced as plain layers (the same function, not checkpointed). A stage
+# that no module holds alone (inline units, or units called one by one from the trunk) cannot
+# be recorded so, and tracing is refused rather than recording the original function.
+
+
+def _fx_tracer(args: Sequence[Any], kwargs: dict[str, Any]) -> fx.Tracer | None:
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, fx.Proxy):
+            return a.tracer
+    return None
+
+
+def _traced(model: nn.Module, plan: Plan, tracer: fx.Tracer, args: Sequence[Any],
+            kwargs: dict[str, Any], leaf: bool) -> Any:
+    """What ``plan``'s method records under torch.fx (NOTE [ Tracing a converted model ])."""
+    if leaf:
+        try:
+            path = tracer.path_of_module(model)
+        except NameError:
+            path = None
+        if path is not None:
+            return tracer.create_proxy("call_module", path, tuple(args), dict(kwargs))
+    for st, holder in zip(plan.stages, plan.holders, strict=True):
+        container = model.get_submodule(holder) if holder else None
+        held = container is not None and container is not model and isinstance(
+            container.__dict__.get("forward"), (_LazyContainer, _Rewritten))
+        if not held:
+            raise ConversionError(
+                f"revify: torch.fx cannot trace the converted {type(model).__name__}."
+                f"{plan.method}: its stage {st.name} is not held by a module of its own (inline "
+                "residuals, or units called one by one), so it cannot be recorded as one call, "
+                "and tracing through it would record the unconverted function; trace the "
+                "model before revify.convert, or under revify.revert"
+            )
+    # The original code may still reach the units another way (ViT's forward_features loops
+    # over its blocks when attn_mask is a Proxy): a unit's module called while tracing raises.
+    guarded: dict[int, tuple[nn.Module, Any]] = {}
+    for st in plan.stages:
+        for unit in st.units:
+            for m in unit.modules:
+                guarded.setdefault(id(m), (m, m.__dict__.get("forward")))
+                m.__dict__["forward"] = _TracedThrough(st.name, type(m).__name__)
+    try:
+        return getattr(type(model), plan.method)(model, *args, **kwargs)
+    finally:
+        for m, before in guarded.values():
+            if before is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.__dict__["forward"] = before
+
+
+def _refuse_fx_trace(module: nn.Module, args: tuple[Any, ...]) -> None:
+    """Forward pre-hook on the units' modules of a plan installed as ``forward``: torch.fx
+    traces a root's ``type(root).forward``, not the instance's, so tracing such a model walks
+    the original code (NOTE [ Tracing a converted model ]); refuse when it reaches a unit."""
+    fxt = fx._symbolic_trace
+    tracing = getattr(fxt, "is_fx_symbolic_tracing", fxt.is_fx_tracing)
+    if tracing():
+        proxy = next((a for a in args if isinstance(a, fx.Proxy)), None)
+        if proxy is not None and not isinstance(proxy.tracer, _own_tracers()):
+            raise ConversionError(
+                f"revify: torch.fx traced into {type(module).__name__}, a unit of a converted "
+                "model whose forward is the converted one; fx traces the class's forward, which "
+                "would record the unconverted function; trace the model before revify.convert, "
+                "or under revify.revert"
+            )
+
+
+def _own_tracers() -> tuple[type, ...]:
+    from ._trace import _Tracer
+
+    return (_Tracer,)
+
+
+def _guard_units(plan: Plan, install: bool) -> None:
+    """(Un)register :func:`_refuse_fx_trace` on the units' modules of ``plan``."""
+    for st in plan.stages:
+        for unit in st.units:
+            for m in unit.modules:
+                for key, hook in list(m._forward_pre_hooks.items()):
+                    if hook is _refuse_fx_trace:
+                        del m._forward_pre_hooks[key]
+                if install:
+                    m.register_forward_pre_hook(_refuse_fx_trace)
+
+
+class _TracedThrough:
+    """``forward`` of a unit's module while its converted parent is traced: refuses."""
+
+    def __init__(self, stage: str, kind: str) -> None:
+        self.stage, self.kind = stage, kind
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise ConversionError(
+            f"revify: torch.fx traced into a {self.kind} of the converted stage {self.stage} "
+            "without calling the module that holds the stage (another code path, e.g. a Proxy "
+            "argument taking an `if x is not None` branch), which would record the unconverted "
+            "function; pass concrete_args for such arguments (e.g. attn_mask=None), or trace "
+            "the model before revify.convert"
+        )
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -256,6 +372,7 @@ def revert(model: nn.Module) -> nn.Module:
             del m.__dict__["forward"]
         plan = m.__dict__.pop(_PLAN, None)
         if plan is not None:
+            _guard_units(plan, install=False)
             m.__dict__.pop(plan.method, None)
             m.__dict__.pop("set_grad_checkpointing", None)
         _record.uninstall(m)
@@ -578,13 +695,17 @@ def _is_compiled_wrapper(module: nn.Module) -> bool:
     )
 
 
-def _install(model: nn.Module, plan: Plan, record: bool = False) -> None:
+def _install(model: nn.Module, plan: Plan, record: bool = False, container: bool = False
+             ) -> None:
     """Make ``model`` run ``plan``; ``record``: its state dict records the coupling (a module
-    ``convert`` was called on, not a container sharing its stage; NOTE [ Checkpoint record ])."""
+    ``convert`` was called on; NOTE [ Checkpoint record ]); ``container``: a module holding a
+    stage of its parent's plan (NOTE [ Tracing a converted model ])."""
     if record:
         _record.install(model)
+        if plan.method == "forward":
+            _guard_units(plan, install=True)
     model.__dict__[_PLAN] = plan
-    model.__dict__[plan.method] = _Rewritten(model, plan)
+    model.__dict__[plan.method] = _Rewritten(model, plan, container)
     if callable(getattr(model, "set_grad_checkpointing", None)):
         model.__dict__["set_grad_checkpointing"] = _GradCheckpointingIgnored()
     # The first step finds every unit's and segment's slots ready (NOTE [ Slot cache ]).
@@ -647,6 +768,10 @@ class _LazyContainer:
         container = self.container
         if _mode.is_original():
             return type(container).forward(container, *args, **kwargs)
+        tracer = _fx_tracer(args, kwargs)
+        if tracer is not None:  # NOTE [ Tracing a converted model ]
+            return tracer.create_proxy(
+                "call_module", tracer.path_of_module(container), tuple(args), dict(kwargs))
         with torch.no_grad(), _no_autocast():
             examples = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
             sub = _build_plan(container, examples, self.options)
@@ -663,7 +788,7 @@ class _LazyContainer:
         for step in sub.steps:
             if step.run is mine:
                 step.run = self.stage
-        _install(container, sub)
+        _install(container, sub, container=True)
         return container.__dict__[sub.method](*args, **kwargs)
 
 

@@ -1,0 +1,58 @@
+"""torch.fx tracing of a converted model (NOTE [ Tracing a converted model ])."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.fx as fx
+from conftest import InlineNet, max_rel_err, step_grads, timm_model
+from timm.models._features_fx import create_feature_extractor
+
+import revify
+from revify import ConversionError
+
+
+def test_traced_converted_model_runs_its_stages_with_true_gradients():
+    model = timm_model("resnet18", num_classes=4, drop_path_rate=0.2).double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    revify.convert(model, x)
+    traced = fx.symbolic_trace(model)
+    calls = {n.target for n in traced.graph.nodes if n.op == "call_module"}
+    assert {"layer1", "layer2", "layer3", "layer4"} <= calls
+    assert not any(t.startswith("layer1.0.") for t in calls)  # stages are one call each
+    _, ref = step_grads(model, x, plain=True)
+    for st in revify.stages(model):
+        st.last_reconstruction_error = None
+    out, got = step_grads(traced, x, plain=False)
+    assert all(st.last_reconstruction_error is not None for st in revify.stages(model))
+    assert max_rel_err(got, ref) < 1e-10
+    torch.manual_seed(1)
+    assert torch.equal(out, model(x))  # the same function as the converted model
+
+
+def test_timm_feature_extraction_of_a_converted_model():
+    torch.manual_seed(0)
+    model = timm.create_model("convnext_atto", num_classes=4, ls_init_value=0.5)
+    x = torch.randn(2, 3, 32, 32)
+    revify.convert(model, x)
+    features = create_feature_extractor(model, return_nodes=["stages.1", "stages.3"])
+    with torch.no_grad():
+        want = model.forward_intermediates(x, indices=[1, 3], intermediates_only=True)
+        got = features(x)
+    assert torch.equal(got["stages.1"], want[0]) and torch.equal(got["stages.3"], want[1])
+
+
+def test_tracing_that_would_record_the_unconverted_function_is_refused():
+    # ViT's forward_features loops over its blocks when attn_mask is a Proxy.
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=4, img_size=32, patch_size=8)
+    revify.convert(vit, torch.zeros(2, 3, 32, 32))
+    with pytest.raises(ConversionError, match="traced into a Block of the converted stage"):
+        fx.symbolic_trace(vit)
+    assert "forward" not in vit.blocks[0].__dict__  # the guards are gone again
+    # fx traces a root's class forward, not the converted one: the units refuse.
+    net = InlineNet()
+    revify.convert(net, torch.zeros(2, 3, 16, 16))
+    with pytest.raises(ConversionError, match="Sequential, a unit of a converted model"):
+        fx.symbolic_trace(net)
