@@ -253,8 +253,8 @@ class _Probe:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._unit, name)
 
-    def raw(self, h: Tensor) -> Tensor:
-        u = self._unit.raw(h)
+    def raw(self, h: Tensor, *side: Any) -> Tensor:
+        u = self._unit.raw(h, *side)
         with torch.no_grad():
             r = u - h if self._unit.subtract_input else u
             self._ratios.append(float(r.norm() / h.norm().clamp_min(1e-300)))

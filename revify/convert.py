@@ -33,7 +33,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _mode
+from . import _mode, _stacks
 from ._inplace import InplaceError, check_units, clone_foreign_writes, storage, written_from
 from ._match import Residual, Unit, chains, find_residuals, is_add
 from ._replay import _slots, read_slots, slots_of
@@ -196,7 +196,7 @@ def plans(model: nn.Module) -> list[tuple[str, Plan]]:
 
 
 def is_converted(model: nn.Module) -> bool:
-    return bool(plans(model))
+    return bool(plans(model)) or bool(_stacks.stacks_of(model))
 
 
 def stages(model: nn.Module) -> list[ReversibleStage]:
@@ -205,6 +205,8 @@ def stages(model: nn.Module) -> list[ReversibleStage]:
     for _, plan in plans(model):
         for st in plan.stages:
             out.setdefault(id(st), st)
+    for stack in _stacks.stacks_of(model):
+        out.setdefault(id(stack.stage), stack.stage)
     return list(out.values())
 
 
@@ -229,6 +231,7 @@ def set_on_mismatch(
 
 def revert(model: nn.Module) -> nn.Module:
     """Undo :func:`convert` in place: every converted module runs its original code again."""
+    _stacks.uninstall(model)
     for _, m in model.named_modules():
         if isinstance(m.__dict__.get("forward"), _LazyContainer):
             del m.__dict__["forward"]
@@ -307,7 +310,7 @@ def _coupling_options(
 
 def convert(
     model: nn.Module,
-    example_input: Tensor | Sequence[Any] | None = None,
+    example_input: Tensor | Sequence[Any] | dict[str, Any] | None = None,
     *,
     coupling: str = "faithful",
     alpha: float | None = None,
@@ -375,6 +378,11 @@ def convert(
         return model
     if min_units < 1:
         raise ValueError(f"revify.convert: min_units must be >= 1, got {min_units}")
+    if _stacks.is_transformers_module(model):  # NOTE [ Layer stacks ] in _stacks.py
+        options = dict(**_coupling_options(coupling, alpha, beta, exact), min_units=min_units)
+        return _stacks.convert_stacks(model, example_input, options)
+    if isinstance(example_input, dict):
+        example_input = _by_name(model, example_input)
     if example_input is None:
         example_input = _default_example(model)
     inputs = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
@@ -417,6 +425,18 @@ def convert(
     _install(model, plan)
     _install_containers(model, plan, inputs, options)
     return model
+
+
+def _by_name(model: nn.Module, inputs: dict[str, Any]) -> tuple[Any, ...]:
+    """Keyword example inputs as the trunk method's required arguments, in order."""
+    method = entry_method(model)
+    names = required_args(model, method)
+    if sorted(inputs) != sorted(names):
+        raise ConversionError(
+            f"revify.convert: {type(model).__name__}.{method} takes the inputs "
+            f"({', '.join(names)}) but example_input gave ({', '.join(inputs)})"
+        )
+    return tuple(inputs[n] for n in names)
 
 
 def _install(model: nn.Module, plan: Plan) -> None:
