@@ -116,6 +116,23 @@ class _Call:
     kwargs: dict[str, Any]
     output: Any = None
 
+    @property
+    def hidden_out(self) -> Any:
+        """The hidden states it returned: the output, or the first of ``(h, None, ...)``."""
+        return _unwrap(self.output)[0]
+
+
+def _unwrap(out: Any) -> tuple[Any, int]:
+    """``(hidden states, tuple length)`` of a layer output: a tensor (length 0), or a tuple
+    whose other items are None (``(h,)`` of Swin and transformers 4, no attentions asked)."""
+    if isinstance(out, tuple) and out and all(o is None for o in out[1:]):
+        return out[0], len(out)
+    return out, 0
+
+
+def _wrap(h: Any, length: int) -> Any:
+    return h if length == 0 else (h, *([None] * (length - 1)))
+
 
 def _containers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [
@@ -265,22 +282,24 @@ def _put(template: Any, values: tuple[Any, ...]) -> Any:
 class _Entry(nn.Module):
     """Calls ``layer.forward`` with traced tensors put into the recorded side arguments."""
 
-    def __init__(self, layer: nn.Module, template: Any) -> None:
+    def __init__(self, layer: nn.Module, template: Any, wrap: int) -> None:
         super().__init__()
         self.layer = layer
         self.template = template
+        self.wrap = wrap
 
     def call(self, h: Any, *tensors: Any) -> Any:
         args, kwargs = _put(self.template, tensors)
-        return type(self.layer).forward(self.layer, h, *args, **kwargs)
+        out = type(self.layer).forward(self.layer, h, *args, **kwargs)
+        return out[0] if self.wrap else out  # the hidden states (``_unwrap``)
 
 
-def _entry(layer: nn.Module, template: Any, n: int) -> nn.Module:
+def _entry(layer: nn.Module, template: Any, n: int, wrap: int) -> nn.Module:
     names = ", ".join(["h", *(f"s{i}" for i in range(n))])
     ns: dict[str, Any] = {}
     exec(f"def forward(self, {names}):\n    return self.call({names})\n", ns)  # noqa: S102
     cls = type("_StackEntry", (_Entry,), {"forward": ns["forward"]})
-    return cls(layer, template)
+    return cls(layer, template, wrap)
 
 
 def _residual_problem(call: _Call) -> tuple[str | None, bool]:
@@ -288,7 +307,7 @@ def _residual_problem(call: _Call) -> tuple[str | None, bool]:
     and whether it writes its input in place (it then runs on a copy)."""
     h, args, kwargs = _hidden(call)
     template, tensors = _side_template(args, kwargs)
-    entry = _entry(call.layer, template, len(tensors))
+    entry = _entry(call.layer, template, len(tensors), _unwrap(call.output)[1])
     saved = [(b, b.detach().clone()) for b in call.layer.buffers()]
     try:
         graph = _BackoffTracer().trace(entry)
@@ -347,14 +366,25 @@ class _LayerUnit(_ModuleUnit):
     ``side`` is the call's other arguments, given per stage call (the walk keeps them for the
     backward): the mask and position embeddings the loop passes to every layer."""
 
+    wrap = 0  # the layer returns a tuple of this length, hidden states first (``_unwrap``)
+
     def raw(self, h: Tensor, side: Any = None) -> Tensor:
         h = h.clone() if self.copy_input else h
         args, kwargs = side if side is not None else ((), {})
         token = _INSIDE.set(self.module)
         try:
-            return self.module(h, *args, **kwargs)
+            out = self.module(h, *args, **kwargs)
         finally:
             _INSIDE.reset(token)
+        u, length = _unwrap(out)
+        if length != self.wrap or not isinstance(u, Tensor):
+            raise RuntimeError(
+                f"revify: {self.name} returned {type(out).__name__} (length "
+                f"{len(out) if isinstance(out, tuple) else '-'}) where it returned its hidden "
+                "states alone at convert time: a reversible stage hands on hidden states only "
+                "(output_attentions?); call it as at convert time, or revify.revert(model)"
+            )
+        return u
 
 
 class _Pending:
@@ -392,6 +422,7 @@ class _Stack:
 
     def __init__(self, stage: ReversibleStage, layers: list[nn.Module], paths: list[str]) -> None:
         self.stage, self.layers, self.paths = stage, layers, paths
+        self.wraps = [u.wrap for u in stage.units]
         self.pending: _Pending | None = None
 
     def check_first(self, layer: nn.Module, side: Any) -> None:
@@ -475,7 +506,7 @@ class _StackForward:
         if not args:  # hidden states given by keyword
             first = list(inspect.signature(type(layer).forward).parameters)[1]
             args, kwargs = (kwargs.pop(first),), kwargs
-        return self.stack.call(self.k, layer, args, kwargs)
+        return _wrap(self.stack.call(self.k, layer, args, kwargs), self.stack.wraps[self.k])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -487,9 +518,12 @@ def _unit_problem(call: _Call, count: dict[int, int]) -> str | None:
     if count[id(call.layer)] != 1:
         return f"called {count[id(call.layer)]} times per forward"
     h, args, kwargs = _hidden(call)
-    out = call.output
+    out = call.hidden_out
     if not isinstance(h, Tensor) or not h.is_floating_point():
         return "its first argument is not floating-point hidden states"
+    if isinstance(call.output, tuple) and not isinstance(out, Tensor):
+        return ("it returns a tuple of more than its hidden states (attention weights: "
+                "eager attention or output_attentions?)")
     if not isinstance(out, Tensor):
         return f"it returns {type(out).__name__}, not a tensor"
     if out.shape != h.shape or out.dtype != h.dtype:
@@ -553,7 +587,7 @@ def plan_stacks(
                 prev = run[-1]
                 h, a, k = _hidden(c)
                 _, pa, pk = _hidden(prev)
-                ok_next = (c.index == prev.index + 1 and h is prev.output
+                ok_next = (c.index == prev.index + 1 and h is prev.hidden_out
                            and _same((a, k), (pa, pk)))
                 if not ok_next:
                     _flush(model, run, options, stacks, taken)
@@ -578,6 +612,7 @@ def _flush(model: nn.Module, run: list[_Call], options: dict[str, Any],
         unit = _LayerUnit(c.path, c.layer)
         unit.pattern = "Hugging Face layer (residual, side inputs)"
         unit.copy_input = bool(getattr(c, "writes", False))
+        unit.wrap = _unwrap(c.output)[1]
         units.append(unit)
     label = run[0].container or type(model).__name__
     stage = ReversibleStage(
@@ -633,7 +668,8 @@ def convert_stacks(
         )
     stacks, skipped = plan_stacks(model, args, kwargs, options)
     if not stacks:
-        why = "; ".join(skipped[:8]) or "no ModuleList or Sequential of layers is called"
+        why = "; ".join(list(dict.fromkeys(skipped))[:8])
+        why = why or "no ModuleList or Sequential of layers is called"
         raise _error(
             f"revify.convert: no stack of residual layers found in {type(model).__name__} "
             f"({why})"

@@ -340,10 +340,15 @@ def convert(
 
     Args:
         model: any ``nn.Module`` whose trunk torch.fx can trace (timm's leaf conventions apply).
-        example_input: an input (or tuple of inputs) of the trunk method, used only for shapes,
-            on fake tensors. Default: zeros of the shape the model was built for (timm's
-            ``patch_embed.img_size``, else ``pretrained_cfg['input_size']``, else 224x224, with
-            the first convolution's input channels), on the model's device.
+        example_input: an input (or tuple of inputs, or dict of named inputs) of the trunk
+            method, used only for shapes, on fake tensors. Default: zeros of the shape the
+            model was built for (timm's ``patch_embed.img_size``, else
+            ``pretrained_cfg['input_size']``, else 224x224, with the first convolution's input
+            channels), on the model's device. For a Hugging Face ``transformers`` model it is
+            the keyword inputs of one eager run (``dict(input_ids=ids, attention_mask=m)``;
+            default from its config), and its layer stacks become the stages (NOTE [ Layer
+            stacks ] in ``_stacks.py``; ``checkpoint_*`` and ``strict`` do not apply: nothing
+            to convert raises).
         coupling: ``"faithful"`` (default) or ``"revnet"``, see above.
         alpha, beta: override the coupling's coefficients for every stage. ``alpha=1, beta=1``
             grows like Fibonacci and loses precision. A ``beta`` below 1 needs ``exact=True``

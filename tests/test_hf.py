@@ -42,6 +42,11 @@ def _resnet():
                                         layer_type="basic"))
 
 
+def _swin():
+    return T.SwinModel(T.SwinConfig(patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2],
+                                    window_size=4, **VISION))
+
+
 def _bert():
     return T.BertModel(T.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
                                     num_attention_heads=2, intermediate_size=64,
@@ -66,6 +71,7 @@ FAMILIES = {
     "dinov2": (_dinov2, False, 2),
     "convnext": (_convnext, False, 4),
     "resnet": (_resnet, False, 3),  # encoder.stages.1.layers.0 downsamples
+    "swin": (_swin, False, 4),  # blocks return (h, None): sdpa attention keeps no weights
     "bert": (_bert, True, 2),
     "gpt2": (_gpt2, True, 2),
     "llama": (_llama, True, 2),
@@ -178,12 +184,20 @@ def test_revnet_coupling_and_revert_are_exact():
                            original(**inputs).last_hidden_state)
 
 
-def test_swin_is_refused_with_reason():
-    config = T.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2],
-                          num_heads=[2, 2], window_size=4)
-    model = T.SwinModel(config)
-    with pytest.raises(revify.ConversionError, match=r"SwinModel.*blocks\.0: it returns tuple"):
-        revify.convert(model)
+def test_unsupported_families_are_refused_with_reason():
+    # ALBERT shares one layer across depth: a unit called twice per forward.
+    config = T.AlbertConfig(vocab_size=100, embedding_size=16, hidden_size=32,
+                            num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                            max_position_embeddings=32)
+    with pytest.raises(revify.ConversionError,
+                       match=r"AlbertModel.*albert_layers\.0: called 2 times per forward"):
+        revify.convert(T.AlbertModel(config))
+    # Eager Swin attention returns its weights beside the hidden states.
+    config = T.SwinConfig(patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2],
+                          window_size=4, attn_implementation="eager", **VISION)
+    with pytest.raises(revify.ConversionError,
+                       match=r"SwinModel.*blocks\.0: it returns a tuple of more than"):
+        revify.convert(T.SwinModel(config))
 
 
 @pytest.mark.parametrize("builder", [_gpt2, _llama])
