@@ -8,6 +8,7 @@ with the unconverted model.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -268,3 +269,46 @@ def test_trainer_trains_a_converted_model(tmp_path):
     assert torch.isfinite(torch.tensor(result.training_loss))
     layer = "bert.encoder.layer.1.output.dense.weight"
     assert not torch.equal(before[layer], dict(model.named_parameters())[layer])
+
+
+def test_batchnorm_statistics_update_once():
+    """HF ResNet layers hold BatchNorm: a reversible step updates running statistics as a
+    plain step does, although each unit runs again in backward."""
+    model = _tiny(_resnet)
+    inputs = _inputs(False)
+    revify.convert(model, example_input=inputs)
+    start = {k: v.clone() for k, v in model.named_buffers()}
+    torch.manual_seed(0)
+    model(**inputs).last_hidden_state.sum().backward()
+    after = {k: v.clone() for k, v in model.named_buffers()}
+    with torch.no_grad():
+        for k, v in model.named_buffers():
+            v.copy_(start[k])
+    torch.manual_seed(0)
+    with revify.plain_autograd():
+        model(**inputs).last_hidden_state.sum().backward()
+    changed = [k for k in start if not torch.equal(start[k], after[k])]
+    assert any("stages.0.layers.1" in k for k in changed)
+    for k, v in model.named_buffers():
+        torch.testing.assert_close(after[k], v, rtol=0, atol=1e-14)
+
+
+def test_two_forwards_before_one_backward_keep_their_side_inputs():
+    """Each stage forward keeps its own mask for the backward (gradient accumulation in one
+    graph): two calls with different masks, one backward, equal plain autograd's gradients."""
+    model = _tiny(_llama)
+    revify.convert(model)
+    a, b = _inputs(True), _inputs(True)
+    b["attention_mask"] = torch.ones_like(b["attention_mask"])
+    b["attention_mask"][0, 10:] = 0
+
+    def grads(plain: bool) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        with revify.plain_autograd() if plain else contextlib.nullcontext():
+            loss = model(**a).last_hidden_state.square().sum()
+            loss = loss + model(**b).last_hidden_state.sin().sum()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    for g, ref in zip(grads(False), grads(True), strict=True):
+        torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-12)
