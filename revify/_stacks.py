@@ -67,6 +67,16 @@ def is_transformers_module(model: nn.Module) -> bool:
     return type(model).__module__.startswith("transformers.")
 
 
+def refuse_stacks(api: str, model: nn.Module) -> None:
+    """Hugging Face models run layer stacks, not a plan: the audit and check do not see them."""
+    if is_transformers_module(model) or stacks_of(model):
+        raise TypeError(
+            f"{api}: {type(model).__name__} is a Hugging Face model converted by layer stacks "
+            "(NOTE [ Layer stacks ] in revify/_stacks.py), which this does not support yet; "
+            "compare gradients with revify.plain_autograd() instead"
+        )
+
+
 def _is_cache(value: Any) -> bool:
     utils = sys.modules.get("transformers.cache_utils")
     cache = getattr(utils, "Cache", None)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ._mode import _original, plain_autograd
+from ._stacks import refuse_stacks
 from .convert import is_converted, stages
 
 __all__ = ["check", "CheckReport", "StageCheck"]
@@ -149,6 +150,7 @@ def check(
     """
     if not is_converted(model):
         raise ValueError("revify.check: model is not converted; call revify.convert(model) first")
+    refuse_stacks("revify.check", model)
     if not isinstance(example_input, Tensor):
         raise TypeError(
             f"revify.check: example_input must be a tensor, got {type(example_input).__name__}"

@@ -312,3 +312,13 @@ def test_two_forwards_before_one_backward_keep_their_side_inputs():
 
     for g, ref in zip(grads(False), grads(True), strict=True):
         torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_check_and_audit_refuse_clearly():
+    model = _tiny(_vit)
+    x = _inputs(False)["pixel_values"]
+    with pytest.raises(TypeError, match="revify.audit: ViTModel is a Hugging Face model"):
+        revify.audit(model, x)
+    revify.convert(model)
+    with pytest.raises(TypeError, match="revify.check: ViTModel is a Hugging Face model"):
+        revify.check(model, x)
