@@ -125,6 +125,7 @@ class _Call:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     output: Any = None
+    writes: bool = False  # its forward writes its hidden states in place (run on a copy)
 
     @property
     def hidden_out(self) -> Any:
@@ -591,7 +592,7 @@ def plan_stacks(
                 refusal = _refusal(c)
                 if refusal:
                     raise _error(refusal)
-                why, writes = _residual_problem(c)
+                why, c.writes = _residual_problem(c)
             ok = ok and why is None
             if ok and run:
                 prev = run[-1]
@@ -603,7 +604,6 @@ def plan_stacks(
                     _flush(model, run, options, stacks, taken)
                     run = []
             if ok:
-                c.writes = writes  # type: ignore[attr-defined]
                 run.append(c)
             else:
                 if c is not None and why is not None:
@@ -621,7 +621,7 @@ def _flush(model: nn.Module, run: list[_Call], options: dict[str, Any],
     for c in run:
         unit = _LayerUnit(c.path, c.layer)
         unit.pattern = "Hugging Face layer (residual, side inputs)"
-        unit.copy_input = bool(getattr(c, "writes", False))
+        unit.copy_input = c.writes
         unit.wrap = _unwrap(c.output)[1]
         units.append(unit)
     label = run[0].container or type(model).__name__
