@@ -82,8 +82,11 @@ def _owner(node: fx.Node) -> list[str]:
     return path[:-1] if node.op == "call_module" else path
 
 
-def _branch_region(h: fx.Node, br: fx.Node, add: fx.Node) -> tuple[list[fx.Node] | None, str]:
-    """Nodes computing ``br`` from ``h`` alone, or ``None`` and why not."""
+def _branch_region(
+    h: fx.Node, br: fx.Node, add: fx.Node, side: frozenset[fx.Node] = frozenset()
+) -> tuple[list[fx.Node] | None, str]:
+    """Nodes computing ``br`` from ``h`` alone (and the ``side`` placeholders: inputs that are
+    the same at every unit of a chain, such as an attention mask), or ``None`` and why not."""
     if br is h:
         return None, "adds a value to itself"
     region: set[fx.Node] = set()
@@ -97,6 +100,8 @@ def _branch_region(h: fx.Node, br: fx.Node, add: fx.Node) -> tuple[list[fx.Node]
         if n in region:
             continue
         if n.op == "placeholder":
+            if n in side:
+                continue
             return None, f"branch reads another input ({n.name})"
         region.add(n)
         stack.extend(n.all_input_nodes)
@@ -182,8 +187,11 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
-def classify_add(add: fx.Node) -> Residual | None:
-    """Classify a tensor add node; ``None`` for adds of non-tensors or broadcasting adds."""
+def classify_add(add: fx.Node, side: frozenset[fx.Node] = frozenset()) -> Residual | None:
+    """Classify a tensor add node; ``None`` for adds of non-tensors or broadcasting adds.
+
+    ``side``: placeholders a branch may read besides the skip value (see ``_branch_region``).
+    """
     a, b = add.args
     if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
         return None
@@ -199,30 +207,30 @@ def classify_add(add: fx.Node) -> Residual | None:
     # torch.add(a, b, alpha=s) is a + s*b: only ``a`` can be the identity side.
     for h_op, br in ((a, b), (b, a)) if scale == 1 else ((a, b),):
         h, skip = _skip_path(h_op)
-        region, why = _branch_region(h, br, add)
+        region, why = _branch_region(h, br, add, side)
         if region is not None:
             res = Residual(add, "identity", entry=h, branch=br, region=region, skip=skip,
                            scale=scale)
             res.post = _post_op(add)
             return res
         reasons.append(why)
-    if scale != 1 and _branch_region(_skip_path(b)[0], a, add)[0] is not None:
+    if scale != 1 and _branch_region(_skip_path(b)[0], a, add, side)[0] is not None:
         why = (f"torch.add(F(x), x, alpha={scale:g}) scales the skip value x "
                "(torch.add(x, F(x), alpha=a) is a residual)")
         return Residual(add, "other", reason=f"not a residual: {why}")
-    common = _ancestors(a) & _ancestors(b)
+    common = (_ancestors(a) & _ancestors(b)) - side
     if any(n.op != "get_attr" for n in common):
         why = "no identity side: both operands have layers of their own (projection or sum)"
         return Residual(add, "projection", reason=why)
     return Residual(add, "other", reason="not a residual: " + "; ".join(dict.fromkeys(reasons)))
 
 
-def find_residuals(graph: fx.Graph) -> list[Residual]:
-    """Every tensor add in graph order, classified."""
+def find_residuals(graph: fx.Graph, side: frozenset[fx.Node] = frozenset()) -> list[Residual]:
+    """Every tensor add in graph order, classified (``side``: see ``classify_add``)."""
     out = []
     for node in graph.nodes:
         if is_add(node):
-            res = classify_add(node)
+            res = classify_add(node, side)
             if res is not None:
                 out.append(res)
     return out

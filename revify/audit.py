@@ -58,6 +58,7 @@ from torch.utils._pytree import tree_leaves
 
 from . import _mode
 from ._simulate import LiveBytes, fake_model
+from ._stacks import refuse_stacks
 from .convert import Block, Plan, ReportLine, convert
 from .coupling import ReversibleStage
 
@@ -415,6 +416,7 @@ def audit(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"revify.audit: expected an nn.Module, got {type(model).__name__}")
+    refuse_stacks("revify.audit", model)
     name, states = _optimizer_states(optimizer)
     spec = _input_spec(model, example_input_or_shape, batch_size)
     if _PLAN not in model.__dict__:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ._mode import _original, plain_autograd
+from ._stacks import refuse_stacks
 from .convert import is_converted, stages
 
 __all__ = ["check", "CheckReport", "StageCheck"]
@@ -149,6 +150,7 @@ def check(
     """
     if not is_converted(model):
         raise ValueError("revify.check: model is not converted; call revify.convert(model) first")
+    refuse_stacks("revify.check", model)
     if not isinstance(example_input, Tensor):
         raise TypeError(
             f"revify.check: example_input must be a tensor, got {type(example_input).__name__}"
@@ -253,8 +255,8 @@ class _Probe:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._unit, name)
 
-    def raw(self, h: Tensor) -> Tensor:
-        u = self._unit.raw(h)
+    def raw(self, h: Tensor, *side: Any) -> Tensor:
+        u = self._unit.raw(h, *side)
         with torch.no_grad():
             r = u - h if self._unit.subtract_input else u
             self._ratios.append(float(r.norm() / h.norm().clamp_min(1e-300)))

@@ -33,7 +33,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _mode, _record
+from . import _mode, _record, _stacks
 from ._inplace import InplaceError, check_units, clone_foreign_writes, storage, written_from
 from ._match import Residual, Unit, chains, find_residuals, is_add
 from ._replay import _slots, read_slots, slots_of
@@ -315,7 +315,7 @@ def plans(model: nn.Module) -> list[tuple[str, Plan]]:
 
 
 def is_converted(model: nn.Module) -> bool:
-    return bool(plans(model))
+    return bool(plans(model)) or bool(_stacks.stacks_of(model))
 
 
 def stages(model: nn.Module) -> list[ReversibleStage]:
@@ -324,6 +324,8 @@ def stages(model: nn.Module) -> list[ReversibleStage]:
     for _, plan in plans(model):
         for st in plan.stages:
             out.setdefault(id(st), st)
+    for stack in _stacks.stacks_of(model):
+        out.setdefault(id(stack.stage), stack.stage)
     return list(out.values())
 
 
@@ -367,6 +369,7 @@ def revert(model: nn.Module) -> nn.Module:
             "inference, or save it and use revify.load_state_dict)",
             stacklevel=2,
         )
+    _stacks.uninstall(model)
     for _, m in model.named_modules():
         if isinstance(m.__dict__.get("forward"), _LazyContainer):
             del m.__dict__["forward"]
@@ -555,7 +558,7 @@ def _coupling_options(
 
 def convert(
     model: nn.Module,
-    example_input: Tensor | Sequence[Any] | None = None,
+    example_input: Tensor | Sequence[Any] | dict[str, Any] | None = None,
     *,
     coupling: str = "faithful",
     alpha: float | None = None,
@@ -585,10 +588,15 @@ def convert(
 
     Args:
         model: any ``nn.Module`` whose trunk torch.fx can trace (timm's leaf conventions apply).
-        example_input: an input (or tuple of inputs) of the trunk method, used only for shapes,
-            on fake tensors. Default: zeros of the shape the model was built for (timm's
-            ``patch_embed.img_size``, else ``pretrained_cfg['input_size']``, else 224x224, with
-            the first convolution's input channels), on the model's device.
+        example_input: an input (or tuple of inputs, or dict of named inputs) of the trunk
+            method, used only for shapes, on fake tensors. Default: zeros of the shape the
+            model was built for (timm's ``patch_embed.img_size``, else
+            ``pretrained_cfg['input_size']``, else 224x224, with the first convolution's input
+            channels), on the model's device. For a Hugging Face ``transformers`` model it is
+            the keyword inputs of one eager run (``dict(input_ids=ids, attention_mask=m)``;
+            default from its config), and its layer stacks become the stages (NOTE [ Layer
+            stacks ] in ``_stacks.py``; ``checkpoint_*`` and ``strict`` do not apply: nothing
+            to convert raises).
         coupling: ``"faithful"`` (default) or ``"revnet"``, see above.
         alpha, beta: override the coupling's coefficients for every stage. ``alpha=1, beta=1``
             grows like Fibonacci and loses precision. A ``beta`` below 1 needs ``exact=True``
@@ -644,6 +652,11 @@ def convert(
         return model
     if min_units < 1:
         raise ValueError(f"revify.convert: min_units must be >= 1, got {min_units}")
+    if _stacks.is_transformers_module(model):  # NOTE [ Layer stacks ] in _stacks.py
+        options = dict(**_coupling_options(coupling, alpha, beta, exact), min_units=min_units)
+        return _stacks.convert_stacks(model, example_input, options)
+    if isinstance(example_input, dict):
+        example_input = _by_name(model, example_input)
     if example_input is None:
         example_input = _default_example(model)
     inputs = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
@@ -686,6 +699,18 @@ def convert(
     _install(model, plan, record=True)
     _install_containers(model, plan, inputs, options)
     return model
+
+
+def _by_name(model: nn.Module, inputs: dict[str, Any]) -> tuple[Any, ...]:
+    """Keyword example inputs as the trunk method's required arguments, in order."""
+    method = entry_method(model)
+    names = required_args(model, method)
+    if sorted(inputs) != sorted(names):
+        raise ConversionError(
+            f"revify.convert: {type(model).__name__}.{method} takes the inputs "
+            f"({', '.join(names)}) but example_input gave ({', '.join(inputs)})"
+        )
+    return tuple(inputs[n] for n in names)
 
 
 def _is_compiled_wrapper(module: nn.Module) -> bool:

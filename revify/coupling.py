@@ -318,7 +318,10 @@ class ReversibleStage(MismatchOptions):
                 flat.setdefault(id(t), t)
         return list(flat.values())
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, side: Any = None) -> Tensor:
+        """``x_n`` from the stage input ``x``. ``side`` (units that take it: a Hugging Face
+        layer's attention mask and position embeddings) is handed to every unit call, forward
+        and backward, as ``unit.raw(h, side)``; the walk keeps it for the backward."""
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise TypeError(
                 f"revify: stage {self.name} expects a floating-point tensor, got "
@@ -326,7 +329,9 @@ class ReversibleStage(MismatchOptions):
             )
         unit_tensors = self.unit_tensors()
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(unit_tensors))
-        return _forward(self, x, unit_tensors if needs_grad and not _mode.is_plain() else None)
+        return _forward(
+            self, x, unit_tensors if needs_grad and not _mode.is_plain() else None, side
+        )
 
     def __repr__(self) -> str:
         return (
@@ -346,8 +351,11 @@ class _Walk:
 
     check: RecomputeCheck | None = None  # this pass's NOTE [ Mismatch check ], set by _run
 
-    def __init__(self, stage: ReversibleStage, x: Tensor, grid: _exact.Grid | None) -> None:
+    def __init__(
+        self, stage: ReversibleStage, x: Tensor, grid: _exact.Grid | None, side: Any = None
+    ) -> None:
         self.stage = stage
+        self.side = () if side is None else (side,)  # extra argument of every unit call
         self.in_dtype = x.dtype
         # The coefficients of this forward: a schedule may change the stage's before backward.
         self.alpha, self.beta, self.exact = stage.alpha, stage.beta, grid is not None
@@ -372,7 +380,8 @@ class _Walk:
         unit = self.stage.units[k]
         x_prev, x_cur = self.pair
         h = x_cur.to(self.in_dtype)
-        u = unit.raw(h)  # a half-precision u is added to the fp32 streams by type promotion
+        # a half-precision u is added to the fp32 streams by type promotion
+        u = unit.raw(h, *self.side)
         a, m = _step_terms(self.alpha, unit, x_cur, h)
         rem = None
         if self.grid is None:
@@ -428,7 +437,7 @@ def _step_terms(alpha: float, unit: Any, x_cur: Tensor, h: Tensor) -> tuple[floa
 
 
 def _forward(
-    stage: ReversibleStage, x: Tensor, unit_tensors: list[list[Tensor]] | None
+    stage: ReversibleStage, x: Tensor, unit_tensors: list[list[Tensor]] | None, side: Any = None
 ) -> Tensor:
     """The coupled recurrence, ``x_n``. Given each unit's tensors requiring grad it is run by
     step nodes that store nothing (the reversible path); without, by ordinary differentiable
@@ -437,9 +446,9 @@ def _forward(
     # A stage of one unit keeps both its states (x_0, x_1) and rebuilds nothing: it needs no
     # grid, and so computes x_0 + R_0(x_0) without rounding, as the original unit does.
     if stage.exact and len(stage.units) > 1:
-        walk, tokens = _run_exact(stage, x, unit_tensors)
+        walk, tokens = _run_exact(stage, x, unit_tensors, side)
     else:
-        walk, tokens = _run(stage, x, None, unit_tensors)
+        walk, tokens = _run(stage, x, None, unit_tensors, side)
     if not graph:
         return _output(walk.pair[1], x.dtype)
     if stage.record_input:  # exact streams start from the input rounded onto their grid
@@ -449,7 +458,7 @@ def _forward(
 
 
 def _run_exact(
-    stage: ReversibleStage, x: Tensor, unit_tensors: list[list[Tensor]] | None
+    stage: ReversibleStage, x: Tensor, unit_tensors: list[list[Tensor]] | None, side: Any = None
 ) -> tuple[_Walk, tuple[Tensor, Tensor] | None]:
     """:func:`_run` on a grid chosen for this forward (NOTE [ Exact streams ]): redone, with the
     same random draws and BatchNorm statistics already updated, while the states outgrow it."""
@@ -462,7 +471,7 @@ def _run_exact(
             kept.restore()
         bns = [bn for u in stage.units for bn in slots_of(u).bns] if attempt else []
         with frozen_running_stats(bns):
-            walk, tokens = _run(stage, x, grid, unit_tensors)
+            walk, tokens = _run(stage, x, grid, unit_tensors, side)
         top = walk.top
         grid = _exact.regrid(x.detach(), walk.grid, top)
         if grid is None:
@@ -479,15 +488,16 @@ def _run(
     x: Tensor,
     grid: _exact.Grid | None,
     unit_tensors: list[list[Tensor]] | None,
+    side: Any = None,
 ) -> tuple[_Walk, tuple[Tensor, Tensor] | None]:
     """One pass of the recurrence, on the fixed-point ``grid`` when given; with
     ``unit_tensors``, as a chain of step nodes whose last two outputs are returned."""
     if unit_tensors is None:
-        walk = _Walk(stage, x, grid)
+        walk = _Walk(stage, x, grid, side)
         for k in range(len(stage.units)):
             walk.advance(k)
         return walk, None
-    walk = _Walk(stage, x.detach(), grid)
+    walk = _Walk(stage, x.detach(), grid, side)
     walk.check = RecomputeCheck.due(stage, x)
     tokens = (x, x)
     for k, tensors in enumerate(unit_tensors):
@@ -705,7 +715,7 @@ def _step_backward(ctx: Any, g_cur: Tensor | None, g_next: Tensor | None) -> tup
         stand_ins(what, slots.slots, tensors, needs, linked=False) as leaves,
     ):
         h.requires_grad_(need_dx)
-        u = unit.raw(h)
+        u = unit.raw(h, *walk.side)
     wanted = [t for t, need in zip(leaves, needs, strict=True) if need]
     del leaves
     with torch.no_grad():

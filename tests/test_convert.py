@@ -397,3 +397,12 @@ def test_dead_end_checks_inside_a_branch_are_absorbed():
     model = timm.create_model("skresnet18")
     revify.convert(model, EXAMPLE)
     assert [len(st.units) for st in revify.stages(model)] == [2, 1, 1, 1]
+
+
+def test_keyword_example_input():
+    """``example_input`` may name the trunk's inputs (the Hugging Face style, ``dict(x=...)``)."""
+    net = InlineNet()
+    revify.convert(net, example_input={"x": torch.randn(2, 3, 16, 16)})
+    assert revify.stages(net)
+    with pytest.raises(revify.ConversionError, match=r"takes the inputs \(x\).*gave \(pixels\)"):
+        revify.convert(InlineNet(), example_input={"pixels": torch.randn(2, 3, 16, 16)})
