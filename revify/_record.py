@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import nn
 
@@ -31,41 +31,58 @@ _OPTIONS = ("coupling", "alpha", "beta", "exact", "checkpoint_stem", "checkpoint
             "min_units")
 
 
-def _plan_of(module: nn.Module) -> Any:
-    return module.__dict__.get("_revify_plan")
+class Source(NamedTuple):
+    """What a converted module runs: its plan's method (``"stacks"`` for layer stacks), the
+    options it was converted with, and its stages."""
+
+    method: str
+    options: dict[str, Any]
+    stages: list[Any]
 
 
-def _stage_coefficients(plan: Any) -> dict[str, list[Any]]:
-    return {st.name: [st.alpha, st.beta, st.exact] for st in plan.stages}
+def source(module: nn.Module) -> Source | None:
+    """The conversion installed on ``module`` itself (an fx plan or layer stacks), if any."""
+    plan = module.__dict__.get("_revify_plan")
+    if plan is not None:
+        return Source(plan.method, plan.options, list(plan.stages))
+    stacks = module.__dict__.get("_revify_stacks")
+    if stacks:
+        options = module.__dict__.get("_revify_stack_options", {})
+        return Source("stacks", options, [st.stage for st in stacks])
+    return None
 
 
-def make_record(plan: Any) -> dict[str, Any]:
+def _stage_coefficients(src: Source) -> dict[str, list[Any]]:
+    return {st.name: [st.alpha, st.beta, st.exact] for st in src.stages}
+
+
+def make_record(src: Source) -> dict[str, Any]:
     """The record of one converted module (plain Python values, so any pickler keeps it)."""
     from . import __version__
 
     return {
         "format": FORMAT,
         "version": __version__,
-        "method": plan.method,
-        "options": {k: plan.options[k] for k in _OPTIONS if k in plan.options},
-        "stages": _stage_coefficients(plan),
-        "units": {st.name: [u.name for u in st.units] for st in plan.stages},
+        "method": src.method,
+        "options": {k: src.options[k] for k in _OPTIONS if k in src.options},
+        "stages": _stage_coefficients(src),
+        "units": {st.name: [u.name for u in st.units] for st in src.stages},
     }
 
 
 def _save_hook(module: nn.Module, state_dict: Any, prefix: str, local_metadata: dict) -> None:
-    plan = _plan_of(module)
-    if plan is not None:
-        local_metadata[KEY] = make_record(plan)
+    src = source(module)
+    if src is not None:
+        local_metadata[KEY] = make_record(src)
 
 
 def _load_hook(module: nn.Module, state_dict: Any, prefix: str, local_metadata: dict,
                *args: Any) -> None:
-    plan = _plan_of(module)
+    src = source(module)
     record = local_metadata.get(KEY) if isinstance(local_metadata, Mapping) else None
-    if plan is None or not isinstance(record, Mapping):
+    if src is None or not isinstance(record, Mapping):
         return  # weights of an unconverted model (a pretrained checkpoint): nothing to say
-    ours = _stage_coefficients(plan)
+    ours = _stage_coefficients(src)
     theirs = record.get("stages", {})
     differ = [
         f"{name} (saved alpha={theirs[name][0]:.6g}, beta={theirs[name][1]:.6g}; "

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _mode
+from . import _record as _checkpoint_record
 from ._match import find_residuals
 from ._trace import _Tracer, propagate_shapes, tensor_shape
 from .coupling import ReversibleStage, _ModuleUnit
@@ -656,6 +657,7 @@ def uninstall(model: nn.Module) -> None:
         if isinstance(m.__dict__.get("forward"), _StackForward):
             del m.__dict__["forward"]
         m.__dict__.pop(_STACKS, None)
+        m.__dict__.pop("_revify_stack_options", None)
 
 
 def convert_stacks(
@@ -685,5 +687,7 @@ def convert_stacks(
             f"({why})"
         )
     install(model, stacks)
+    model.__dict__["_revify_stack_options"] = dict(options)
+    _checkpoint_record.install(model)  # NOTE [ Checkpoint record ]
     return model
 

@@ -457,7 +457,7 @@ def load_state_dict(
 def _adopt(model: nn.Module, recs: dict[str, dict[str, Any]], opts: dict[str, Any],
            state_dict: Mapping[str, Any], strict: bool) -> None:
     """Check that ``model`` converted as the records say, set the saved coefficients, load."""
-    ours = {p: plan for p, plan in plans(model) if _record.is_recorded(model.get_submodule(p))}
+    ours = {p: _record.source(m) for p, m in model.named_modules() if _record.is_recorded(m)}
     for path, plan in ours.items():
         mismatched = [k for k, v in opts.items() if k != "coupling" and plan.options.get(k) != v]
         if mismatched:

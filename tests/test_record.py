@@ -99,3 +99,26 @@ def test_revert_warns_when_the_coupling_changed_the_function():
     # The reverted model's state dict no longer carries a record.
     assert not revify._record.records(faithful.state_dict())
     assert not revify._record.records(revnet.state_dict())
+
+
+def test_hugging_face_layer_stacks_record_and_round_trip():
+    T = pytest.importorskip("transformers")
+
+    def build():
+        torch.manual_seed(0)
+        return T.GPT2Model(T.GPT2Config(vocab_size=50, n_embd=32, n_layer=3, n_head=2,
+                                        n_positions=16, use_cache=False))
+
+    ids = torch.randint(0, 50, (2, 8))
+    model = revify.convert(build(), example_input=dict(input_ids=ids), coupling="revnet")
+    revify.stages(model)[0].beta = 1 / 2
+    state = _saved(model.state_dict())
+    (record,) = revify._record.records(state).values()
+    assert record["method"] == "stacks" and record["options"]["coupling"] == "revnet"
+    fresh = revify.load_state_dict(build(), state, dict(input_ids=ids))
+    assert revify.stages(fresh)[0].beta == 1 / 2
+    model.eval()
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).last_hidden_state,
+                           fresh(input_ids=ids).last_hidden_state)
