@@ -36,7 +36,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import _mode, _record, _stacks
 from ._inplace import InplaceError, check_units, clone_foreign_writes, storage, written_from
 from ._match import Residual, Unit, chains, find_residuals, is_add
-from ._replay import _slots, read_slots, slots_of
+from ._replay import _EPOCH, _slots, read_slots, slots_of
 from ._trace import (
     GraphCode,
     entry_method,
@@ -107,6 +107,10 @@ class Plan:
     # Per stage, the module holding its whole chain as the units' parent ("" if none): only
     # such a module runs the stage when called directly (``_install_containers``).
     holders: list[str] = field(default_factory=list)
+    # (path, module) of every unit module the stages call directly, and the registration epoch
+    # at which they were last found there (NOTE [ Structure changed after convert ]).
+    anchors: list[tuple[str, nn.Module]] = field(default_factory=list)
+    checked_epoch: int = -1
 
 
 # NOTE [ torch.compile ]
@@ -167,8 +171,50 @@ class _Rewritten:
                     f"{name}={default!r} and cannot take {name}={value!r}; call "
                     "revify.revert(model) first, or convert with that value"
                 )
+        if plan.checked_epoch != _EPOCH[0]:
+            _check_structure(model, plan)
         run = _run_plan if _run_plan_eagerly is None else _run_plan_eagerly
         return run(plan, [values[a] for a in plan.args])
+
+
+# NOTE [ Structure changed after convert ]
+# A stage calls its units' modules through references taken at conversion. Code that swaps
+# modules afterwards (timm's prune_intermediate_layers slicing `blocks`, set_input_size, a user
+# replacing a block) would leave the stage running the old modules: a pruned ViT ran all its
+# blocks and sent gradients to removed ones. Every module registration moves the slot cache's
+# epoch (NOTE [ Slot cache ] in _replay.py); at the first call after a move, each unit module
+# must still sit at its path, or the call raises. Submodules *inside* a unit (LoRA replacing a
+# conv of a block) are followed, as the slot cache re-reads them.
+
+
+def _anchors(model: nn.Module, plan: Plan) -> list[tuple[str, nn.Module]]:
+    """(path, module) of the unit modules ``plan``'s stages hold references to."""
+    paths = {id(m): p for p, m in model.named_modules()}
+    out = []
+    for st in plan.stages:
+        for unit in st.units:
+            module = getattr(unit, "module", None)
+            if isinstance(module, nn.Module) and id(module) in paths:
+                out.append((paths[id(module)], module))
+    return out
+
+
+def _check_structure(model: nn.Module, plan: Plan) -> None:
+    for path, module in plan.anchors:
+        try:
+            found = model.get_submodule(path)
+        except AttributeError:
+            found = None
+        if found is not module:
+            raise ConversionError(
+                f"revify: {type(model).__name__}.{path} is no longer the module converted into "
+                f"a reversible stage ({'removed' if found is None else 'replaced'} after "
+                "convert: prune_intermediate_layers, set_input_size, or a module assigned); the "
+                "stage would still run the old one. Call revify.revert(model) and convert "
+                "again, or make such changes before converting (NOTE [ Structure changed after "
+                "convert ] in revify/convert.py)"
+            )
+    plan.checked_epoch = _EPOCH[0]
 
 
 # NOTE [ Tracing a converted model ]
@@ -729,6 +775,7 @@ def _install(model: nn.Module, plan: Plan, record: bool = False, container: bool
         _record.install(model)
         if plan.method == "forward":
             _guard_units(plan, install=True)
+    plan.anchors = _anchors(model, plan)
     model.__dict__[_PLAN] = plan
     model.__dict__[plan.method] = _Rewritten(model, plan, container)
     if callable(getattr(model, "set_grad_checkpointing", None)):

@@ -12,6 +12,7 @@ import copy
 import warnings
 
 import pytest
+import timm
 import torch
 from conftest import max_rel_err, step_grads, timm_model
 from torch import nn
@@ -491,3 +492,26 @@ def test_module_replaced_after_conversion_is_differentiated():
     names = [n for n, _ in model.named_parameters()]
     g = dict(zip(names, rev, strict=False))
     assert g["layer1.1.conv1.weight"] is not None and old.weight.grad is None
+
+
+def test_structure_changed_after_convert_is_refused_then_reconverts():
+    """timm's prune_intermediate_layers after convert left a ViT running all 12 blocks and
+    sending gradients to the removed ones (NOTE [ Structure changed after convert ])."""
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=4, img_size=32, patch_size=8)
+    x = torch.randn(2, 3, 32, 32)
+    revify.convert(vit, x)
+    vit(x)
+    vit.prune_intermediate_layers(indices=[3])
+    with pytest.raises(ConversionError, match=r"blocks\.4 is no longer the module converted"):
+        vit(x)
+    revify.revert(vit)
+    revify.convert(vit, x)
+    assert [len(st.units) for st in revify.stages(vit)] == [4]
+    vit(x).sum().backward()
+    # A block replaced by another module: the stage would call the old one.
+    model = timm_model("resnet18", num_classes=4)
+    revify.convert(model, torch.zeros(2, 3, 32, 32))
+    model.layer1[1] = copy.deepcopy(model.layer1[1])
+    with pytest.raises(ConversionError, match=r"layer1\.1 is no longer .* \(replaced"):
+        model(torch.randn(2, 3, 32, 32))
