@@ -187,6 +187,64 @@ class _Rewritten:
 # conv of a block) are followed, as the slot cache re-reads them.
 
 
+class _Intermediates:
+    """``forward_intermediates`` of a converted timm model: the original method, watched.
+
+    ResNet's and ConvNeXt's call their stage modules, which run the converted stages; ViT's and
+    Swin's call the blocks one by one, which then run unconverted: no memory saved, and the
+    original network's function rather than the coupling's. That warns, once per model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.warned = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        model = self.model
+        plan = model.__dict__.get(_PLAN)
+        method = type(model).forward_intermediates
+        if plan is None or self.warned or _mode.is_original():
+            return method(model, *args, **kwargs)
+        outside: list[str] = []
+        saved = []
+        for path, m in plan.anchors:
+            saved.append((m, m.__dict__.get("forward")))
+            m.__dict__["forward"] = _Watched(m, saved[-1][1], path, outside)
+        try:
+            out = method(model, *args, **kwargs)
+        finally:
+            for m, before in saved:
+                if before is None:
+                    m.__dict__.pop("forward", None)
+                else:
+                    m.__dict__["forward"] = before
+        if outside:
+            self.warned = True
+            warnings.warn(
+                f"revify: {type(model).__name__}.forward_intermediates called the units "
+                f"{', '.join(outside[:3])}{' ...' if len(outside) > 3 else ''} one by one, "
+                "outside their reversible stage: they ran unconverted (activations stored, and "
+                "the original network's function, not the converted forward's coupling). "
+                "Use forward_features for memory savings (README, Limitations)",
+                stacklevel=2,
+            )
+        return out
+
+
+class _Watched:
+    """``forward`` of a unit module during ``forward_intermediates``: notes calls from outside
+    any plan step, then runs the module as it would have run."""
+
+    def __init__(self, module: nn.Module, before: Any, path: str, outside: list[str]) -> None:
+        self.module, self.before, self.path, self.outside = module, before, path, outside
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if _mode.current_step.get() is None:
+            self.outside.append(self.path)
+        if self.before is not None:
+            return self.before(*args, **kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+
 def _anchors(model: nn.Module, plan: Plan) -> list[tuple[str, nn.Module]]:
     """(path, module) of the unit modules ``plan``'s stages hold references to."""
     paths = {id(m): p for p, m in model.named_modules()}
@@ -424,6 +482,7 @@ def revert(model: nn.Module) -> nn.Module:
             _guard_units(plan, install=False)
             m.__dict__.pop(plan.method, None)
             m.__dict__.pop("set_grad_checkpointing", None)
+            m.__dict__.pop("forward_intermediates", None)
         _record.uninstall(m)
     return model
 
@@ -775,6 +834,8 @@ def _install(model: nn.Module, plan: Plan, record: bool = False, container: bool
         _record.install(model)
         if plan.method == "forward":
             _guard_units(plan, install=True)
+        if callable(getattr(type(model), "forward_intermediates", None)):
+            model.__dict__["forward_intermediates"] = _Intermediates(model)
     plan.anchors = _anchors(model, plan)
     model.__dict__[_PLAN] = plan
     model.__dict__[plan.method] = _Rewritten(model, plan, container)
@@ -844,9 +905,13 @@ class _LazyContainer:
         if tracer is not None:  # NOTE [ Tracing a converted model ]
             return tracer.create_proxy(
                 "call_module", tracer.path_of_module(container), tuple(args), dict(kwargs))
-        with torch.no_grad(), _no_autocast():
-            examples = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
-            sub = _build_plan(container, examples, self.options)
+        token = _mode.current_step.set("revify: planning")  # not a unit call from outside
+        try:
+            with torch.no_grad(), _no_autocast():
+                examples = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+                sub = _build_plan(container, examples, self.options)
+        finally:
+            _mode.current_step.reset(token)
         mine = sub.stages[0] if len(sub.stages) == 1 else None
         if mine is None or [getattr(u, "module", u) for u in mine.units] != [
             getattr(u, "module", u) for u in self.stage.units
