@@ -33,7 +33,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _mode, _record
+from . import _fsdp, _mode, _record
 from ._inplace import InplaceError, check_units, clone_foreign_writes, storage, written_from
 from ._match import Residual, Unit, chains, find_residuals, is_add
 from ._replay import _slots, read_slots, slots_of
@@ -147,6 +147,7 @@ class _Rewritten:
         original = getattr(type(model), plan.method)
         if _mode.is_original():
             return original(model, *args, **kwargs)
+        _fsdp.check_at_forward(model)  # fully_shard may have run after convert
         bound = inspect.signature(original).bind(model, *args, **kwargs)
         bound.apply_defaults()
         values = dict(list(bound.arguments.items())[1:])
@@ -519,6 +520,7 @@ def convert(
             "random numbers in its recompute than in its forward; convert the uncompiled model "
             "first and compile afterwards: torch.compile(revify.convert(model))"
         )
+    _fsdp.check_before_convert(model)
     if is_converted(model):
         warnings.warn(
             "revify.convert: model is already converted; returning it unchanged",
