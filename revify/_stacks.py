@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _mode
+from . import _fsdp, _mode
 from . import _record as _checkpoint_record
 from ._match import find_residuals
 from ._trace import _Tracer, propagate_shapes, tensor_shape
@@ -440,6 +440,14 @@ class _Stack:
     def check_first(self, layer: nn.Module, side: Any) -> None:
         """Refuse a call whose inputs the stage cannot replay (NOTE [ Layer stacks ])."""
         name = f"revify: {self.paths[0]} ({type(layer).__name__})"
+        sharded = [p for p, m in zip(self.paths, self.layers, strict=True)
+                   if _fsdp.sharded_modules(m, include_self=True)]
+        if sharded:  # NOTE [ FSDP2 ]: the recompute would bypass the layers' FSDP hooks
+            raise RuntimeError(
+                f"revify: {', '.join(sharded[:4])} of the reversible stage {self.paths[0]}.."
+                f"{self.paths[-1]} {'is' if len(sharded) == 1 else 'are'} sharded by FSDP "
+                f"(fully_shard) on their own; {_fsdp._FIX}"
+            )
         values = list(_flat(side))
         if any(_is_cache(v) for v in values):
             raise RuntimeError(

@@ -33,7 +33,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _mode, _record, _stacks
+from . import _fsdp, _mode, _record, _stacks
 from ._inplace import InplaceError, check_units, clone_foreign_writes, storage, written_from
 from ._match import Residual, Unit, chains, find_residuals, is_add
 from ._replay import _EPOCH, _slots, read_slots, slots_of
@@ -157,6 +157,7 @@ class _Rewritten:
         tracer = _fx_tracer(args, kwargs)
         if tracer is not None:
             return _traced(model, plan, tracer, args, kwargs, leaf=self.container)
+        _fsdp.check_at_forward(model)  # fully_shard may have run after convert
         bound = inspect.signature(original).bind(model, *args, **kwargs)
         bound.apply_defaults()
         values = dict(list(bound.arguments.items())[1:])
@@ -749,6 +750,7 @@ def convert(
             "random numbers in its recompute than in its forward; convert the uncompiled model "
             "first and compile afterwards: torch.compile(revify.convert(model))"
         )
+    _fsdp.check_before_convert(model)
     if is_converted(model):
         warnings.warn(
             "revify.convert: model is already converted; returning it unchanged",
