@@ -322,3 +322,24 @@ def test_check_and_audit_refuse_clearly():
     revify.convert(model)
     with pytest.raises(TypeError, match="revify.check: ViTModel is a Hugging Face model"):
         revify.check(model, x)
+
+
+def test_layers_sharded_by_fsdp_are_refused(tmp_path):
+    # NOTE [ FSDP2 ]: a stack's recompute would bypass its layers' own FSDP hooks.
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", rank=0, world_size=1,
+                            init_method=f"file://{tmp_path / 'rendezvous'}")
+    try:
+        model = _tiny(_gpt2).float()
+        inputs = _inputs(True)
+        revify.convert(model, example_input=inputs)
+        mesh = init_device_mesh("cpu", (1,))
+        for layer in model.h:
+            fully_shard(layer, mesh=mesh)
+        with pytest.raises(RuntimeError, match=r"h\.0, h\.1 of the reversible stage .* sharded"):
+            model(**inputs)
+    finally:
+        dist.destroy_process_group()
