@@ -33,7 +33,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _mode
+from . import _fsdp, _mode
 from ._inplace import InplaceError, check_units, clone_foreign_writes, storage, written_from
 from ._match import Residual, Unit, chains, find_residuals, is_add
 from ._replay import _slots, read_slots, slots_of
@@ -375,6 +375,15 @@ def convert(
         return model
     if min_units < 1:
         raise ValueError(f"revify.convert: min_units must be >= 1, got {min_units}")
+    sharded = _fsdp.sharded_modules(model)
+    if sharded:
+        raise ConversionError(
+            f"revify.convert: {', '.join(sharded[:3])}{' ...' if len(sharded) > 3 else ''} "
+            "already sharded by fully_shard (FSDP2): conversion traces and runs the model, "
+            "which starts FSDP's lazy initialisation from a submodule; call "
+            "revify.convert(model) first, then fully_shard each block and the root "
+            "(docs/distributed.md)"
+        )
     if example_input is None:
         example_input = _default_example(model)
     inputs = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
