@@ -1,78 +1,182 @@
-"""Detect FSDP2 (``torch.distributed.fsdp.fully_shard``) inside a converted model.
+"""Run reversible stages and checkpointed segments under FSDP2 (``fully_shard``).
 
 NOTE [ FSDP2 ]
-``fully_shard(module)`` makes ``module`` an ``FSDPModule``: its pre-forward hook all-gathers
-its parameters and puts the unsharded tensors into the modules' parameter slots, its
-post-forward hook puts the sharded DTensors back (``reshard_after_forward``), and gradients
-reach the sharded parameters only through the unsharded ones, by its post-backward hook. A
-revify stage or segment recomputes its units in backward by calling their modules' forwards
-directly, without the hooks of a block sharded on its own; it then reads the sharded DTensors
-or other tensors than the forward read, and its parameters' gradients would be lost
-(``grad=None``) or the recompute fails. So revify refuses ``fully_shard`` on any module below
-a converted module. ``fully_shard`` on the converted module itself (or on a module above it)
-is supported: the root's hooks unshard every parameter before the converted forward and keep
-them unsharded until its post-backward hook, after the recompute, reduce-scatters the
-gradients the stages handed to the unsharded parameters. The tracing of ``convert`` cannot run
-on sharded parameters, so ``convert`` comes before ``fully_shard``.
+FSDP2 keeps each parameter sharded (a DTensor in the module's slot) and, around every call of
+a ``fully_shard``-ed module, swaps in the unsharded parameter (a plain ``nn.Parameter`` whose
+storage it all-gathers and frees) by forward hooks. With grad enabled those hooks also hang a
+pre-backward hook on the module's outputs (unshard again before backward) and an autograd node
+on its inputs whose backward runs ``post_backward`` (reduce-scatter ``unsharded_param.grad``
+into the sharded parameter's ``.grad``, then reshard). revify runs units and segments inside
+custom autograd Functions under ``torch.no_grad()``, so those hooks register nothing, the
+Function's inputs were the sharded DTensors read before the call, and the recompute in backward
+re-entered FSDP's forward logic and swapped parameters under revify's stand-ins.
+
+So revify drives the FSDP state of the parameters it reads itself, as FSDP drives itself for
+activation checkpointing: a state already in its forward (its module encloses the stage, like
+the root) is left to its own hooks; for the others (*driven* states: their module is called
+inside the Function, or never called at all) the stage or segment
+
+- unshards them before reading its parameters (``FSDPParamGroup.pre_forward``), so the
+  Function's inputs, whose gradients it returns, are the unsharded parameters FSDP reduces;
+- puts FSDP's post-backward node (``RegisterPostBackwardFunction``) on the inputs of the first
+  unit reading each state, so the reduce-scatter runs once that state's gradients exist;
+- runs its body with the state's training state at ``PRE_BACKWARD``, the mode in which FSDP's
+  module hooks only cast inputs and outputs (mixed precision) and keep parameters unsharded;
+- reshards after the forward (``post_forward``: as ``reshard_after_forward`` says);
+- before each recompute in backward runs the state's pre-backward (unshard, prefetch, queue the
+  root's final callback), again if a post-backward resharded it in between.
+
+Only full parameters of ``fully_shard`` are handled; the FSDP root must be initialised by its
+own forward first (``fully_shard(model)`` on the root, as in torchtitan), else the first
+forward raises. All of it goes through FSDP2's private state objects (torch 2.14).
 """
 
 from __future__ import annotations
 
-import sys
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
 
-from torch import nn
+from torch import Tensor
 
-_FIX = (
-    "convert first, then fully_shard only the converted model (or a module above it), not "
-    "its blocks: model = revify.convert(model); fully_shard(model); or use "
-    "DistributedDataParallel (docs/distributed.md)"
-)
+from ._replay import _EPOCH, Slot
+
+__all__: list[str] = []
+
+try:  # FSDP2 may be missing (a build without torch.distributed)
+    from torch.distributed._composable_state import _module_state_mapping
+    from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import (
+        RegisterPostBackwardFunction,
+    )
+    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+except ImportError:  # pragma: no cover
+    _module_state_mapping = {}  # type: ignore[assignment]
+    FSDPState = None  # type: ignore[assignment,misc]
 
 
-def _fsdp_module_type() -> type | None:
-    """``FSDPModule`` if FSDP2 was imported (nothing to find otherwise; costs no import)."""
-    fsdp = sys.modules.get("torch.distributed.fsdp")
-    return getattr(fsdp, "FSDPModule", None) if fsdp is not None else None
-
-
-def sharded_modules(model: nn.Module, include_self: bool) -> list[str]:
-    """Paths of the ``fully_shard``-ed modules in ``model`` (``model`` itself as its class
-    name, and only if ``include_self``)."""
-    kind = _fsdp_module_type()
-    if kind is None:
+def _all_states() -> list[Any]:
+    """Every live FSDP2 state in the process (none without ``fully_shard``: a cheap check)."""
+    if not _module_state_mapping:
         return []
-    return [
-        name or type(model).__name__
-        for name, m in model.named_modules()
-        if isinstance(m, kind) and (include_self or m is not model)
-    ]
+    out: dict[int, Any] = {}
+    for ref in list(_module_state_mapping.values()):
+        state = ref()
+        if FSDPState is not None and isinstance(state, FSDPState):
+            out.setdefault(id(state), state)
+    return list(out.values())
 
 
-def _listed(names: list[str]) -> str:
-    return ", ".join(names[:4]) + (" ..." if len(names) > 4 else "")
+def _param_owners(states: Sequence[Any]) -> dict[tuple[int, str], Any]:
+    """``(id(module._parameters), name) -> state`` for every parameter the states manage."""
+    out: dict[tuple[int, str], Any] = {}
+    for state in states:
+        for group in state._fsdp_param_groups:
+            for fp in group.fsdp_params:
+                info = fp._module_info
+                out[(id(info.module._parameters), info.param_name)] = state
+                for m, n in zip(info.shared_modules, info.shared_param_names, strict=True):
+                    out[(id(m._parameters), n)] = state
+    return out
 
 
-def check_before_convert(model: nn.Module) -> None:
-    """Refuse to convert a model on which ``fully_shard`` already ran (NOTE [ FSDP2 ])."""
-    names = sharded_modules(model, include_self=True)
-    if names:
-        from .convert import ConversionError
+def states_of(holder: Any, slots: Sequence[Slot]) -> list[Any]:
+    """The FSDP states managing the parameters in ``slots`` (a unit's or segment's), in slot
+    order, cached on ``holder`` until a ``fully_shard`` call or a registration (NOTE [ Slot
+    cache ] in _replay.py)."""
+    if not _module_state_mapping:
+        return []
+    key = (len(_module_state_mapping), _EPOCH[0])
+    cached = holder.__dict__.get("_fsdp_cache")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    owners = _param_owners(_all_states())
+    found: dict[int, Any] = {}
+    for d, name in slots:
+        state = owners.get((id(d), name))
+        if state is not None:
+            found.setdefault(id(state), state)
+    out = list(found.values())
+    holder._fsdp_cache = (key, out)
+    return out
 
-        raise ConversionError(
-            f"revify.convert: {_listed(names)} {'is' if len(names) == 1 else 'are'} already "
-            f"sharded by FSDP (fully_shard); revify cannot trace sharded parameters; {_FIX}"
-        )
+
+def driven(states: Sequence[Any], what: str) -> list[Any]:
+    """The states revify must drive (NOTE [ FSDP2 ]): those not inside their own forward."""
+    out = [s for s in states if s._training_state != TrainingState.FORWARD]
+    for s in out:
+        if s._is_root is None:
+            names = ", ".join(type(m).__name__ for m in s._modules)
+            raise RuntimeError(
+                f"revify: {what}: its parameters are sharded by fully_shard ({names}) but no "
+                "FSDP root has run forward yet; apply fully_shard to the model's root module "
+                "too (after the blocks) and call the model itself"
+            )
+    return out
 
 
-def check_at_forward(model: nn.Module) -> None:
-    """Refuse to run a converted ``model`` with a ``fully_shard``-ed module below it: its
-    recompute would bypass that module's FSDP hooks (NOTE [ FSDP2 ])."""
-    names = sharded_modules(model, include_self=False)
-    if names:
-        raise RuntimeError(
-            f"revify: {_listed(names)} in the converted {type(model).__name__} "
-            f"{'is' if len(names) == 1 else 'are'} sharded by FSDP (fully_shard) on "
-            f"{'its' if len(names) == 1 else 'their'} own; revify's recompute in backward "
-            "would bypass FSDP's unshard hooks and the parameters would get no gradient; "
-            + _FIX
-        )
+def unshard(states: Sequence[Any]) -> None:
+    """All-gather the states' parameters and put the unsharded ones in the modules' slots."""
+    for s in states:
+        for group in s._fsdp_param_groups:
+            group.pre_forward(None, (), {})
+
+
+def reshard(states: Sequence[Any]) -> None:
+    """End the states' forward: reshard as ``reshard_after_forward`` says, record the order."""
+    for s in states:
+        for group in s._fsdp_param_groups:
+            group.post_forward(None, None, None)
+
+
+def post_backward_on(states: Sequence[Any], tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """``tensors`` passed through FSDP's post-backward node of each state: its backward (once
+    the gradients of ``tensors`` exist, so the parameters' gradients have been accumulated)
+    reduce-scatters the states' gradients. Tensors not requiring grad are passed as they are;
+    with none, FSDP's final callback reduces them at the end of the backward."""
+    out = list(tensors)
+    idx = [i for i, t in enumerate(out) if isinstance(t, Tensor) and t.requires_grad]
+    if not idx:
+        return tuple(out)
+    for s in states:
+        for group in s._fsdp_param_groups:
+            got = RegisterPostBackwardFunction.apply(group, *(out[i] for i in idx))
+            for i, t in zip(idx, got, strict=True):
+                out[i] = t
+    return tuple(out)
+
+
+@contextlib.contextmanager
+def hooks_pass_through(states: Sequence[Any]) -> Iterator[None]:
+    """Within the body, the states' module hooks only cast (mixed precision) and keep the
+    parameters unsharded: FSDP's mode for recomputes in backward (``PRE_BACKWARD``)."""
+    before = [s._training_state for s in states]
+    for s in states:
+        s._training_state = TrainingState.PRE_BACKWARD
+    try:
+        yield
+    finally:
+        for s, b in zip(states, before, strict=True):
+            s._training_state = b
+
+
+def pre_backward(states: Sequence[Any]) -> None:
+    """Before a recompute: each state's pre-backward (unshard where resharded, prefetch)."""
+    for s in states:
+        if s._training_state != TrainingState.PRE_BACKWARD or not all(
+            g.is_unsharded for g in s._fsdp_param_groups
+        ):
+            s._pre_backward(None)
+
+
+def sharded_modules(model: Any) -> list[str]:
+    """Paths of the modules under ``model`` that ``fully_shard`` was applied to (``""``: the
+    model itself, shown as its class name)."""
+    if not _module_state_mapping:
+        return []
+    out = []
+    for name, m in model.named_modules():
+        ref = _module_state_mapping.get(m)
+        if ref is not None and FSDPState is not None and isinstance(ref(), FSDPState):
+            out.append(name or type(model).__name__)
+    return out

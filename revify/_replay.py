@@ -216,7 +216,8 @@ def stand_ins(
             if d.get(key) is not s:
                 raise RuntimeError(
                     f"revify: {what}: the recompute replaced the tensor {key!r} it reads "
-                    "(a forward pre-hook that sets parameters, as FSDP does?); the recompute "
+                    "(a forward pre-hook that sets parameters; FSDP2's fully_shard is handled, "
+                    "docs/distributed.md); the recompute "
                     "must read the parameters the forward read: exclude this module from "
                     "conversion or use revify.plain_autograd()"
                 )

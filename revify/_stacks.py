@@ -441,12 +441,13 @@ class _Stack:
         """Refuse a call whose inputs the stage cannot replay (NOTE [ Layer stacks ])."""
         name = f"revify: {self.paths[0]} ({type(layer).__name__})"
         sharded = [p for p, m in zip(self.paths, self.layers, strict=True)
-                   if _fsdp.sharded_modules(m, include_self=True)]
-        if sharded:  # NOTE [ FSDP2 ]: the recompute would bypass the layers' FSDP hooks
+                   if _fsdp.sharded_modules(m)]
+        if sharded:  # NOTE [ FSDP2 ]: layer stacks do not drive FSDP states (not tested)
             raise RuntimeError(
                 f"revify: {', '.join(sharded[:4])} of the reversible stage {self.paths[0]}.."
                 f"{self.paths[-1]} {'is' if len(sharded) == 1 else 'are'} sharded by FSDP "
-                f"(fully_shard) on their own; {_fsdp._FIX}"
+                "(fully_shard) on their own, which Hugging Face layer stacks do not support "
+                "yet; fully_shard the converted model as a whole (docs/distributed.md)"
             )
         values = list(_flat(side))
         if any(_is_cache(v) for v in values):

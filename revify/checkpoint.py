@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
-from . import _mode
+from . import _fsdp, _mode
 from ._replay import (
     BufferWatch,
     MismatchOptions,
@@ -94,8 +94,23 @@ class Segment(MismatchOptions):
         )
         if not self.checkpoint or not needs_grad or _mode.is_plain():
             return _tuple(self.code(self.root, *inputs))
-        buffers = frozenset(id(t) for t in reads if not t.requires_grad)
-        return _CheckpointFunction.apply(self, buffers, len(inputs), *inputs, *tensors)
+        states = _fsdp.driven(_fsdp.states_of(self, slots_of(self).slots), f"segment {self.name}")
+        if not states:
+            buffers = frozenset(id(t) for t in reads if not t.requires_grad)
+            return _CheckpointFunction.apply(self, buffers, len(inputs), *inputs, *tensors)
+        # NOTE [ FSDP2 ] in _fsdp.py: the Function's inputs are the unsharded parameters
+        _fsdp.unshard(states)
+        try:
+            reads = self.tensors()
+            tensors = [t for t in reads if t.requires_grad]
+            buffers = frozenset(id(t) for t in reads if not t.requires_grad)
+            inputs = _fsdp.post_backward_on(states, inputs)
+            self._fsdp_driven = states
+            with _fsdp.hooks_pass_through(states):
+                return _CheckpointFunction.apply(self, buffers, len(inputs), *inputs, *tensors)
+        finally:
+            self._fsdp_driven = []
+            _fsdp.reshard(states)
 
     def __repr__(self) -> str:
         return f"Segment({self.name!r}, checkpoint={self.checkpoint})"
@@ -115,6 +130,7 @@ class _CheckpointFunction(torch.autograd.Function):
         inputs = args[:n_in]
         device = next((a.device for a in args if isinstance(a, Tensor)), torch.device("cpu"))
         ctx.seg, ctx.n_in = seg, n_in
+        ctx.fsdp = seg.__dict__.get("_fsdp_driven", [])  # NOTE [ FSDP2 ] in _fsdp.py
         ctx.tensor_ids = [id(t) for t in args[n_in:]]
         # Each piece's RNG/autocast state, so that the backward can recompute any one alone.
         ctx.states, ctx.written = [], []
@@ -158,6 +174,7 @@ def _segment_backward(ctx: Any, *grad_outs: Tensor | None) -> tuple[Tensor | Non
     needs = ctx.needs_input_grad[3:]
     for i, t in zip(ctx.tensor_idx, ctx.saved_tensors, strict=True):
         inputs[i] = t.detach().requires_grad_(needs[i])
+    _fsdp.pre_backward(ctx.fsdp)
     tensors = [t for t in seg.tensors() if t.requires_grad]
     what = f"segment {seg.name}"
     check_same_tensors(what, ctx.tensor_ids, tensors)
@@ -236,6 +253,7 @@ def _segment_backward_graph(ctx: Any, *grad_outs: Tensor | None) -> tuple[Tensor
     inputs = list(ctx.others)
     for i, t in zip(ctx.tensor_idx, ctx.saved_tensors, strict=True):
         inputs[i] = t.view_as(t) if needs[i] else t.detach()
+    _fsdp.pre_backward(ctx.fsdp)
     tensors = [t for t in seg.tensors() if t.requires_grad]
     what = f"segment {seg.name}"
     check_same_tensors(what, ctx.tensor_ids, tensors)

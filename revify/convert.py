@@ -157,7 +157,6 @@ class _Rewritten:
         tracer = _fx_tracer(args, kwargs)
         if tracer is not None:
             return _traced(model, plan, tracer, args, kwargs, leaf=self.container)
-        _fsdp.check_at_forward(model)  # fully_shard may have run after convert
         bound = inspect.signature(original).bind(model, *args, **kwargs)
         bound.apply_defaults()
         values = dict(list(bound.arguments.items())[1:])
@@ -750,7 +749,6 @@ def convert(
             "random numbers in its recompute than in its forward; convert the uncompiled model "
             "first and compile afterwards: torch.compile(revify.convert(model))"
         )
-    _fsdp.check_before_convert(model)
     if is_converted(model):
         warnings.warn(
             "revify.convert: model is already converted; returning it unchanged",
@@ -759,6 +757,15 @@ def convert(
         return model
     if min_units < 1:
         raise ValueError(f"revify.convert: min_units must be >= 1, got {min_units}")
+    sharded = _fsdp.sharded_modules(model)
+    if sharded:
+        raise ConversionError(
+            f"revify.convert: {', '.join(sharded[:3])}{' ...' if len(sharded) > 3 else ''} "
+            "already sharded by fully_shard (FSDP2): conversion traces and runs the model, "
+            "which starts FSDP's lazy initialisation from a submodule; call "
+            "revify.convert(model) first, then fully_shard each block and the root "
+            "(docs/distributed.md)"
+        )
     if _stacks.is_transformers_module(model):  # NOTE [ Layer stacks ] in _stacks.py
         options = dict(**_coupling_options(coupling, alpha, beta, exact), min_units=min_units)
         return _stacks.convert_stacks(model, example_input, options)

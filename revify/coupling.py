@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
-from . import _exact, _mode
+from . import _exact, _fsdp, _mode
 from ._replay import (
     MISMATCH_CAUSES,
     BufferSnapshot,
@@ -327,11 +327,23 @@ class ReversibleStage(MismatchOptions):
                 f"revify: stage {self.name} expects a floating-point tensor, got "
                 f"{type(x).__name__ if not isinstance(x, Tensor) else x.dtype}"
             )
-        unit_tensors = self.unit_tensors()
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(unit_tensors))
-        return _forward(
-            self, x, unit_tensors if needs_grad and not _mode.is_plain() else None, side
-        )
+        fsdp = []
+        if torch.is_grad_enabled() and not _mode.is_plain():  # NOTE [ FSDP2 ] in _fsdp.py
+            fsdp = [_fsdp.driven(_fsdp.states_of(u, slots_of(u).slots), f"stage {self.name}")
+                    for u in self.units]
+        if not any(fsdp):
+            unit_tensors = self.unit_tensors()
+            needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(unit_tensors))
+            return _forward(
+                self, x, unit_tensors if needs_grad and not _mode.is_plain() else None, side
+            )
+        states = list({id(s): s for ss in fsdp for s in ss}.values())
+        _fsdp.unshard(states)
+        try:
+            with _fsdp.hooks_pass_through(states):
+                return _forward(self, x, self.unit_tensors(), side, fsdp)
+        finally:
+            _fsdp.reshard(states)
 
     def __repr__(self) -> str:
         return (
@@ -350,6 +362,7 @@ class _Walk:
     """
 
     check: RecomputeCheck | None = None  # this pass's NOTE [ Mismatch check ], set by _run
+    fsdp: list[list[Any]] | None = None  # per unit, the FSDP states it drives (_fsdp.py)
 
     def __init__(
         self, stage: ReversibleStage, x: Tensor, grid: _exact.Grid | None, side: Any = None
@@ -437,7 +450,8 @@ def _step_terms(alpha: float, unit: Any, x_cur: Tensor, h: Tensor) -> tuple[floa
 
 
 def _forward(
-    stage: ReversibleStage, x: Tensor, unit_tensors: list[list[Tensor]] | None, side: Any = None
+    stage: ReversibleStage, x: Tensor, unit_tensors: list[list[Tensor]] | None, side: Any = None,
+    fsdp: list[list[Any]] | None = None,
 ) -> Tensor:
     """The coupled recurrence, ``x_n``. Given each unit's tensors requiring grad it is run by
     step nodes that store nothing (the reversible path); without, by ordinary differentiable
@@ -446,9 +460,9 @@ def _forward(
     # A stage of one unit keeps both its states (x_0, x_1) and rebuilds nothing: it needs no
     # grid, and so computes x_0 + R_0(x_0) without rounding, as the original unit does.
     if stage.exact and len(stage.units) > 1:
-        walk, tokens = _run_exact(stage, x, unit_tensors, side)
+        walk, tokens = _run_exact(stage, x, unit_tensors, side, fsdp)
     else:
-        walk, tokens = _run(stage, x, None, unit_tensors, side)
+        walk, tokens = _run(stage, x, None, unit_tensors, side, fsdp)
     if not graph:
         return _output(walk.pair[1], x.dtype)
     if stage.record_input:  # exact streams start from the input rounded onto their grid
@@ -458,7 +472,8 @@ def _forward(
 
 
 def _run_exact(
-    stage: ReversibleStage, x: Tensor, unit_tensors: list[list[Tensor]] | None, side: Any = None
+    stage: ReversibleStage, x: Tensor, unit_tensors: list[list[Tensor]] | None, side: Any = None,
+    fsdp: list[list[Any]] | None = None,
 ) -> tuple[_Walk, tuple[Tensor, Tensor] | None]:
     """:func:`_run` on a grid chosen for this forward (NOTE [ Exact streams ]): redone, with the
     same random draws and BatchNorm statistics already updated, while the states outgrow it."""
@@ -471,7 +486,7 @@ def _run_exact(
             kept.restore()
         bns = [bn for u in stage.units for bn in slots_of(u).bns] if attempt else []
         with frozen_running_stats(bns):
-            walk, tokens = _run(stage, x, grid, unit_tensors, side)
+            walk, tokens = _run(stage, x, grid, unit_tensors, side, fsdp)
         top = walk.top
         grid = _exact.regrid(x.detach(), walk.grid, top)
         if grid is None:
@@ -489,9 +504,11 @@ def _run(
     grid: _exact.Grid | None,
     unit_tensors: list[list[Tensor]] | None,
     side: Any = None,
+    fsdp: list[list[Any]] | None = None,
 ) -> tuple[_Walk, tuple[Tensor, Tensor] | None]:
     """One pass of the recurrence, on the fixed-point ``grid`` when given; with
-    ``unit_tensors``, as a chain of step nodes whose last two outputs are returned."""
+    ``unit_tensors``, as a chain of step nodes whose last two outputs are returned. ``fsdp``:
+    per unit, the FSDP states it drives (NOTE [ FSDP2 ] in _fsdp.py)."""
     if unit_tensors is None:
         walk = _Walk(stage, x, grid, side)
         for k in range(len(stage.units)):
@@ -500,7 +517,13 @@ def _run(
     walk = _Walk(stage, x.detach(), grid, side)
     walk.check = RecomputeCheck.due(stage, x)
     tokens = (x, x)
+    walk.fsdp = fsdp or [[] for _ in unit_tensors]
+    seen: set[int] = set()
     for k, tensors in enumerate(unit_tensors):
+        first = [s for s in walk.fsdp[k] if id(s) not in seen]
+        if first:  # the first unit reading a state: its gradients are complete after it
+            seen.update(map(id, first))
+            tokens = _fsdp.post_backward_on(first, tokens)
         tokens = _UnitStep.apply(walk, k, *tokens, *tensors)
     return walk, tokens
 
@@ -691,6 +714,8 @@ def _step_backward(ctx: Any, g_cur: Tensor | None, g_next: Tensor | None) -> tup
     hi_owned = walk.owned[1]
     walk.pair = None
     need_dx = bool(ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
+    driven = walk.fsdp[k] if walk.fsdp else []
+    _fsdp.pre_backward(driven)  # NOTE [ FSDP2 ] in _fsdp.py: unsharded before they are read
     slots = slots_of(unit)
     tensors = read_slots(slots.slots, grad_only=True)
     needs = ctx.needs_input_grad[4:]
