@@ -55,6 +55,12 @@ except ImportError:  # pragma: no cover
     FSDPState = None  # type: ignore[assignment,misc]
 
 
+def active() -> bool:
+    """Whether any ``fully_shard`` (or other composable API) state exists in the process: the
+    per-call check that keeps this module free when FSDP2 is not used."""
+    return bool(_module_state_mapping)
+
+
 def _all_states() -> list[Any]:
     """Every live FSDP2 state in the process (none without ``fully_shard``: a cheap check)."""
     if not _module_state_mapping:

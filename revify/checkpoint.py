@@ -94,7 +94,8 @@ class Segment(MismatchOptions):
         )
         if not self.checkpoint or not needs_grad or _mode.is_plain():
             return _tuple(self.code(self.root, *inputs))
-        states = _fsdp.driven(_fsdp.states_of(self, slots_of(self).slots), f"segment {self.name}")
+        states = (_fsdp.driven(_fsdp.states_of(self, slots_of(self).slots), f"segment {self.name}")
+                  if _fsdp.active() else [])
         if not states:
             buffers = frozenset(id(t) for t in reads if not t.requires_grad)
             return _CheckpointFunction.apply(self, buffers, len(inputs), *inputs, *tensors)

@@ -477,6 +477,8 @@ def revert(model: nn.Module) -> nn.Module:
     for _, m in model.named_modules():
         if isinstance(m.__dict__.get("forward"), _LazyContainer):
             del m.__dict__["forward"]
+        if isinstance(m.__dict__.get("__prepare_scriptable__"), _NotScriptable):
+            del m.__dict__["__prepare_scriptable__"]
         plan = m.__dict__.pop(_PLAN, None)
         if plan is not None:
             _guard_units(plan, install=False)
@@ -846,6 +848,7 @@ def _install(model: nn.Module, plan: Plan, record: bool = False, container: bool
         if callable(getattr(type(model), "forward_intermediates", None)):
             model.__dict__["forward_intermediates"] = _Intermediates(model)
     plan.anchors = _anchors(model, plan)
+    model.__dict__["__prepare_scriptable__"] = _NotScriptable(model)
     model.__dict__[_PLAN] = plan
     model.__dict__[plan.method] = _Rewritten(model, plan, container)
     if callable(getattr(model, "set_grad_checkpointing", None)):
@@ -853,6 +856,21 @@ def _install(model: nn.Module, plan: Plan, record: bool = False, container: bool
     # The first step finds every unit's and segment's slots ready (NOTE [ Slot cache ]).
     for holder in [*(u for st in plan.stages for u in st.units), *plan.segments]:
         slots_of(holder)
+
+
+class _NotScriptable:
+    """``__prepare_scriptable__`` of a converted module: ``torch.jit.script`` calls it first and
+    would otherwise fail on revify's instance-level forwards with an unrelated error."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.name = type(module).__name__
+
+    def __call__(self) -> nn.Module:
+        raise TypeError(
+            f"revify: a converted {self.name} cannot be scripted with torch.jit.script (its "
+            "stages are Python autograd Functions); script the model before revify.convert, "
+            "or after revify.revert(model)"
+        )
 
 
 class _GradCheckpointingIgnored:
@@ -891,6 +909,7 @@ def _install_containers(
             continue
         if container is not model and _PLAN not in container.__dict__:
             container.__dict__["forward"] = _LazyContainer(container, st, options)
+            container.__dict__["__prepare_scriptable__"] = _NotScriptable(container)
 
 
 class _LazyContainer:
@@ -916,8 +935,11 @@ class _LazyContainer:
                 "call_module", tracer.path_of_module(container), tuple(args), dict(kwargs))
         token = _mode.current_step.set("revify: planning")  # not a unit call from outside
         try:
-            with torch.no_grad(), _no_autocast():
-                examples = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+            # Under torch.inference_mode the inputs are inference tensors, which planning's
+            # shape propagation cannot use: plan on ordinary copies of them.
+            with torch.inference_mode(False), torch.no_grad(), _no_autocast():
+                examples = tuple(a.detach().clone() if isinstance(a, Tensor) else a
+                                 for a in args)
                 sub = _build_plan(container, examples, self.options)
         finally:
             _mode.current_step.reset(token)

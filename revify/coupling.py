@@ -328,7 +328,7 @@ class ReversibleStage(MismatchOptions):
                 f"{type(x).__name__ if not isinstance(x, Tensor) else x.dtype}"
             )
         fsdp = []
-        if torch.is_grad_enabled() and not _mode.is_plain():  # NOTE [ FSDP2 ] in _fsdp.py
+        if _fsdp.active() and torch.is_grad_enabled() and not _mode.is_plain():  # NOTE [ FSDP2 ]
             fsdp = [_fsdp.driven(_fsdp.states_of(u, slots_of(u).slots), f"stage {self.name}")
                     for u in self.units]
         if not any(fsdp):

@@ -532,3 +532,24 @@ def test_forward_intermediates_outside_the_stages_warns():
         warnings.simplefilter("error")
         feats = resnet.forward_intermediates(x, intermediates_only=True)
     assert len(feats) == 5
+
+
+def test_scripting_a_converted_model_is_refused_and_inference_mode_plans_containers():
+    model = revify.convert(timm_model("resnet18", num_classes=4), torch.zeros(2, 3, 32, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script's deprecation
+        with pytest.raises(TypeError, match="converted ResNet cannot be scripted"):
+            torch.jit.script(model)
+        with pytest.raises(TypeError, match="converted Sequential cannot be scripted"):
+            torch.jit.script(model.layer1)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model.forward_intermediates(x, intermediates_only=True)
+    fresh = revify.convert(timm_model("resnet18", num_classes=4), torch.zeros(2, 3, 32, 32))
+    with torch.inference_mode():  # the first call of each stage container plans it
+        got = fresh.forward_intermediates(x, intermediates_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    revify.revert(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(model)  # the unconverted model scripts again
