@@ -24,7 +24,7 @@ import inspect
 import math
 import operator
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -205,18 +205,10 @@ class _Intermediates:
         if plan is None or self.warned or _mode.is_original():
             return method(model, *args, **kwargs)
         outside: list[str] = []
-        saved = []
-        for path, m in plan.anchors:
-            saved.append((m, m.__dict__.get("forward")))
-            m.__dict__["forward"] = _Watched(m, saved[-1][1], path, outside)
-        try:
+        watched = {id(m): (m, _Watched(m, m.__dict__.get("forward"), path, outside))
+                   for path, m in plan.anchors}
+        with _forwards_replaced(watched.values()):
             out = method(model, *args, **kwargs)
-        finally:
-            for m, before in saved:
-                if before is None:
-                    m.__dict__.pop("forward", None)
-                else:
-                    m.__dict__["forward"] = before
         if outside:
             self.warned = True
             warnings.warn(
@@ -318,20 +310,28 @@ def _traced(model: nn.Module, plan: Plan, tracer: fx.Tracer, args: Sequence[Any]
             )
     # The original code may still reach the units another way (ViT's forward_features loops
     # over its blocks when attn_mask is a Proxy): a unit's module called while tracing raises.
-    guarded: dict[int, tuple[nn.Module, Any]] = {}
-    for st in plan.stages:
-        for unit in st.units:
-            for m in unit.modules:
-                guarded.setdefault(id(m), (m, m.__dict__.get("forward")))
-                m.__dict__["forward"] = _TracedThrough(st.name, type(m).__name__)
-    try:
+    guarded = {id(m): (m, _TracedThrough(st.name, type(m).__name__))
+               for st in plan.stages for unit in st.units for m in unit.modules}
+    with _forwards_replaced(guarded.values()):
         return getattr(type(model), plan.method)(model, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _forwards_replaced(replacements: Iterable[tuple[nn.Module, Any]]) -> Iterator[None]:
+    """Within the block, each module's instance ``forward`` is its replacement; restored
+    after (an instance forward revify installed, or none)."""
+    replacements = list(replacements)
+    before = [(m, m.__dict__.get("forward")) for m, _ in replacements]
+    for m, new in replacements:
+        m.__dict__["forward"] = new
+    try:
+        yield
     finally:
-        for m, before in guarded.values():
-            if before is None:
+        for m, old in before:
+            if old is None:
                 m.__dict__.pop("forward", None)
             else:
-                m.__dict__["forward"] = before
+                m.__dict__["forward"] = old
 
 
 def _refuse_fx_trace(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -565,8 +565,8 @@ def _adopt(model: nn.Module, recs: dict[str, dict[str, Any]], opts: dict[str, An
            state_dict: Mapping[str, Any], strict: bool) -> None:
     """Check that ``model`` converted as the records say, set the saved coefficients, load."""
     ours = {p: _record.source(m) for p, m in model.named_modules() if _record.is_recorded(m)}
-    for path, plan in ours.items():
-        mismatched = [k for k, v in opts.items() if k != "coupling" and plan.options.get(k) != v]
+    for path, src in ours.items():
+        mismatched = [k for k, v in opts.items() if k != "coupling" and src.options.get(k) != v]
         if mismatched:
             raise ValueError(
                 f"revify.load_state_dict: {path or type(model).__name__} is already converted "
@@ -578,16 +578,16 @@ def _adopt(model: nn.Module, recs: dict[str, dict[str, Any]], opts: dict[str, An
             f"{sorted(p or '<root>' for p in recs)}, this one {sorted(p or '<root>' for p in ours)}"
             "; is it the same architecture (and the same example input shape)?"
         )
-    for path, plan in ours.items():
+    for path, src in ours.items():
         saved = recs[path]["stages"]
-        units = {st.name: [u.name for u in st.units] for st in plan.stages}
+        units = {st.name: [u.name for u in st.units] for st in src.stages}
         if sorted(saved) != sorted(units) or recs[path].get("units", units) != units:
             raise ValueError(
                 f"revify.load_state_dict: {path or type(model).__name__} was saved with stages "
                 f"{recs[path].get('units', sorted(saved))} but converts into {units}; is it the "
                 "same architecture?"
             )
-        for st in plan.stages:
+        for st in src.stages:
             alpha, beta, exact = saved[st.name]
             if bool(exact) != st.exact:
                 raise ValueError(
