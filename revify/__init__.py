@@ -17,6 +17,11 @@ from .convert import revert as revert
 from .convert import set_on_mismatch as set_on_mismatch
 from .convert import stages as stages
 from .coupling import ReversibleStage as ReversibleStage
+from .planner import FitRow as FitRow
+from .planner import MemoryPlan as MemoryPlan
+from .planner import fit as fit
+from .planner import memory_plan as memory_plan
+from .planner import plan_memory as plan_memory
 from .schedule import Schedule as Schedule
 
 __all__ = [
@@ -33,6 +38,11 @@ __all__ = [
     "plain_autograd",
     "ReversibleStage",
     "Schedule",
+    "MemoryPlan",
+    "plan_memory",
+    "memory_plan",
+    "fit",
+    "FitRow",
     "ConversionError",
 ]
 __version__ = "0.1.0"

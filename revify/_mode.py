@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator
+from typing import Any
 
 __all__ = ["plain_autograd"]
 
@@ -13,6 +14,11 @@ _ORIGINAL = contextvars.ContextVar("revify_original", default=False)
 # Name of the plan step (stage or segment) running now; read by the audit to attribute memory.
 current_step: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "revify_current_step", default=None
+)
+# Called as observer(step, outputs) after each plan step's forward; set by the planner's cost
+# measurement (_costs.py) to follow the step's backward.
+step_observer: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "revify_step_observer", default=None
 )
 
 

@@ -132,6 +132,9 @@ class AuditReport:
     step_peak_after: int
     report: list[ReportLine] = field(default_factory=list)  # plan.report: what and why
     options: dict[str, Any] = field(default_factory=dict)  # convert's options
+    # step name -> treatment (NOTE [ Stage treatments ] in coupling.py); a MemoryPlan's dict
+    # when convert(plan=...) or memory_budget= chose them
+    treatments: dict[str, str] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -517,6 +520,7 @@ def _audit_impl(model: nn.Module, spec: _InputSpec, optimizer: str, states: int)
             ReportLine(type(model).__name__, "unchanged", "no chain of identity residual units")
         ],
         options=dict(plan.options) if plan is not None else {},
+        treatments={st.run.name: _treatment(st.run) for st in plan.steps} if plan else {},
     )
 
 
@@ -697,13 +701,21 @@ def _fake_pass(
 # Rows
 
 
+def _treatment(run: Any) -> str:
+    if isinstance(run, ReversibleStage):
+        return run.treatment
+    return "checkpoint" if run.checkpoint else "store"
+
+
 def _step_rows(plan: Plan | None) -> dict[str, tuple[str, str]]:
     """Step name -> (row label, treatment), in execution order."""
     out: dict[str, tuple[str, str]] = {}
     for step in plan.steps if plan is not None else []:
         run = step.run
         if isinstance(run, ReversibleStage):
-            out.setdefault(run.name, (f"{run.name} [stage state]", "reversible"))
+            kind = {"reversible": "reversible", "store": "unchanged"}.get(run.treatment,
+                                                                          "checkpointed")
+            out.setdefault(run.name, (f"{run.name} [stage state]", kind))
         elif run.checkpoint:
             out.setdefault(run.name, (f"{run.name} [checkpoint inputs]", "checkpointed"))
         else:

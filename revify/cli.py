@@ -1,4 +1,6 @@
-"""The ``revify`` command line: ``revify audit MODEL`` prints the memory audit of a timm model.
+"""The ``revify`` command line: ``revify audit MODEL`` prints the memory audit of a timm model
+(``--budget 24GiB``: of the fastest plan that fits); ``revify fit MODEL --memory 80GiB`` prints
+the largest batch that fits per method.
 
 The model is built locally with random weights (``pretrained=False``): nothing is downloaded.
 Exit codes: 0 success, 1 the model cannot be converted or audited, 2 bad usage (unknown model,
@@ -9,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import os
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .audit import AuditReport
@@ -69,7 +72,31 @@ def _parser() -> argparse.ArgumentParser:
                        help="do not checkpoint the layers before the first stage")
     audit.add_argument("--no-checkpoint-transitions", dest="checkpoint_transitions",
                        action="store_false", help="do not checkpoint the layers between stages")
+    audit.add_argument(
+        "--budget", metavar="SIZE", default=None,
+        help="plan for this training peak (e.g. 24GiB, or 0.5 of plain's peak): audit the "
+             "fastest plan that fits and print it against plain and timm checkpointing",
+    )
     audit.set_defaults(run=_audit_command)
+
+    fit = commands.add_parser(
+        "fit",
+        help="largest batch that fits a memory size, per method (no download)",
+        description=(
+            "Build a timm model locally with random weights and print, for plain training, "
+            "timm's checkpointing and revify, the largest batch whose simulated training peak "
+            "fits --memory, with the modelled step time (on this machine's device) and samples/s."
+        ),
+    )
+    fit.add_argument("model", help="timm model name, e.g. resnet152")
+    fit.add_argument("--memory", required=True, metavar="SIZE", help="e.g. 80GiB")
+    fit.add_argument("--img-size", type=_positive, default=None,
+                     help="input height and width (default: the model's own)")
+    fit.add_argument("--optimizer", choices=["sgd", "adam", "adamw", "none"], default="sgd")
+    fit.add_argument("--verify", action="store_true",
+                     help="simulate each answer at its batch (slower) instead of extrapolating")
+    fit.add_argument("--json", metavar="PATH", help="write the rows as JSON ('-': stdout)")
+    fit.set_defaults(run=_fit_command)
     return parser
 
 
@@ -80,12 +107,30 @@ def _positive(text: str) -> int:
     return value
 
 
-def _audit_command(args: argparse.Namespace) -> int:
+def _timm_model(command: str, name: str, img_size: int | None) -> tuple[Any, tuple[int, ...]]:
+    """The timm model built locally, and its input shape (C, H, W); SystemExit(2) if unknown."""
     import timm
+
+    from .convert import _default_example
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5)
+        hint = f"; did you mean: {', '.join(close)}?" if close else "; see timm.list_models()"
+        print(f"revify {command}: unknown timm model {name!r}{hint}", file=sys.stderr)
+        raise SystemExit(2)
+    model = timm.create_model(name, pretrained=False)
+    shape = tuple(_default_example(model).shape[1:])  # the size the model was built for
+    if img_size is not None:
+        shape = (shape[0], img_size, img_size)
+    return model, shape
+
+
+def _audit_command(args: argparse.Namespace) -> int:
     import torch
 
     from .audit import audit
-    from .convert import _default_example, convert
+    from .convert import convert
+    from .planner import plan_memory
 
     for flag in ("json", "markdown", "plot"):
         problem = _unwritable(getattr(args, flag))
@@ -93,31 +138,90 @@ def _audit_command(args: argparse.Namespace) -> int:
             print(f"revify audit: cannot write --{flag} {getattr(args, flag)}: {problem}",
                   file=sys.stderr)
             return 2
-    if not timm.is_model(args.model):
-        close = difflib.get_close_matches(args.model, timm.list_models(), n=5)
-        hint = f"; did you mean: {', '.join(close)}?" if close else "; see timm.list_models()"
-        print(f"revify audit: unknown timm model {args.model!r}{hint}", file=sys.stderr)
-        return 2
-    model = timm.create_model(args.model, pretrained=False)
-    shape = tuple(_default_example(model).shape[1:])  # the size the model was built for
-    if args.img_size is not None:
-        shape = (shape[0], args.img_size, args.img_size)
+    try:
+        model, shape = _timm_model("audit", args.model, args.img_size)
+    except SystemExit as e:
+        return int(e.code or 2)
     options = dict(coupling=args.coupling, alpha=args.alpha, beta=args.beta, exact=args.exact,
                    checkpoint_stem=args.checkpoint_stem,
                    checkpoint_transitions=args.checkpoint_transitions)
+    memory_plan = None
     try:
-        # The model is ours: convert it in place (audit would otherwise convert a deep copy).
         with warnings.catch_warnings():
             # "nothing converted": the report's notes say why.
             warnings.filterwarnings("ignore", message="revify.convert")
-            convert(model, torch.zeros(2, *shape), **options)
+            if args.budget is not None:
+                memory_plan = plan_memory(model, shape, args.batch_size,
+                                          memory_budget=_budget(args.budget),
+                                          optimizer=args.optimizer, **options)
+            # The model is ours: convert it in place (audit would otherwise convert a copy).
+            convert(model, torch.zeros(2, *shape), plan=memory_plan, **options)
             report = audit(model, shape, args.batch_size, optimizer=args.optimizer, **options)
     except (RuntimeError, ValueError, TypeError) as e:
         # User-facing failures, no traceback: ConversionError (a RuntimeError), a shape the
-        # model rejects, bad --alpha/--beta.
+        # model rejects, bad --alpha/--beta, a budget no plan meets.
         print(f"revify audit: {args.model}: {e}", file=sys.stderr)
         return 1
     _write(args, report)
+    if memory_plan is not None and "-" not in (args.json, args.markdown):
+        print(memory_plan)
+    return 0
+
+
+def _budget(text: str) -> int | float | str:
+    """``--budget``: a fraction such as ``0.5`` stays a float, anything else a size string."""
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return value if value <= 1 else int(value)
+
+
+def _fit_command(args: argparse.Namespace) -> int:
+    from .planner import fit, parse_budget
+
+    problem = _unwritable(args.json)
+    if problem:
+        print(f"revify fit: cannot write --json {args.json}: {problem}", file=sys.stderr)
+        return 2
+    try:
+        memory = parse_budget(args.memory)
+    except (ValueError, TypeError) as e:
+        print(f"revify fit: {e}", file=sys.stderr)
+        return 2
+    try:
+        model, shape = _timm_model("fit", args.model, args.img_size)
+    except SystemExit as e:
+        return int(e.code or 2)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="revify.convert")
+            rows = fit(model, shape, memory, optimizer=args.optimizer, verify=args.verify)
+    except (RuntimeError, ValueError, TypeError) as e:
+        print(f"revify fit: {args.model}: {e}", file=sys.stderr)
+        return 1
+    data = [dict(vars(r), samples_per_s=r.samples_per_s) for r in rows]
+    if args.json is not None:
+        text = json.dumps(dict(model=args.model, input_shape=list(shape), memory_bytes=memory,
+                               optimizer=args.optimizer, rows=data), indent=2) + "\n"
+        if args.json == "-":
+            sys.stdout.write(text)
+            return 0
+        Path(args.json).write_text(text)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"revify fit: {args.model}, input {'x'.join(map(str, shape))}, "
+                        f"{memory / 2**30:.1f} GiB, optimizer {args.optimizer}")
+    for col in ("method", "largest batch", "training peak GiB", "step s (modelled)",
+                "samples/s", "batch vs plain"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    plain = rows[0].batch_size
+    for r in rows:
+        table.add_row(r.method, str(r.batch_size), f"{r.peak_bytes / 2**30:.2f}",
+                      f"{r.time_s:.3f}", f"{r.samples_per_s:.1f}",
+                      f"{r.batch_size / plain:.2f}x" if plain else "-")
+    Console().print(table)
     return 0
 
 

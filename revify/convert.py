@@ -111,6 +111,7 @@ class Plan:
     # at which they were last found there (NOTE [ Structure changed after convert ]).
     anchors: list[tuple[str, nn.Module]] = field(default_factory=list)
     checked_epoch: int = -1
+    memory_plan: Any = None  # the planner.MemoryPlan chosen by convert(memory_budget=...)
 
 
 # NOTE [ torch.compile ]
@@ -402,6 +403,9 @@ def _run_plan(plan: Plan, args: Sequence[Any]) -> Any:
             _mode.current_step.reset(token)
         if isinstance(step.run, ReversibleStage):
             outs = (outs,)
+        observer = _mode.step_observer.get()
+        if observer is not None:  # the planner's cost measurement (_costs.py)
+            observer(step.run, outs)
         env.update(zip(step.outputs, outs, strict=True))
         for name in step.release:
             env.pop(name, None)
@@ -675,6 +679,8 @@ def convert(
     checkpoint_transitions: bool = True,
     min_units: int = 1,
     strict: bool = False,
+    plan: Any = None,
+    memory_budget: int | float | str | None = None,
 ) -> nn.Module:
     """Make training ``model`` store far less activation memory, in place; returns ``model``.
 
@@ -716,6 +722,15 @@ def convert(
         checkpoint_transitions: checkpoint the layers between stages (downsampling).
         min_units: shortest chain worth a reversible stage.
         strict: raise :class:`ConversionError` instead of warning when nothing is converted.
+        plan: a :class:`revify.MemoryPlan` (or its dict): a treatment per stage and segment
+            (reversible, checkpointed per unit, stored), e.g. from :func:`revify.plan_memory`.
+            Treatments change what a training step stores, never what the model computes.
+        memory_budget: choose the fastest plan whose simulated training peak for a batch of
+            ``example_input``'s shape fits: bytes, a string such as ``"24GiB"``, or a float in
+            (0, 1], a fraction of the original model's peak (NOTE [ Planning ] in
+            planner.py; weights, gradients and SGD momentum counted). None: the
+            minimum-memory plan (every chain reversible, stem and transitions checkpointed).
+            :func:`revify.memory_plan` shows what was chosen.
 
     Raises:
         ConversionError: the trunk cannot be traced, or depends on ``self.training`` in a way
@@ -736,7 +751,7 @@ def convert(
         convert(model._orig_mod, example_input, coupling=coupling, alpha=alpha, beta=beta,
                 exact=exact, checkpoint_stem=checkpoint_stem,
                 checkpoint_transitions=checkpoint_transitions, min_units=min_units,
-                strict=strict)
+                strict=strict, plan=plan, memory_budget=memory_budget)
         return model
     compiled = [
         name or type(model).__name__
@@ -759,6 +774,8 @@ def convert(
         return model
     if min_units < 1:
         raise ValueError(f"revify.convert: min_units must be >= 1, got {min_units}")
+    if plan is not None and memory_budget is not None:
+        raise ValueError("revify.convert: give plan= or memory_budget=, not both")
     sharded = _fsdp.sharded_modules(model)
     if sharded:
         raise ConversionError(
@@ -769,6 +786,11 @@ def convert(
             "(docs/distributed.md)"
         )
     if _stacks.is_transformers_module(model):  # NOTE [ Layer stacks ] in _stacks.py
+        if plan is not None or memory_budget is not None:
+            raise ConversionError(
+                "revify.convert: plan= and memory_budget= are not supported for Hugging Face "
+                "layer stacks yet; convert without them"
+            )
         options = dict(**_coupling_options(coupling, alpha, beta, exact), min_units=min_units)
         return _stacks.convert_stacks(model, example_input, options)
     if isinstance(example_input, dict):
@@ -786,8 +808,11 @@ def convert(
         # timm's per-block checkpointing would be traced into the graph (and bypass ours).
         model.set_grad_checkpointing(False)
     try:
-        plan = _build_plan(model, inputs, options)
+        trunk = _build_plan(model, inputs, options)
     except _Untraceable as e:
+        if plan is not None or memory_budget is not None:
+            raise ConversionError(f"{e}; plan= and memory_budget= need a trunk that converts "
+                                  "as one plan") from e
         done = _convert_submodules(model, inputs, options)
         if done:
             warnings.warn(
@@ -800,20 +825,31 @@ def convert(
         warnings.warn(f"{e} -- no submodule could be converted either; the model is "
                       "returned unchanged", stacklevel=2)
         return model
-    if not plan.stages:
-        segments = {seg.name for seg in plan.segments}
-        why = "; ".join(f"{r.name}: {r.detail}" for r in plan.report if r.name not in segments)
+    if not trunk.stages:
+        segments = {seg.name for seg in trunk.segments}
+        why = "; ".join(f"{r.name}: {r.detail}" for r in trunk.report if r.name not in segments)
         msg = (
             f"revify.convert: no chain of identity residual units found in "
-            f"{type(model).__name__}.{plan.method}; the model is returned unchanged"
+            f"{type(model).__name__}.{trunk.method}; the model is returned unchanged"
             + (f" ({why})" if why else " (it has no residual adds)")
         )
-        if strict:
+        if strict or plan is not None or memory_budget is not None:
             raise ConversionError(msg)
         warnings.warn(msg, stacklevel=2)
         return model
-    _install(model, plan, record=True)
-    _install_containers(model, plan, inputs, options)
+    _install(model, trunk, record=True)
+    _install_containers(model, trunk, inputs, options)
+    if plan is not None or memory_budget is not None:
+        from . import planner  # NOTE [ Planning ] in planner.py
+
+        try:
+            if plan is not None:
+                planner.install(model, plan)
+            else:
+                trunk.memory_plan = planner.plan_converted(model, inputs[0], memory_budget)
+        except BaseException:
+            revert(model)
+            raise
     return model
 
 
@@ -1472,7 +1508,10 @@ def _make_segment(
     # the modules' parameters and buffers, and get_attr tensors
     has_params = bool(read_slots(_slots(reads.owners())))
     tensor_outputs = all(tensor_shape(o) is not None for o in outs)
-    checkpoint = wanted and has_params and tensor_outputs
+    # The planner may checkpoint a segment the options left stored (not the tail: its
+    # backward follows its forward at once, a recompute there saves nothing).
+    checkpointable = has_params and tensor_outputs and name != "tail"
+    checkpoint = wanted and checkpointable
     labels = sorted({str(n.target) for n in nodes if n.op == "call_module"}, key=_natural)
     detail = ", ".join(labels[:6]) + (", ..." if len(labels) > 6 else "")
     if checkpoint:
@@ -1485,11 +1524,12 @@ def _make_segment(
         )
         report.append(ReportLine(name, "unchanged", f"{detail} ({why})"))
     calls = [str(n.target) for n in nodes if n.op == "call_module"]
-    cuts = _piece_cuts(model, nodes, ins, outs) if checkpoint else []
+    cuts = _piece_cuts(model, nodes, ins, outs) if checkpointable else []
     seg = Segment(
         name, GraphCode(extract(nodes, ins, outs)), model, modules, reads, checkpoint, calls,
         pieces=[GraphCode(extract(*cut)) for cut in cuts] if len(cuts) > 1 else None,
     )
+    seg.checkpointable = checkpointable
     return _Step(seg, [a.name for a in ins], [o.name for o in outs])
 
 

@@ -17,6 +17,7 @@ vector-Jacobian product. See NOTE [ Stage backward ].
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -43,6 +44,7 @@ from ._replay import (
     slots_of,
     stand_ins,
 )
+from .checkpoint import Segment
 
 __all__ = ["ReversibleStage"]
 
@@ -255,6 +257,8 @@ class ReversibleStage(MismatchOptions):
         self.alpha = alpha
         self.beta = beta
         self.last_reconstruction_error: Tensor | None = None
+        self.treatment = "reversible"
+        self._unit_segments: list[Any] = []  # per unit, its Segment when checkpointed
         # Debug switch used by revify.check: keep a copy of the input (defeats the memory
         # saving) so the reconstruction error is measured against the true input.
         self.record_input = False
@@ -292,6 +296,19 @@ class ReversibleStage(MismatchOptions):
         self._beta = float(value)
 
     @property
+    def treatment(self) -> str:
+        """How a training forward runs the stage (NOTE [ Stage treatments ]): ``"reversible"``
+        (stores two states, rebuilds the rest), ``"store"`` (ordinary autograd),
+        ``"checkpoint"`` (stores each unit's input, recomputes one unit at a time), or
+        ``"checkpoint:k"`` (the first k units checkpointed, the rest stored)."""
+        return self._treatment
+
+    @treatment.setter
+    def treatment(self, value: str) -> None:
+        self._checkpointed = _checkpointed_units(self.name, value, len(self.units))
+        self._treatment = value
+
+    @property
     def divisor(self) -> int:
         """``d`` with ``beta = 1/d`` (exact mode)."""
         return round(1.0 / self._beta)
@@ -327,6 +344,8 @@ class ReversibleStage(MismatchOptions):
                 f"revify: stage {self.name} expects a floating-point tensor, got "
                 f"{type(x).__name__ if not isinstance(x, Tensor) else x.dtype}"
             )
+        if self._treatment != "reversible":  # NOTE [ Stage treatments ]
+            return _forward(self, x, None, side)
         fsdp = []
         if _fsdp.active() and torch.is_grad_enabled() and not _mode.is_plain():  # NOTE [ FSDP2 ]
             fsdp = [_fsdp.driven(_fsdp.states_of(u, slots_of(u).slots), f"stage {self.name}")
@@ -345,11 +364,68 @@ class ReversibleStage(MismatchOptions):
         finally:
             _fsdp.reshard(states)
 
+    def unit_segment(self, k: int) -> Segment:
+        """Unit k's step of the recurrence as a checkpointed :class:`Segment`, made once."""
+        while len(self._unit_segments) <= k:
+            j = len(self._unit_segments)
+            unit = self.units[j]
+            self._unit_segments.append(Segment(
+                f"{self.name}:{unit.name}", _CheckpointedStep(j), unit.modules[0], unit.modules,
+                unit, checkpoint=True, calls=[unit.name],
+            ))
+        seg = self._unit_segments[k]
+        seg.on_mismatch, seg.mismatch_tolerance = self.on_mismatch, self.mismatch_tolerance
+        return seg
+
     def __repr__(self) -> str:
+        extra = "" if self._treatment == "reversible" else f", treatment={self._treatment!r}"
         return (
             f"ReversibleStage({self.name!r}, units={len(self.units)}, "
-            f"alpha={self.alpha}, beta={self.beta}, exact={self.exact})"
+            f"alpha={self.alpha}, beta={self.beta}, exact={self.exact}{extra})"
         )
+
+
+# NOTE [ Stage treatments ]
+# A stage's treatment changes what its training forward stores, never what it computes: every
+# treatment evaluates the same coupled recurrence (the exact streams' grid included), so a plan
+# mixing treatments has the gradients of plain_autograd() and a checkpoint trained under one
+# plan loads under another. "reversible" is the chain of step nodes below; "store" is the
+# recurrence under ordinary autograd (what plain_autograd() runs); "checkpoint" runs each
+# unit's step as a Segment of its own (checkpoint.py), which stores the step's inputs
+# (x_{k-1}, x_k), and rebuilds the step in backward with the forward's random numbers and
+# BatchNorm statistics, as the segments between stages do. Consecutive steps share their
+# states, so a checkpointed stage keeps about one state per unit, as timm's per-block
+# checkpointing does. The planner (planner.py) picks a treatment per stage under a budget.
+
+TREATMENTS = ("reversible", "checkpoint", "store")
+
+
+def _checkpointed_units(stage: str, treatment: Any, n_units: int) -> int:
+    """How many leading units ``treatment`` checkpoints; raises for an unknown treatment."""
+    if treatment in TREATMENTS:
+        return n_units if treatment == "checkpoint" else 0
+    kind, _, count = str(treatment).partition(":")
+    if kind == "checkpoint" and count.isdigit() and 0 <= int(count) <= n_units:
+        return int(count)
+    raise ValueError(
+        f"revify: stage {stage}: unknown treatment {treatment!r}; use 'reversible', 'store', "
+        f"'checkpoint' or 'checkpoint:k' with 0 <= k <= {n_units} (its number of units)"
+    )
+
+
+class _CheckpointedStep:
+    """Step k of a stage as a Segment's code: ``(root, walk, x_{k-1}, x_k) -> x_{k+1}``, on the
+    walk's grid and coefficients, writing into none of its inputs (the Segment keeps them)."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def __call__(self, root: nn.Module, walk: _Walk, x_prev: Tensor, x_cur: Tensor) -> Tensor:
+        step = copy.copy(walk)
+        step.pair = (x_prev, x_cur)
+        step.extrema = []
+        step.advance(self.k, own=False)
+        return step.pair[1]
 
 
 class _Walk:
@@ -387,9 +463,10 @@ class _Walk:
         """``max |state|`` over the states so far (exact mode), 0-dim."""
         return _exact.top(self.extrema)
 
-    def advance(self, k: int) -> _exact.Packed | None:
+    def advance(self, k: int, own: bool = True) -> _exact.Packed | None:
         """Forward step k: ``pair`` becomes ``(x_k, x_{k+1})``; returns the packed remainders of
-        ``(x_{k-1} - x_k) / d`` that the inverse needs (exact mode), else None."""
+        ``(x_{k-1} - x_k) / d`` that the inverse needs (exact mode), else None. Without grad
+        the step writes into ``x_{k-1}``'s memory unless ``own`` is False."""
         unit = self.stage.units[k]
         x_prev, x_cur = self.pair
         h = x_cur.to(self.in_dtype)
@@ -419,7 +496,7 @@ class _Walk:
             with torch.no_grad():
                 x_next, rem = _exact.next_state(
                     self.grid, self.d, outer, t, x_prev.detach(), x_cur.detach(),
-                    own_prev=not grad and k > 0, first=k == 0,
+                    own_prev=own and not grad and k > 0, first=k == 0,
                 )
                 del t
                 self.extrema.append(self.grid.extrema(x_next))
@@ -511,8 +588,17 @@ def _run(
     per unit, the FSDP states it drives (NOTE [ FSDP2 ] in _fsdp.py)."""
     if unit_tensors is None:
         walk = _Walk(stage, x, grid, side)
+        checkpointed = stage._checkpointed if torch.is_grad_enabled() and not _mode.is_plain() \
+            else 0
         for k in range(len(stage.units)):
-            walk.advance(k)
+            if k >= checkpointed:
+                walk.advance(k)
+                continue
+            x_prev, x_cur = walk.pair  # NOTE [ Stage treatments ]
+            (x_next,) = stage.unit_segment(k)(walk, x_prev, x_cur)
+            if grid is not None:
+                walk.extrema.append(grid.extrema(x_next.detach()))
+            walk.pair = (x_cur, x_next)
         return walk, None
     walk = _Walk(stage, x.detach(), grid, side)
     walk.check = RecomputeCheck.due(stage, x)
