@@ -85,7 +85,7 @@ def speed(device: str = "cpu") -> Speed:
     """Time a matmul, a large add and a tiny add on ``device``, once per process."""
     dev = torch.device(device)
 
-    def best(fn: Any, repeat: int = 5) -> float:
+    def best(fn: Any, repeat: int = 10) -> float:
         times = []
         for _ in range(repeat):
             if dev.type == "cuda":
@@ -205,9 +205,11 @@ def measure(
     device: torch.device,
     spd: Speed,
     original: bool = False,
+    autocast: torch.dtype | None = None,
 ) -> Measurement:
     """One train-mode training step of ``model`` on fake tensors (its plan's treatments as set
-    now; ``original``: the code before ``convert``), attributed to plan steps."""
+    now; ``original``: the code before ``convert``; ``autocast``: the forward under autocast
+    to that dtype), attributed to plan steps."""
     from .audit import _stage_attributes, _train_mode
 
     meter = _Meter(spd)
@@ -221,7 +223,8 @@ def measure(
         x = torch.empty(shape, dtype=dtype, device=device)
         token = _mode.step_observer.set(meter.observe)
         try:
-            with meter:
+            with meter, torch.autocast(device.type, dtype=autocast or torch.bfloat16,
+                                       enabled=autocast is not None):
                 out = model(x)
         finally:
             _mode.step_observer.reset(token)

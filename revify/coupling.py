@@ -369,8 +369,10 @@ class ReversibleStage(MismatchOptions):
         while len(self._unit_segments) <= k:
             j = len(self._unit_segments)
             unit = self.units[j]
+            # the step's code ignores its root; a unit may call no module (``x + self.a * x``)
+            root = unit.modules[0] if unit.modules else getattr(unit, "root", None)
             self._unit_segments.append(Segment(
-                f"{self.name}:{unit.name}", _CheckpointedStep(j), unit.modules[0], unit.modules,
+                f"{self.name}:{unit.name}", _CheckpointedStep(j), root, unit.modules,
                 unit, checkpoint=True, calls=[unit.name],
             ))
         seg = self._unit_segments[k]

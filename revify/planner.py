@@ -29,6 +29,7 @@ import itertools
 import json
 import math
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -162,8 +163,7 @@ def options_of(run: ReversibleStage | Segment) -> list[str]:
     """The treatments a step accepts, in the planner's order."""
     if isinstance(run, ReversibleStage):
         n = len(run.units)
-        partial = sorted({max(1, min(n - 1, round(n * i / 4))) for i in (1, 2, 3)}) if n > 1 \
-            else []
+        partial = sorted({max(1, min(n - 1, round(n * i / 9))) for i in range(1, 9)})[:n - 1]
         return ["reversible", "checkpoint", "store"] + [f"checkpoint:{k}" for k in partial]
     return ["checkpoint", "store"] if run.checkpointable else ["store"]
 
@@ -266,36 +266,40 @@ class _Terms:
 
     name: str
     options: list[str]
-    held: np.ndarray
+    held: np.ndarray  # what its forward leaves alive
     fwd: np.ndarray  # forward peak above its start
-    bwd: np.ndarray  # backward peak above the start of its forward (own state + extra)
+    own: np.ndarray  # alive at its backward's start beyond what the steps before it hold
+    bwd: np.ndarray  # backward peak above its start
     time: np.ndarray
 
 
 def _step_terms(name: str, options: list[str], by: dict[str, _costs.Measurement],
                 n_units: int) -> _Terms:
     """Terms of ``name`` per option from the uniform measurements ``by`` (keyed by the
-    treatment each measured it under); a partial checkpoint interpolates in the number of
-    checkpointed units, taking the larger transient."""
+    treatment each measured it under). A partial checkpoint interpolates every term between
+    the stage checkpointed and stored, in the number of checkpointed units (the planner
+    simulates what it chooses, so an error here costs a second choice, not a wrong answer)."""
 
-    def one(t: str) -> tuple[float, float, float, float]:
+    def one(t: str) -> tuple[float, float, float, float, float]:
         m = by[t]
-        c = m.steps[name]
+        c = m.steps.get(name)
+        if c is None:  # no op of its own in this measurement
+            return 0.0, 0.0, -math.inf, 0.0, 0.0
         before = sum(m.steps[n].held for n in itertools.takewhile(lambda n: n != name, m.steps))
         own = c.bwd_start - before if c.bwd_start >= 0 else -math.inf
-        return c.held, c.fwd_extra, own + c.bwd_extra, c.time_s
+        return c.held, c.fwd_extra, own, c.bwd_extra, c.time_s
 
     rows = []
     for t in options:
         if t.startswith("checkpoint:"):
             k = int(t.split(":")[1]) / n_units
             a, b = one("checkpoint"), one("store")
-            rows.append((k * a[0] + (1 - k) * b[0], max(a[1], b[1]), max(a[2], b[2]),
-                         k * a[3] + (1 - k) * b[3]))
+            rows.append(tuple(k * x + (1 - k) * y for x, y in zip(a, b, strict=True)))
         else:
             rows.append(one(t))
-    held, fwd, bwd, tm = (np.array(col, dtype=np.float64) for col in zip(*rows, strict=True))
-    return _Terms(name, options, held, fwd, bwd, tm)
+    held, fwd, own, bwd, tm = (np.array(col, dtype=np.float64)
+                               for col in zip(*rows, strict=True))
+    return _Terms(name, options, held, fwd, own, bwd, tm)
 
 
 def _compose(terms: list[_Terms]) -> tuple[np.ndarray, np.ndarray]:
@@ -308,7 +312,7 @@ def _compose(terms: list[_Terms]) -> tuple[np.ndarray, np.ndarray]:
         shape = [1] * dims
         shape[i] = len(t.options)
         peak = np.maximum(peak, cum + t.fwd.reshape(shape))
-        peak = np.maximum(peak, cum + t.bwd.reshape(shape))
+        peak = np.maximum(peak, cum + (t.own + t.bwd).reshape(shape))
         cum = cum + t.held.reshape(shape)
         total = total + t.time.reshape(shape)
     return peak, total
@@ -318,10 +322,12 @@ class _Planner:
     """Measurements of one converted model for one input shape, and choices from them."""
 
     def __init__(self, model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype,
-                 device: torch.device, optimizer_states: int = 1) -> None:
+                 device: torch.device, optimizer_states: int = 1, precision: str = "fp32"
+                 ) -> None:
         from .audit import _storage_bytes
 
         self.model, self.shape, self.dtype, self.device = model, shape, dtype, device
+        self.autocast = _autocast(precision)
         self.plan = _one_plan(model, "memory planning")
         self.speed = _costs.speed(str(device))
         grads = _storage_bytes(p for p in model.parameters() if p.requires_grad)
@@ -342,7 +348,7 @@ class _Planner:
         try:
             for key, treatments in uniform.items():
                 apply(self.plan, treatments, by_plan=False)
-                self.measured[key] = _costs.measure(model, shape, dtype, device, self.speed)
+                self.measured[key] = self.run(model)
         finally:
             apply(self.plan, kept, by_plan=False)
         names = [n for n in self.measured["store"].steps]
@@ -373,7 +379,13 @@ class _Planner:
             drop = max(i for i, o in enumerate(t.options) if o.startswith("checkpoint:"))
             keep = [i for i in range(len(t.options)) if i != drop]
             t.options = [t.options[i] for i in keep]
-            t.held, t.fwd, t.bwd, t.time = (a[keep] for a in (t.held, t.fwd, t.bwd, t.time))
+            t.held, t.fwd, t.own, t.bwd, t.time = (
+                a[keep] for a in (t.held, t.fwd, t.own, t.bwd, t.time))
+
+    def run(self, model: nn.Module, original: bool = False) -> _costs.Measurement:
+        """One simulated training step of ``model`` for the planned input."""
+        return _costs.measure(model, self.shape, self.dtype, self.device, self.speed,
+                              original=original, autocast=self.autocast)
 
     def treatments(self, index: Sequence[int]) -> dict[str, str]:
         return {t.name: t.options[i] for t, i in zip(self.terms, index, strict=True)
@@ -383,7 +395,7 @@ class _Planner:
         kept = current(self.plan)
         apply(self.plan, treatments, by_plan=False)
         try:
-            return _costs.measure(self.model, self.shape, self.dtype, self.device, self.speed)
+            return self.run(self.model)
         finally:
             apply(self.plan, kept, by_plan=False)
 
@@ -438,15 +450,23 @@ class _Planner:
         the unconverted ``original``) and of the minimum-memory plan, for the same step."""
         out = {}
         if original is not None:
-            plain = _costs.measure(original, self.shape, self.dtype, self.device, self.speed)
+            plain = self.run(original)
             out["plain"] = dict(peak_bytes=plain.peak + self.persistent, time_s=plain.time_s)
             timm_ckpt = _timm_checkpointed(original)
             if timm_ckpt is not None:
-                m = _costs.measure(timm_ckpt, self.shape, self.dtype, self.device, self.speed)
+                m = self.run(timm_ckpt)
                 out["timm-ckpt"] = dict(peak_bytes=m.peak + self.persistent, time_s=m.time_s)
         low = self.measured["reversible"]  # convert's default plan
         out["minimum"] = dict(peak_bytes=low.peak + self.persistent, time_s=low.time_s)
         return out
+
+
+def _autocast(precision: str) -> torch.dtype | None:
+    """The autocast dtype of ``precision``: ``"fp32"`` (none), ``"bf16"`` or ``"fp16"``."""
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes:
+        raise ValueError(f"revify: precision must be one of {list(dtypes)}, got {precision!r}")
+    return dtypes[precision]
 
 
 def _timm_checkpointed(model: nn.Module) -> nn.Module | None:
@@ -471,6 +491,7 @@ def plan_memory(
     *,
     memory_budget: int | float | str,
     optimizer: str = "sgd",
+    precision: str = "fp32",
     **convert_kwargs: Any,
 ) -> MemoryPlan:
     """The fastest :class:`MemoryPlan` whose simulated training peak fits ``memory_budget``.
@@ -490,6 +511,7 @@ def plan_memory(
             fraction of plain training's simulated peak. The peak counts weights, buffers,
             gradients, optimizer state and the step's live tensors (``audit``'s peak).
         optimizer: ``"sgd"`` (momentum), ``"adam"``, ``"adamw"`` or ``"none"``: its state.
+        precision: ``"fp32"``, or ``"bf16"`` / ``"fp16"``: the forward under autocast.
         **convert_kwargs: for ``revify.convert`` (coupling options) when ``model`` is not
             converted yet.
 
@@ -507,13 +529,29 @@ def plan_memory(
         original = model
         model = convert(copy.deepcopy(model), _convert_example(spec), strict=True,
                         **convert_kwargs)
-    planner = _Planner(model, spec.shape, spec.dtype, spec.device, states)
+    planner = _Planner(model, spec.shape, spec.dtype, spec.device, states, precision)
     baselines = planner.baselines(original)
     plain_peak = baselines.get("plain", {}).get("peak_bytes")
     budget = parse_budget(memory_budget, None if plain_peak is None else int(plain_peak))
     chosen, sim = planner.choose(budget)
+    plain = baselines.get("plain")
+    if plain is not None:
+        _plain_would_do(plain["peak_bytes"], plain["time_s"], budget, sim.time_s)
     return MemoryPlan(chosen, budget, sim.peak + planner.persistent, sim.time_s, spec.shape,
                       planner.speed.device, baselines)
+
+
+def _plain_would_do(plain_peak: float, plain_time: float, budget: int, time_s: float) -> None:
+    """Warn when the unconverted model fits the budget and is modelled faster: every revify
+    treatment of a stage computes the coupling (NOTE [ Stage treatments ]), which costs some
+    arithmetic even where it stores everything."""
+    if plain_peak <= budget and plain_time < time_s:
+        warnings.warn(
+            f"revify: plain training (unconverted) fits memory_budget {_gib(budget)} "
+            f"(simulated peak {_gib(plain_peak)}) and is modelled {time_s / plain_time:.2f}x "
+            "faster than the best converted plan; converting pays only below that peak",
+            stacklevel=3,
+        )
 
 
 def plan_converted(model: nn.Module, example: Any, memory_budget: Any) -> MemoryPlan:
@@ -521,16 +559,14 @@ def plan_converted(model: nn.Module, example: Any, memory_budget: Any) -> Memory
     place (a fractional budget refers to the original code's peak) and install the plan."""
     spec = _spec(model, example, None)
     planner = _Planner(model, spec.shape, spec.dtype, spec.device)
-    plain = None
-    if isinstance(memory_budget, float):
-        m = _costs.measure(model, spec.shape, spec.dtype, spec.device, planner.speed,
-                           original=True)
-        plain = m.peak + planner.persistent
+    m = planner.run(model, original=True)  # the original code's step, for a fraction
+    plain = m.peak + planner.persistent
     budget = parse_budget(memory_budget, plain)
     chosen, sim = planner.choose(budget)
+    _plain_would_do(plain, m.time_s, budget, sim.time_s)
     apply(planner.plan, chosen)
     return MemoryPlan(chosen, budget, sim.peak + planner.persistent, sim.time_s, spec.shape,
-                      planner.speed.device)
+                      planner.speed.device, {"plain": dict(peak_bytes=plain, time_s=m.time_s)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -557,6 +593,7 @@ def fit(
     memory: int | str,
     *,
     optimizer: str = "sgd",
+    precision: str = "fp32",
     verify: bool = False,
     **convert_kwargs: Any,
 ) -> list[FitRow]:
@@ -581,6 +618,7 @@ def fit(
                          f"e.g. (3, 224, 224); got {tuple(shape)}")
     dtype, device = _param_dtype_device(model)
     spd = _costs.speed(str(device))
+    autocast = _autocast(precision)
     grads = _storage_bytes(p for p in model.parameters() if p.requires_grad)
     persistent = (_storage_bytes(model.parameters()) + _storage_bytes(model.buffers())
                   + grads * (1 + states))
@@ -594,7 +632,7 @@ def fit(
     rows = []
     for name, m in methods:
         def run(b: int, m: nn.Module = m) -> _costs.Measurement:
-            return _costs.measure(m, (b, *tuple(shape)), dtype, device, spd)
+            return _costs.measure(m, (b, *tuple(shape)), dtype, device, spd, autocast=autocast)
 
         rows.append(_largest_batch(name, run, budget - persistent, persistent, verify))
     return rows
