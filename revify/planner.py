@@ -213,11 +213,20 @@ def apply(plan: Plan, treatments: Mapping[str, str], by_plan: bool = True) -> No
         if r.name in segments and by_plan else r
         for r in plan.report
     ]
-    plan.blocks[:] = [
-        Block(b.name, b.step, kinds.get(treatment_of(runs[b.step]), "checkpointed"), b.pattern)
-        if b.step in runs else b
-        for b in plan.blocks
-    ]
+    seen: dict[str, int] = {}  # per stage, its blocks so far: block j is unit j
+    blocks = []
+    for b in plan.blocks:
+        run = runs.get(b.step)
+        if run is None:
+            blocks.append(b)
+            continue
+        kind = kinds.get(treatment_of(run), "checkpointed")
+        if isinstance(run, ReversibleStage) and ":" in run.treatment:  # checkpoint:k
+            j = seen[b.step] = seen.get(b.step, -1) + 1
+            if j < len(run.units) and run.units[j].name == b.name:
+                kind = "checkpointed" if j < run._checkpointed else "unchanged"
+        blocks.append(Block(b.name, b.step, kind, b.pattern))
+    plan.blocks[:] = blocks
 
 
 def install(model: nn.Module, memory_plan: MemoryPlan | Mapping[str, Any]) -> None:
@@ -420,7 +429,7 @@ class _Planner:
         fits = [(m.time_s, self.uniform[key], m) for key, m in self.measured.items()
                 if m.peak + self.persistent <= budget]
         target = budget - self.persistent
-        for _ in range(4):
+        for attempt in range(6):
             index = self.fastest_within(target)
             if index is None:
                 break
@@ -429,7 +438,9 @@ class _Planner:
             if sim.peak + self.persistent <= budget:
                 fits.append((sim.time_s, chosen, sim))
                 break
-            target -= sim.peak + self.persistent - budget
+            # below the composed peak of what overshot, by its excess, more at each retry
+            excess = sim.peak + self.persistent - budget
+            target = min(target, float(self.peaks[index])) - excess * (attempt + 1)
         if not fits:
             low = self.treatments(self.minimum())
             sim = self.simulate(low)
