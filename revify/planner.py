@@ -42,7 +42,7 @@ from . import _costs
 from .audit import _treatment as treatment_of
 from .checkpoint import Segment
 from .convert import Block, ConversionError, Plan, ReportLine, convert, plans
-from .coupling import ReversibleStage
+from .coupling import ReversibleStage, _checkpointed_units
 
 __all__ = ["MemoryPlan", "plan_memory", "memory_plan", "fit", "FitRow"]
 
@@ -186,8 +186,6 @@ def apply(plan: Plan, treatments: Mapping[str, str], by_plan: bool = True) -> No
     for name, t in treatments.items():
         run = runs[name]
         if isinstance(run, ReversibleStage):
-            from .coupling import _checkpointed_units
-
             _checkpointed_units(name, t, len(run.units))  # raises for a bad treatment
         elif t not in ("checkpoint", "store"):
             raise ValueError(f"revify: segment {name}: unknown treatment {t!r}; use "
@@ -239,7 +237,9 @@ def install(model: nn.Module, memory_plan: MemoryPlan | Mapping[str, Any]) -> No
     if not isinstance(memory_plan, MemoryPlan):
         raise TypeError(f"revify.convert: plan must be a revify.MemoryPlan or a dict, got "
                         f"{type(memory_plan).__name__}")
-    apply(_one_plan(model, "plan"), memory_plan.treatments)
+    plan = _one_plan(model, "plan")
+    apply(plan, memory_plan.treatments)
+    plan.memory_plan = memory_plan  # its predictions, for revify.memory_plan
 
 
 def memory_plan(model: nn.Module) -> MemoryPlan:

@@ -7,13 +7,12 @@ import random
 
 import pytest
 import torch
+from conftest import timm_model
 
 import revify
 from revify import planner
 from revify.cli import main
 from revify.convert import plans
-
-from conftest import timm_model
 
 SHAPE = (3, 128, 128)
 BATCH = 16
@@ -107,6 +106,12 @@ def test_plan_memory_reports_baselines(resnet) -> None:
     assert base["minimum"]["peak_bytes"] <= mp.peak_bytes <= mp.budget_bytes
     assert mp.input_shape == (BATCH, *SHAPE)
     assert not plans(resnet)  # planned on a copy
+    model = revify.convert(timm_model("resnet18", num_classes=5), torch.zeros(2, *SHAPE),
+                           plan=revify.MemoryPlan.from_json(mp.to_json()))
+    assert revify.memory_plan(model) == mp  # with its predictions
+    first = revify.stages(model)[0]
+    first.treatment = "store" if first.treatment != "store" else "reversible"  # by hand:
+    assert revify.memory_plan(model).peak_bytes is None  # the predictions no longer hold
 
 
 def test_convert_with_a_budget_installs_the_plan() -> None:
