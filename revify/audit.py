@@ -135,6 +135,9 @@ class AuditReport:
     # step name -> treatment (NOTE [ Stage treatments ] in coupling.py); a MemoryPlan's dict
     # when convert(plan=...) or memory_budget= chose them
     treatments: dict[str, str] = field(default_factory=dict)
+    # the memory-vs-time curve of a planned model, drawn beside the bars by ``plot``: points
+    # {"label", "peak_bytes", "time_s"} (``revify audit --budget ... --plot``)
+    tradeoff: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def batch_size(self) -> int:
@@ -322,9 +325,12 @@ class AuditReport:
         div = _divisor(units)
         names = [r.name for r in self.rows] or ["(no memory tracked)"]
         y = list(range(len(names)))
-        fig = Figure(figsize=(9, max(3.0, 0.22 * len(names) + 1.5)))
+        height = max(3.0, 0.22 * len(names) + 1.5)
+        fig = Figure(figsize=(15 if self.tradeoff else 9, height))
         FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
+        ax = fig.add_subplot(1, 2, 1) if self.tradeoff else fig.add_subplot()
+        if self.tradeoff:
+            self._plot_tradeoff(fig.add_subplot(1, 2, 2), div, units)
         ax.barh([i - 0.2 for i in y], [r.bytes_before / div for r in self.rows] or [0],
                 height=0.4, label="before")
         ax.barh([i + 0.2 for i in y], [r.bytes_after / div for r in self.rows] or [0],
@@ -337,6 +343,23 @@ class AuditReport:
         fig.tight_layout()
         fig.savefig(path)
         return path
+
+    def _plot_tradeoff(self, ax: Any, div: int, units: str) -> None:
+        """Training peak against modelled step time ÷ plain's: the plans chosen over budgets as
+        a curve, the other methods as points."""
+        plain = next((p["time_s"] for p in self.tradeoff if p["label"] == "plain"), None)
+        scale = plain or 1.0
+        curve = sorted((p["peak_bytes"] / div, p["time_s"] / scale)
+                       for p in self.tradeoff if p["label"] == "planned")
+        if curve:
+            ax.plot(*zip(*curve, strict=True), "o-", label="revify, planned per budget")
+        for p in self.tradeoff:
+            if p["label"] != "planned":
+                ax.plot(p["peak_bytes"] / div, p["time_s"] / scale, "D", label=p["label"])
+        ax.set_xlabel(f"training peak ({units}, simulated)")
+        ax.set_ylabel("modelled step time" + (" ÷ plain" if plain else " (s)"))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
 
 
 def _divisor(units: str) -> int:

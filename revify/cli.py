@@ -153,10 +153,17 @@ def _audit_command(args: argparse.Namespace) -> int:
             if args.budget is not None:
                 memory_plan = plan_memory(model, shape, args.batch_size,
                                           memory_budget=_budget(args.budget),
-                                          optimizer=args.optimizer, **options)
+                                          optimizer=args.optimizer,
+                                          tradeoff_points=5 if args.plot else 0, **options)
             # The model is ours: convert it in place (audit would otherwise convert a copy).
             convert(model, torch.zeros(2, *shape), plan=memory_plan, **options)
             report = audit(model, shape, args.batch_size, optimizer=args.optimizer, **options)
+        if memory_plan is not None:
+            report.tradeoff = [dict(p, label="planned") for p in memory_plan.tradeoff] + [
+                dict(label=name, peak_bytes=b["peak_bytes"], time_s=b["time_s"])
+                for name, b in memory_plan.baselines.items()
+            ] + [dict(label="this plan", peak_bytes=memory_plan.peak_bytes,
+                      time_s=memory_plan.time_s)]
     except (RuntimeError, ValueError, TypeError) as e:
         # User-facing failures, no traceback: ConversionError (a RuntimeError), a shape the
         # model rejects, bad --alpha/--beta, a budget no plan meets.

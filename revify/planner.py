@@ -69,6 +69,8 @@ class MemoryPlan:
         input_shape, device: the step planned for.
         baselines: per method (``"plain"``, ``"timm-ckpt"``, ``"minimum"``), its simulated
             ``peak_bytes`` and modelled ``time_s`` for the same step.
+        tradeoff: the plans chosen at budgets from the minimum to plain's peak, each
+            ``{"budget_bytes", "peak_bytes", "time_s"}`` (``plan_memory(tradeoff_points=n)``).
     """
 
     treatments: dict[str, str]
@@ -78,6 +80,9 @@ class MemoryPlan:
     input_shape: tuple[int, ...] | None = None
     device: str = ""
     baselines: dict[str, dict[str, float]] = field(default_factory=dict)
+    # (peak_bytes, time_s, budget_bytes) of the plans chosen over budgets (plan_memory's
+    # ``tradeoff_points``): the memory-vs-time curve
+    tradeoff: list[dict[str, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(vars(self))
@@ -87,7 +92,7 @@ class MemoryPlan:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> MemoryPlan:
         known = {k: d[k] for k in ("treatments", "budget_bytes", "peak_bytes", "time_s",
-                                   "device", "baselines") if k in d}
+                                   "device", "baselines", "tradeoff") if k in d}
         if not isinstance(known.get("treatments"), Mapping):
             raise ValueError("revify.MemoryPlan.from_dict: needs a 'treatments' mapping")
         known["treatments"] = {str(k): str(v) for k, v in known["treatments"].items()}
@@ -472,6 +477,24 @@ class _Planner:
         return out
 
 
+def _tradeoff(p: _Planner, baselines: dict[str, dict[str, float]], points: int
+              ) -> list[dict[str, float]]:
+    """The plans chosen at ``points`` budgets from the minimum peak to plain's (or store's)."""
+    low = baselines["minimum"]["peak_bytes"]
+    high = baselines.get("plain", {}).get("peak_bytes",
+                                          p.measured["store"].peak + p.persistent)
+    out = []
+    for i in range(points):
+        budget = int(low + (high - low) * i / max(points - 1, 1))
+        try:
+            _, sim = p.choose(budget)
+        except ValueError:
+            continue
+        out.append(dict(budget_bytes=budget, peak_bytes=sim.peak + p.persistent,
+                        time_s=sim.time_s))
+    return out
+
+
 def _autocast(precision: str) -> torch.dtype | None:
     """The autocast dtype of ``precision``: ``"fp32"`` (none), ``"bf16"`` or ``"fp16"``."""
     dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -503,6 +526,7 @@ def plan_memory(
     memory_budget: int | float | str,
     optimizer: str = "sgd",
     precision: str = "fp32",
+    tradeoff_points: int = 0,
     **convert_kwargs: Any,
 ) -> MemoryPlan:
     """The fastest :class:`MemoryPlan` whose simulated training peak fits ``memory_budget``.
@@ -523,6 +547,8 @@ def plan_memory(
             gradients, optimizer state and the step's live tensors (``audit``'s peak).
         optimizer: ``"sgd"`` (momentum), ``"adam"``, ``"adamw"`` or ``"none"``: its state.
         precision: ``"fp32"``, or ``"bf16"`` / ``"fp16"``: the forward under autocast.
+        tradeoff_points: also choose at that many budgets from the minimum to plain's peak
+            (``MemoryPlan.tradeoff``: the memory-vs-time curve; one simulation or more each).
         **convert_kwargs: for ``revify.convert`` (coupling options) when ``model`` is not
             converted yet.
 
@@ -548,8 +574,9 @@ def plan_memory(
     plain = baselines.get("plain")
     if plain is not None:
         _plain_would_do(plain["peak_bytes"], plain["time_s"], budget, sim.time_s)
+    tradeoff = _tradeoff(planner, baselines, tradeoff_points) if tradeoff_points > 0 else []
     return MemoryPlan(chosen, budget, sim.peak + planner.persistent, sim.time_s, spec.shape,
-                      planner.speed.device, baselines)
+                      planner.speed.device, baselines, tradeoff)
 
 
 def _plain_would_do(plain_peak: float, plain_time: float, budget: int, time_s: float) -> None:

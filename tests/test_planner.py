@@ -187,6 +187,20 @@ def test_fit_finds_more_batch_for_revify(resnet) -> None:
     assert m.batch_size <= by["plain"].batch_size
 
 
+def test_tradeoff_curve_and_its_plot(resnet, tmp_path) -> None:
+    mp = revify.plan_memory(resnet, SHAPE, BATCH, memory_budget=0.9, tradeoff_points=3)
+    assert len(mp.tradeoff) == 3
+    for point in mp.tradeoff:
+        assert point["peak_bytes"] <= point["budget_bytes"]
+    times = [p["time_s"] for p in sorted(mp.tradeoff, key=lambda p: p["budget_bytes"])]
+    assert times[-1] <= times[0]  # more memory never buys a slower plan
+    assert revify.MemoryPlan.from_json(mp.to_json()).tradeoff == mp.tradeoff
+    path = tmp_path / "audit.png"
+    assert main(["audit", "resnet18", "--batch-size", str(BATCH), "--img-size", "128",
+                 "--budget", "0.9", "--plot", str(path)]) == 0
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
 def test_cli_fit_and_budget_json(capsys) -> None:
     assert main(["fit", "resnet18", "--memory", "600MiB", "--img-size", "32", "--json", "-"]) == 0
     data = json.loads(capsys.readouterr().out)
