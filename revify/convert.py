@@ -776,6 +776,12 @@ def convert(
         raise ValueError(f"revify.convert: min_units must be >= 1, got {min_units}")
     if plan is not None and memory_budget is not None:
         raise ValueError("revify.convert: give plan= or memory_budget=, not both")
+    if memory_budget is not None and example_input is None:
+        raise ValueError(
+            "revify.convert: memory_budget plans a training step for a batch of example_input's "
+            "shape; pass example_input=torch.zeros(batch_size, C, H, W) (or use "
+            "revify.plan_memory(model, (C, H, W), batch_size, memory_budget=...))"
+        )
     sharded = _fsdp.sharded_modules(model)
     if sharded:
         raise ConversionError(

@@ -173,6 +173,8 @@ def test_bad_plans_leave_the_model_unconverted() -> None:
         assert not plans(model) and not revify.stages(model)
     with pytest.raises(ValueError, match="not both"):
         revify.convert(timm_model("resnet18"), x, plan={}, memory_budget="1GiB")
+    with pytest.raises(ValueError, match="example_input"):
+        revify.convert(timm_model("resnet18"), memory_budget="1GiB")  # which batch?
 
 
 def test_fit_finds_more_batch_for_revify(resnet) -> None:
