@@ -7,14 +7,20 @@ states whatever its depth, and its backward works on one unit at a time.
 
 from __future__ import annotations
 
+import copy
+import sys
+
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import revify
+from revify import _costs
 from revify.check import _peak_live_bytes
+from revify.convert import plans
 
 _BATCH, _WIDTH, _SIDE = 4, 32, 48
 # One full-size fp32 activation of the stack: batch x width x side x side.
@@ -117,3 +123,25 @@ def test_unit_gradients_are_handed_on_before_earlier_units_recompute():
     model(torch.randn(2, 3, _SIDE, _SIDE)).sum().backward()
     # Forward (the stage's units run without grad), then the backward's recompute of unit 0.
     assert events == ["grad of unit 2", "unit 0 runs"]
+
+
+def test_segment_pieces_are_chosen_by_simulated_peak(monkeypatch) -> None:
+    """RegNet's one-block stages are leaf calls from the root: cutting the stem segment between
+    them lowers its backward peak, so conversion keeps those pieces (NOTE [ Segment pieces ]),
+    and the default plan then stays below timm checkpointing's peak."""
+    model = timm.create_model("regnetx_002")
+    spd = _costs.speed("cpu")
+
+    def peak(m) -> int:
+        return _costs.measure(m, (4, 3, 96, 96), torch.float32, torch.device("cpu"), spd).peak
+
+    chosen = revify.convert(copy.deepcopy(model), torch.zeros(2, 3, 96, 96))
+    stem = plans(chosen)[0][1].segments[0]
+    assert stem.calls[:3] == ["stem", "s1", "s2"] and len(stem.pieces) == 4
+    # the module, not revify.convert the function
+    monkeypatch.setattr(sys.modules["revify.convert"], "_segment_peak", lambda *args: None)
+    coarse = revify.convert(copy.deepcopy(model), torch.zeros(2, 3, 96, 96))
+    assert len(plans(coarse)[0][1].segments[0].pieces) < 4
+    timm_ckpt = copy.deepcopy(model)
+    timm_ckpt.set_grad_checkpointing(True)
+    assert peak(chosen) < peak(coarse) and peak(chosen) < peak(timm_ckpt)
