@@ -13,12 +13,14 @@ comparison of the ratios. It also times how long ``revify.plan_memory`` takes to
     .venv/bin/python benchmarks/planner.py --models resnet50,resnet152,vit_base_patch16_224,\
 convnext_base --json benchmarks/results/planner.json --plot docs/planner_pareto.png
     .venv/bin/python benchmarks/planner.py --answer resnet152:256  # time one plan_memory call
+    .venv/bin/python benchmarks/planner.py --models "" --cpu-steps resnet50:8  # real CPU steps
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 from typing import Any
 
@@ -27,6 +29,7 @@ import torch
 from _common import console, parse_list, ratio, write_json
 from _time_model import find_tool, predict
 from rich.table import Table
+from step_time import _batch, make_step
 
 import revify
 from revify import planner
@@ -79,6 +82,38 @@ def answer_time(name: str, batch: int, size: int, precision: str) -> dict[str, A
     return dict(model=name, batch=batch, precision=precision, plan_memory_s=t1 - t0,
                 fit_s=t2 - t1, plan=mp.to_dict(),
                 fit=[dict(vars(r), samples_per_s=r.samples_per_s) for r in rows])
+
+
+def cpu_steps(name: str, batch: int, size: int, warmup: int = 1, steps: int = 3
+              ) -> dict[str, Any]:
+    """Real fp32 CPU step times, interleaved: plain, timm-ckpt, revify's default and revify
+    planned for timm checkpointing's simulated peak (the same batch)."""
+    torch.manual_seed(0)
+    base = timm.create_model(name, pretrained=False)
+    timm_ckpt = copy.deepcopy(base)
+    timm_ckpt.set_grad_checkpointing(True)
+    plan = revify.plan_memory(base, (3, size, size), batch, memory_budget=1.0)
+    budget = int(plan.baselines["timm-ckpt"]["peak_bytes"])
+    planned = revify.plan_memory(base, (3, size, size), batch, memory_budget=budget)
+    models = {
+        "plain": copy.deepcopy(base), "timm-ckpt": timm_ckpt,
+        "revify": revify.convert(copy.deepcopy(base), torch.zeros(2, 3, size, size)),
+        "revify @ timm peak": revify.convert(copy.deepcopy(base), torch.zeros(2, 3, size, size),
+                                             plan=planned),
+    }
+    x, target = _batch(batch, size, "cpu", channels_last=False)
+    runs = {k: make_step(m.train(), x, target, None, 0.9) for k, m in models.items()}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for i in range(warmup + steps):
+        for k, step in runs.items():
+            t0 = time.perf_counter()
+            step()
+            if i >= warmup:
+                times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return dict(model=name, batch=batch, size=size, budget_bytes=budget,
+                treatments=planned.treatments, median_s=med,
+                vs_timm={k: v / med["timm-ckpt"] for k, v in med.items()})
 
 
 def display(result: dict[str, Any], tool_rows: dict[str, float]) -> None:
@@ -156,13 +191,17 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", type=parse_list, default=["resnet50"])
+    parser.add_argument("--models", type=parse_list, default=["resnet50"],
+                        help="models to sweep ('' for none)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     parser.add_argument("--points", type=int, default=6, help="budgets per model")
     parser.add_argument("--answer", type=parse_list, default=[],
                         help="MODEL:BATCH,...: time plan_memory and fit (80 GiB) on them")
+    parser.add_argument("--cpu-steps", type=parse_list, default=[],
+                        help="MODEL:BATCH,...: real fp32 CPU steps of plain, timm-ckpt, revify "
+                             "and revify planned at timm's peak")
     parser.add_argument("--time-model", action="store_true",
                         help="also run the shared GPU time model (../shared/tools)")
     parser.add_argument("--json", help="write the results here")
@@ -188,8 +227,16 @@ def main(argv: list[str] | None = None) -> None:
                         f"fit at 80 GiB {a['fit_s']:.1f} s: " + ", ".join(
                             f"{f['method']} {f['batch_size']}" for f in a["fit"]))
         answers.append(a)
+    steps = []
+    for spec in args.cpu_steps:
+        name, _, batch = spec.partition(":")
+        c = cpu_steps(name, int(batch or 8), args.size)
+        console().print(f"{name} batch {c['batch']} CPU step (median s): " + ", ".join(
+            f"{k} {v:.3f} ({c['vs_timm'][k]:.2f}x timm)" for k, v in c["median_s"].items())
+            + f"; plan at timm's peak: {_short(c['treatments'])}")
+        steps.append(c)
     if args.json:
-        write_json(args.json, results, answers=answers)
+        write_json(args.json, results, answers=answers, cpu_steps=steps)
     if args.plot and results:
         plot(results, args.plot)
 
