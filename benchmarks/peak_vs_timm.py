@@ -51,8 +51,7 @@ from rich.table import Table
 from torch import nn
 
 import revify
-from revify import _costs
-from revify.audit import _storage_bytes
+from revify import _costs, planner
 
 METHODS = ("plain", "timm-ckpt", "revify")
 DEFAULT_JSON = "benchmarks/results/peak_vs_timm.json"
@@ -89,19 +88,12 @@ def _spec(name: str) -> Spec:
 # Measuring
 
 
-def persistent_bytes(model: nn.Module) -> int:
-    """Weights + buffers + gradients + SGD momentum (``AuditReport.persistent_bytes``)."""
-    grads = _storage_bytes(p for p in model.parameters() if p.requires_grad)
-    return (_storage_bytes(model.parameters()) + _storage_bytes(model.buffers())
-            + grads * (1 + _OPTIMIZER_STATES))
-
-
 def _measure(model: nn.Module, shape: tuple[int, ...], autocast: torch.dtype | None
              ) -> dict[str, Any]:
     kwargs = {"autocast": autocast} if autocast is not None else {}
     m = _costs.measure(model, shape, torch.float32, torch.device("cpu"), _costs.speed("cpu"),
                        **kwargs)
-    persistent = persistent_bytes(model)
+    persistent = planner.persistent_bytes(model)  # SGD momentum: one state
     return dict(step_peak=m.peak, persistent=persistent, train_peak=m.peak + persistent,
                 time_s=m.time_s, peak_at=peak_step(m))
 

@@ -29,7 +29,7 @@ import torch
 from _common import console, parse_list, ratio, write_json
 from _time_model import find_tool, predict
 from rich.table import Table
-from step_time import _batch, make_step
+from step_time import _batch, interleaved_times, make_step
 
 import revify
 from revify import planner
@@ -103,13 +103,7 @@ def cpu_steps(name: str, batch: int, size: int, warmup: int = 1, steps: int = 3
     }
     x, target = _batch(batch, size, "cpu", channels_last=False)
     runs = {k: make_step(m.train(), x, target, None, 0.9) for k, m in models.items()}
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for i in range(warmup + steps):
-        for k, step in runs.items():
-            t0 = time.perf_counter()
-            step()
-            if i >= warmup:
-                times[k].append(time.perf_counter() - t0)
+    times = interleaved_times(runs, warmup, steps)
     med = {k: statistics.median(v) for k, v in times.items()}
     return dict(model=name, batch=batch, size=size, budget_bytes=budget,
                 treatments=planned.treatments, median_s=med,

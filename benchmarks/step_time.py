@@ -63,6 +63,20 @@ def make_step(
     return step
 
 
+def interleaved_times(runs: dict[str, Callable[[], None]], warmup: int, steps: int
+                      ) -> dict[str, list[float]]:
+    """Seconds of each step closure, run in rounds (one step of every method per round) so
+    that a change of machine load touches all methods alike; ``warmup`` rounds uncounted."""
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for i in range(warmup + steps):
+        for k, step in runs.items():
+            t0 = time.perf_counter()
+            step()
+            if i >= warmup:
+                times[k].append(time.perf_counter() - t0)
+    return times
+
+
 def _batch(batch: int, size: int, device: str, channels_last: bool) -> tuple[Tensor, Tensor]:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=gen)
@@ -76,13 +90,7 @@ def time_cpu(name: str, batch: int, size: int, warmup: int, steps: int) -> list[
     x, target = _batch(batch, size, "cpu", channels_last=False)
     methods = (*METHODS, REVNET_METHOD)  # the default (faithful) coupling and the RevNet one
     runs = {m: make_step(build_model(name, m, size=size), x, target, None, 0.9) for m in methods}
-    times: dict[str, list[float]] = {m: [] for m in methods}
-    for i in range(warmup + steps):
-        for method, step in runs.items():
-            t0 = time.perf_counter()
-            step()
-            if i >= warmup:
-                times[method].append(time.perf_counter() - t0)
+    times = interleaved_times(runs, warmup, steps)
     return [dict(device="cpu", precision="fp32", model=name, method=m, batch=batch, size=size,
                  threads=torch.get_num_threads(), median_s=statistics.median(ts), times_s=ts)
             for m, ts in times.items()]

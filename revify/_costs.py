@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -236,11 +235,3 @@ def measure(
                 torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
             del outs
     return meter.finish()
-
-
-def step_names(measurement: Measurement) -> list[str]:
-    return [n for n in measurement.steps if n not in (INPUT, LOSS)]
-
-
-def as_dict(costs: Mapping[str, StepCost]) -> dict[str, dict[str, Any]]:
-    return {n: dict(vars(c)) for n, c in costs.items()}

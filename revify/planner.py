@@ -338,15 +338,11 @@ class _Planner:
     def __init__(self, model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype,
                  device: torch.device, optimizer_states: int = 1, precision: str = "fp32"
                  ) -> None:
-        from .audit import _storage_bytes
-
         self.model, self.shape, self.dtype, self.device = model, shape, dtype, device
         self.autocast = _autocast(precision)
         self.plan = _one_plan(model, "memory planning")
         self.speed = _costs.speed(str(device))
-        grads = _storage_bytes(p for p in model.parameters() if p.requires_grad)
-        self.persistent = (_storage_bytes(model.parameters()) + _storage_bytes(model.buffers())
-                           + grads * (1 + optimizer_states))
+        self.persistent = persistent_bytes(model, optimizer_states)
         runs = [step.run for step in self.plan.steps]
         self.runs = {r.name: r for r in runs}
         uniform = {
@@ -495,6 +491,16 @@ def _tradeoff(p: _Planner, baselines: dict[str, dict[str, float]], points: int
     return out
 
 
+def persistent_bytes(model: nn.Module, optimizer_states: int = 1) -> int:
+    """Weights, buffers, gradients and ``optimizer_states`` state tensors per parameter
+    requiring grad (SGD momentum: 1): what lives between steps, as ``AuditReport`` counts it."""
+    from .audit import _storage_bytes
+
+    grads = _storage_bytes(p for p in model.parameters() if p.requires_grad)
+    return (_storage_bytes(model.parameters()) + _storage_bytes(model.buffers())
+            + grads * (1 + optimizer_states))
+
+
 def _autocast(precision: str) -> torch.dtype | None:
     """The autocast dtype of ``precision``: ``"fp32"`` (none), ``"bf16"`` or ``"fp16"``."""
     dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -597,7 +603,7 @@ def plan_converted(model: nn.Module, example: Any, memory_budget: Any) -> Memory
     place (a fractional budget refers to the original code's peak) and install the plan."""
     spec = _spec(model, example, None)
     planner = _Planner(model, spec.shape, spec.dtype, spec.device)
-    m = planner.run(model, original=True)  # the original code's step, for a fraction
+    m = planner.run(model, original=True)  # the original code: for a fraction, and the warning
     plain = m.peak + planner.persistent
     budget = parse_budget(memory_budget, plain)
     chosen, sim = planner.choose(budget)
@@ -645,7 +651,7 @@ def fit(
     it fits: slower for large batches). A method that does not fit at batch 1 gets
     ``batch_size=0``.
     """
-    from .audit import _optimizer_states, _param_dtype_device, _storage_bytes
+    from .audit import _optimizer_states, _param_dtype_device
 
     _, states = _optimizer_states(optimizer)
     budget = parse_budget(memory)
@@ -657,9 +663,7 @@ def fit(
     dtype, device = _param_dtype_device(model)
     spd = _costs.speed(str(device))
     autocast = _autocast(precision)
-    grads = _storage_bytes(p for p in model.parameters() if p.requires_grad)
-    persistent = (_storage_bytes(model.parameters()) + _storage_bytes(model.buffers())
-                  + grads * (1 + states))
+    persistent = persistent_bytes(model, states)
     converted = convert(copy.deepcopy(model), torch.zeros(2, *shape, dtype=dtype, device=device),
                         strict=True, **convert_kwargs)
     methods: list[tuple[str, nn.Module]] = [("plain", model)]

@@ -45,6 +45,20 @@ class ReluBlock(nn.Module):
         return torch.relu(h + self.conv(h))
 
 
+class CountingBlock(nn.Module):
+    """A unit depending on a Python call counter: its recompute computes something else (what
+    the mismatch check must report)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(width, width, 3, padding=1)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x + torch.tanh(self.conv(x)) * (1 + self.calls % 2)
+
+
 def timm_model(name: str, **kwargs) -> nn.Module:
     """A timm model with non-zero residual branches (zero_init_last hides errors)."""
     torch.manual_seed(0)

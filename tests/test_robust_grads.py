@@ -14,7 +14,7 @@ from collections import defaultdict
 import pytest
 import timm
 import torch
-from conftest import bn_state, max_rel_err, restore, step_grads, timm_model
+from conftest import CountingBlock, bn_state, max_rel_err, restore, step_grads, timm_model
 from timm.layers import EvoNorm2dB0
 from timm.models.resnet import Bottleneck, ResNet
 from torch import nn
@@ -383,19 +383,6 @@ def test_spectral_norm_recompute_replays_the_power_iteration():
 # 5. Recomputes that differ from their forward -----------------------------------------------
 
 
-class _PyCounterBlock(nn.Module):
-    """A unit whose computation depends on a Python call counter: its recompute differs."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(width, width, 3, padding=1)
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return x + torch.tanh(self.conv(x)) * (1 + self.calls % 2)
-
-
 class _PyRandomDepthBlock(nn.Module):
     """Stochastic depth drawn with Python's ``random``: the recompute draws another number."""
 
@@ -448,7 +435,7 @@ def _steps(model: nn.Module, n: int, dtype=torch.float32) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_a_unit_whose_recompute_differs_warns_once_naming_it(dtype):
-    model = _mismatch_net(_PyCounterBlock, dtype)
+    model = _mismatch_net(CountingBlock, dtype)
     assert len(revify.stages(model)[0].units) == 3
     with pytest.warns(RuntimeWarning, match=r"stage blocks, unit blocks\.1: .*Python") as rec:
         _steps(model, 3, dtype)
@@ -470,10 +457,10 @@ def test_a_segment_whose_recompute_differs_warns():
 
 
 def test_on_mismatch_raise_and_ignore():
-    model = revify.set_on_mismatch(_mismatch_net(_PyCounterBlock), "raise")
+    model = revify.set_on_mismatch(_mismatch_net(CountingBlock), "raise")
     with pytest.raises(RuntimeError, match=r"unit blocks\.1: the activations recomputed in"):
         _steps(model, 1)
-    model = revify.set_on_mismatch(_mismatch_net(_PyCounterBlock), "ignore")
+    model = revify.set_on_mismatch(_mismatch_net(CountingBlock), "ignore")
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         _steps(model, 2)

@@ -19,7 +19,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from conftest import ReluBlock, bn_state, max_rel_err, restore, timm_model
+from conftest import CountingBlock, ReluBlock, bn_state, max_rel_err, restore, timm_model
 from torch import nn
 
 import revify
@@ -402,25 +402,12 @@ def test_frozen_units_in_a_checkpointed_stage(zoo):
             p.requires_grad_(True)
 
 
-class _CountingBlock(nn.Module):
-    """A unit depending on a Python call counter: a recompute computes something else."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(width, width, 3, padding=1)
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return x + torch.tanh(self.conv(x)) * (1 + self.calls % 2)
-
-
 @pytest.mark.filterwarnings("default::RuntimeWarning")
 def test_a_checkpointed_unit_whose_recompute_differs_is_reported():
     """The stage's ``on_mismatch`` reaches its units' Segments: "warn" names the unit,
     "raise" raises."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), BNBlock(4), _CountingBlock(4),
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), BNBlock(4), CountingBlock(4),
                           BNBlock(4)).double()
     x = _input(size=8)
     revify.convert(model, x, plan={})
