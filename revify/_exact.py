@@ -240,13 +240,13 @@ def _row_slices(t: Tensor) -> list[slice]:
     return [slice(i, i + rows) for i in range(0, t.shape[0], rows)]
 
 
-def _chunks(n: int) -> list[slice]:
+def chunks(n: int) -> list[slice]:
     """Ranges of at most _SLICE elements of a flat tensor of ``n`` (whole packing groups: the
     packed bytes of chunk ``i`` follow those of chunk ``i - 1``)."""
     return [slice(i, min(n, i + _SLICE)) for i in range(0, n, _SLICE)] or [slice(0, 0)]
 
 
-def _packed_range(sl: slice, per: int, nbytes: int) -> slice:
+def packed_range(sl: slice, per: int, nbytes: int) -> slice:
     return slice(sl.start // per * nbytes, -(-sl.stop // per) * nbytes)
 
 
@@ -263,15 +263,15 @@ def next_state(
     elif not first:
         per, nbytes = _group(_bits(d))
         n = x_cur.numel()
-        data = torch.empty(-(-n // per) * nbytes, dtype=torch.uint8, device=x_cur.device)
+        data = torch.empty(packed_size(n, d), dtype=torch.uint8, device=x_cur.device)
         y = x_prev.sub_(x_cur) if own_prev else torch.sub(x_prev, x_cur)  # D * delta
         order = _order(y)
         flat, back = _flat(y, order)
         if d & (d - 1) == 0:
             flat.add_(grid.big)
             bits = _int_view(flat)
-            for sl in _chunks(n):  # the remainders' temporary: a slice
-                out = data[_packed_range(sl, per, nbytes)]
+            for sl in chunks(n):  # the remainders' temporary: a slice
+                out = data[packed_range(sl, per, nbytes)]
                 pack(torch.bitwise_and(bits[sl], d - 1), d, out=out)
             bits.bitwise_and_(-d)  # (BIG/delta + d * floor(D/d)) * delta
             flat.sub_(grid.big)  # d * floor(D/d) * delta
@@ -321,8 +321,8 @@ def prev_state(
         n = flat.numel()
         scratch = torch.empty(min(n, _SLICE) + per, dtype=_int_view(flat).dtype,
                               device=flat.device)
-        for sl in _chunks(n):
-            data = packed.data[_packed_range(sl, per, nbytes)]
+        for sl in chunks(n):
+            data = packed.data[packed_range(sl, per, nbytes)]
             r = unpack(data, d, sl.stop - sl.start, into=scratch)
             if power:
                 _int_view(flat[sl]).bitwise_or_(r)  # the low bits are zero
@@ -347,6 +347,22 @@ def _bits(d: int) -> int:
 
 def _group(b: int) -> tuple[int, int]:
     return (4, 3) if b == 6 else (8 // b, 1)
+
+
+def bit_width(d: int) -> int:
+    """Bits a remainder of ``d`` is packed at."""
+    return _bits(d)
+
+
+def group(d: int) -> tuple[int, int]:
+    """``(per, nbytes)``: remainders of ``d`` are packed ``per`` values to ``nbytes`` bytes."""
+    return _group(_bits(d))
+
+
+def packed_size(n: int, d: int) -> int:
+    """Bytes :func:`pack` makes of ``n`` remainders of ``d``."""
+    per, nbytes = group(d)
+    return -(-n // per) * nbytes
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
-from . import _exact, _fsdp, _mode
+from . import _exact, _fsdp, _fused, _mode
 from ._replay import (
     MISMATCH_CAUSES,
     BufferSnapshot,
@@ -455,7 +455,10 @@ class _Walk:
         self.grid = grid
         if grid is not None:
             x0 = _straight_through(x0, _exact.on_grid(x0.detach(), grid.delta))
-            self.extrema = [grid.extrema(x0.detach())]  # per state, checked at the end
+            # per state, checked at the end; the fused steps keep theirs in one accumulator
+            # (NOTE [ Fused streams ] in _fused.py)
+            self.accumulator = _fused.accumulator(x0)
+            self.extrema = [grid.extrema(x0.detach()), (self.accumulator, self.accumulator)]
         self.pair: tuple[Tensor, Tensor] | None = (x0, x0)
         self.owned = (False, False)  # backward: whether a step may write into each of pair
         self.reference: Tensor | None = None  # revify.check: the true input
@@ -483,25 +486,37 @@ class _Walk:
         else:
             grad = torch.is_grad_enabled()
             outer, inner = _exact.coefficients(a, self.beta, self.d)
-            with torch.no_grad():
-                # Without grad (no-grad path, or inside _UnitStep.forward) u and x_{k-1} are
-                # ours: x_{k+1} is formed in u's memory and D = x_{k-1} - x_k in x_{k-1}'s.
-                t = _exact.rounded(
-                    u.detach(), None if m is None else m.detach(), x_cur.detach(), inner,
-                    self.grid, own=not grad and not _is_alias(u, h, x_cur),
-                )
             # plain autograd: the exact value, the float step's gradient
             value = None
             if grad:
                 value = _combine(a, self.beta, x_prev, x_cur, u if m is None else u - m)
+            # Without grad (no-grad path, or inside _UnitStep.forward) u and x_{k-1} are ours:
+            # x_{k+1} is formed in x_{k-1}'s memory (fused) or in u's, D = x_{k-1} - x_k in
+            # x_{k-1}'s (op by op).
+            own_prev = own and not grad and k > 0
+            with torch.no_grad():
+                fused = _fused.next_state(
+                    self.grid, self.d, outer, inner, u.detach(),
+                    None if m is None else m.detach(), x_prev.detach(), x_cur.detach(),
+                    own_prev, k == 0, self.accumulator,
+                )
+                if fused is None:
+                    t = _exact.rounded(
+                        u.detach(), None if m is None else m.detach(), x_cur.detach(), inner,
+                        self.grid, own=not grad and not _is_alias(u, h, x_cur),
+                    )
             del u, h, m  # in half precision a state's worth: gone before the states' arithmetic
             with torch.no_grad():
-                x_next, rem = _exact.next_state(
-                    self.grid, self.d, outer, t, x_prev.detach(), x_cur.detach(),
-                    own_prev=own and not grad and k > 0, first=k == 0,
-                )
-                del t
-                self.extrema.append(self.grid.extrema(x_next))
+                if fused is None:
+                    x_next, rem = _exact.next_state(
+                        self.grid, self.d, outer, t, x_prev.detach(), x_cur.detach(),
+                        own_prev=own_prev, first=k == 0,
+                    )
+                    del t
+                    self.extrema.append(self.grid.extrema(x_next))
+                else:
+                    x_next, rem = fused
+                    del fused
             if value is not None:
                 x_next = _straight_through(value, x_next)
         self.pair = (x_cur, x_next)
@@ -842,7 +857,7 @@ def _step_backward(ctx: Any, g_cur: Tensor | None, g_next: Tensor | None) -> tup
                 packed = None
                 if walk.d > 1:
                     packed = _exact.Packed(ctx.saved_tensors[0], ctx.order)
-                lo = _exact.prev_state(
+                lo = _fused.prev_state(
                     walk.grid, walk.d, *_exact.coefficients(a, beta, walk.d), u.detach(), m,
                     mid, hi, packed, own_next=hi_owned,
                 )
@@ -1017,7 +1032,7 @@ class _Probe:
         m = None if m is None else pick(m)
         ref = x_0 if walk.reference is None else walk.reference.to(x_0.dtype)
         if walk.exact:
-            x_m1 = _exact.prev_state(
+            x_m1 = _fused.prev_state(
                 walk.grid, walk.d, *_exact.coefficients(a, walk.beta, walk.d), u, m, x_0, x_1,
                 None,
             )

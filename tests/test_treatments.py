@@ -768,4 +768,5 @@ def test_memory_checkpoint_and_reversible_store_less_than_store():
         held.append(m.steps[first.name].held)
         peaks.append(m.peak)
     assert all(a > b for a, b in itertools.pairwise(held)), held
-    assert all(a >= b for a, b in itertools.pairwise(peaks)) and peaks[0] > peaks[-1], peaks
+    # no higher, up to the 0-dim bookkeeping tensors of a step (a few bytes; a unit is ~50 KB)
+    assert all(a >= b - 64 for a, b in itertools.pairwise(peaks)) and peaks[0] > peaks[-1], peaks

@@ -1,0 +1,240 @@
+"""Fused exact stream steps: one kernel per step of the exact recurrence (NOTE [ Fused streams ]).
+
+:func:`next_state` and :func:`prev_state` take the arguments of :mod:`revify._exact`'s
+``rounded`` + ``next_state`` and ``prev_state`` and run them as one custom op,
+``revify::stream_next`` / ``revify::stream_prev``, where the step allows it, else op by op.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+from . import _exact
+
+__all__: list[str] = []
+
+# NOTE [ Fused streams ]
+# One exact step op by op is ~20 passes over a state (the copy of u to fp32, the rounding, D,
+# its remainders and their packing, the floor, two sums, an aminmax), its inverse ~25. On a GPU
+# at batch 64 the host issues an op in about 25 us, so these were 22 ms of host time and 22 ms
+# of device time in ResNet-50's modelled 73 ms bf16 step (issue 14). Fused, a step is one kernel
+# that reads u, m and the two states once and writes x_{k+1} and the packed remainders: the same
+# arithmetic, op for op in the same order. Every op is exact (sums of grid values, products by
+# powers of two and by integers) except the rounding of u - m, which both do as
+# (v + BIG) - BIG in fp32, so a contracted multiply-add changes no bit, and a state or a
+# remainder made one way is undone the other way (tests/test_fused.py checks bit equality).
+#
+# The op's CUDA kernel is written in Triton (imported only there); its kernel elsewhere is
+# _exact's op-by-op code run on whole packing groups. Which path a step takes depends only on
+# the device (CUDA with Triton installed: fused), never on values, so a stage's forward and
+# backward agree; fake tensors follow their device, so the audit simulates what runs. The
+# environment variable REVIFY_FUSED_STREAMS=1 makes every device take the op (on the CPU its
+# op-by-op kernel, the same bits): a fake CPU step then counts what a CUDA step issues, which is
+# how ../shared/tools/gpu_time_model.py models the CUDA step on a CPU; =0 turns the op off.
+#
+# The op covers the steps of the faithful and RevNet couplings: fp32 streams, d = 1 or a power
+# of two, an inner coefficient of 0, and u, m and the states in one dense layout (the layout the
+# remainders are packed in). Any other step runs op by op. The kernel also keeps max |x_{k+1}|
+# (an atomic max on the float's bits, which order non-negative floats as integers; a NaN's bits
+# are above every finite value's) in the walk's accumulator, instead of an aminmax per state.
+
+_BLOCK = 1024  # elements per Triton program
+_BIG = 1.5 * 2.0**23  # BIG / delta for fp32 (NOTE [ Stream kernels ])
+
+
+@functools.cache
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _mode() -> str:
+    """"auto" (fused on CUDA with Triton), "1" (everywhere), "0" (nowhere), or "triton" (the
+    Triton kernels on any device: tests run them in Triton's interpreter on the CPU)."""
+    return os.environ.get("REVIFY_FUSED_STREAMS", "auto")
+
+
+def _enabled(t: Tensor) -> bool:
+    mode = _mode()
+    if mode == "auto":
+        return t.device.type == "cuda" and _has_triton()
+    return mode != "0"
+
+
+def _dense_order(ts: list[Tensor]) -> tuple[int, ...] | None:
+    """The memory order all of ``ts`` are densely laid out in (same shape and strides on every
+    dimension longer than 1), or None."""
+    first = ts[0]
+    if first.numel() == 0 or first.dim() == 0:
+        return None
+    for t in ts[1:]:
+        if t.shape != first.shape or any(
+            n > 1 and a != b for n, a, b in zip(t.shape, t.stride(), first.stride(), strict=True)
+        ):
+            return None
+    order = _exact._order(first)
+    if not first.permute(order).is_contiguous():
+        return None
+    return order
+
+
+def _fusable(d: int, inner: float, x: Tensor) -> bool:
+    return not inner and x.dtype == torch.float32 and d & (d - 1) == 0 and _enabled(x)
+
+
+def accumulator(like: Tensor) -> Tensor:
+    """A 0-dim fp32 zero on ``like``'s device: the running max |state| the fused steps keep."""
+    return torch.zeros((), dtype=torch.float32, device=like.device)
+
+
+def next_state(
+    grid: _exact.Grid, d: int, outer: float, inner: float, u: Tensor, m: Tensor | None,
+    x_prev: Tensor, x_cur: Tensor, own_prev: bool, first: bool, top: Tensor,
+) -> tuple[Tensor, _exact.Packed | None] | None:
+    """``(x_{k+1}, packed remainders)`` by the fused op, in ``x_prev``'s memory if ``own_prev``,
+    with max |x_{k+1}| folded into ``top``; None when the step is not one the op covers (then
+    run ``_exact.rounded`` and ``_exact.next_state``). Run without grad."""
+    if not _fusable(d, inner, x_cur):
+        return None
+    order = _dense_order([x_cur, x_prev, u] + ([] if m is None else [m]))
+    if order is None:
+        return None
+    out = x_prev if own_prev and not first else torch.empty_like(x_cur)
+    n = x_cur.numel()
+    packed = None
+    if d > 1 and not first:
+        packed = torch.empty(_exact.packed_size(n, d), dtype=torch.uint8, device=x_cur.device)
+    args = (u, m, x_prev, x_cur, grid.delta, d, float(outer), first, grid.finite_only, out,
+            packed, top)
+    if _mode() == "triton":
+        _triton_next(*args)
+    else:
+        torch.ops.revify.stream_next(*args)
+    return out, (None if packed is None else _exact.Packed(packed, order))
+
+
+def prev_state(
+    grid: _exact.Grid, d: int, outer: float, inner: float, u: Tensor, m: Tensor | None,
+    x_cur: Tensor, x_next: Tensor, packed: _exact.Packed | None, own_next: bool = False,
+) -> Tensor:
+    """``_exact.prev_state``, by the fused op where it covers the step."""
+    order = None
+    if _fusable(d, inner, x_cur):
+        order = _dense_order([x_cur, x_next, u] + ([] if m is None else [m]))
+        if packed is not None and packed.order != order:
+            order = None
+    if order is None:
+        return _exact.prev_state(grid, d, outer, inner, u, m, x_cur, x_next, packed, own_next)
+    out = x_next if own_next else torch.empty_like(x_cur)
+    data = None if packed is None or d == 1 else packed.data
+    args = (u, m, x_cur, x_next, data, grid.delta, d, float(outer), out)
+    if _mode() == "triton":
+        _triton_prev(*args)
+    else:
+        torch.ops.revify.stream_prev(*args)
+    return out
+
+
+# ---- the ops, and their kernel op by op (every device but CUDA) ---------------------------
+
+
+def _flat(t: Tensor | None) -> Tensor | None:
+    """A flat view of ``t`` in its memory order (dense: :func:`_dense_order` held)."""
+    return None if t is None else t.permute(_exact._order(t)).reshape(-1)
+
+
+@torch.library.custom_op("revify::stream_next", mutates_args=("out", "packed", "top"))
+def _stream_next(
+    u: Tensor, m: Tensor | None, x_prev: Tensor, x_cur: Tensor, delta: Tensor, d: int,
+    outer: float, first: bool, finite_only: bool, out: Tensor, packed: Tensor | None,
+    top: Tensor,
+) -> None:
+    """One exact forward step into ``out`` (may be ``x_prev``), its remainders into ``packed``,
+    max |x_{k+1}| into ``top`` (NOTE [ Fused streams ]); op by op, on whole packing groups."""
+    grid = _exact.Grid(delta, finite_only)
+    uf, mf, pf, cf, of = map(_flat, (u, m, x_prev, x_cur, out))
+    per, nbytes = _exact.group(d)
+    for sl in _exact.chunks(uf.numel()):
+        t = _exact.rounded(uf[sl], None if mf is None else mf[sl], cf[sl], 0.0, grid, own=False)
+        x, p = _exact.next_state(grid, d, outer, t, pf[sl], cf[sl], own_prev=False, first=first)
+        of[sl].copy_(x)  # x_prev's elements here are read: out may be x_prev
+        if p is not None:
+            packed[_exact.packed_range(sl, per, nbytes)].copy_(p.data)
+        top.copy_(torch.maximum(top, torch.stack(grid.extrema(x)).abs().max()))
+
+
+@_stream_next.register_fake
+def _(u, m, x_prev, x_cur, delta, d, outer, first, finite_only, out, packed, top) -> None:
+    return None
+
+
+@torch.library.custom_op("revify::stream_prev", mutates_args=("out",))
+def _stream_prev(
+    u: Tensor, m: Tensor | None, x_cur: Tensor, x_next: Tensor, packed: Tensor | None,
+    delta: Tensor, d: int, outer: float, out: Tensor,
+) -> None:
+    """The inverse step into ``out`` (may be ``x_next``); op by op, on whole packing groups."""
+    grid = _exact.Grid(delta)
+    uf, mf, cf, nf, of = map(_flat, (u, m, x_cur, x_next, out))
+    per, nbytes = _exact.group(d)
+    for sl in _exact.chunks(uf.numel()):
+        rem = None
+        if packed is not None:
+            rem = _exact.Packed(packed[_exact.packed_range(sl, per, nbytes)], (0,))
+        x = _exact.prev_state(grid, d, outer, 0.0, uf[sl], None if mf is None else mf[sl],
+                              cf[sl], nf[sl], rem)
+        of[sl].copy_(x)
+
+
+@_stream_prev.register_fake
+def _(u, m, x_cur, x_next, packed, delta, d, outer, out) -> None:
+    return None
+
+
+# ---- the Triton kernels (CUDA; Triton's interpreter runs them on the CPU in tests) --------
+
+
+def _kernels():  # noqa: ANN202 - Triton's JIT functions
+    from . import _stream_triton  # imports triton: only where a kernel runs
+
+    return _stream_triton.next_kernel, _stream_triton.prev_kernel
+
+
+def _launch_shape(d: int, n: int) -> tuple[dict[str, int], tuple[int]]:
+    per, nbytes = _exact.group(d)
+    groups = _BLOCK // per
+    meta = dict(BITS=_exact.bit_width(d), PER=per, NBYTES=nbytes, GROUPS=groups)
+    return meta, (-(-n // (groups * per)),)
+
+
+def _triton_next(u, m, x_prev, x_cur, delta, d, outer, first, finite_only, out, packed, top):
+    next_kernel, _ = _kernels()
+    n = x_cur.numel()
+    meta, grid = _launch_shape(d, n)
+    uf, mf, pf, cf, of = map(_flat, (u, m, x_prev, x_cur, out))
+    next_kernel[grid](
+        uf, uf if mf is None else mf, pf, cf, delta, of, top if packed is None else packed,
+        top.view(torch.int32), n,
+        outer, D=d, HAS_M=mf is not None, FIRST=first, HAS_OUTER=outer != 0,
+        FINITE=finite_only, **meta,
+    )
+
+
+def _triton_prev(u, m, x_cur, x_next, packed, delta, d, outer, out):
+    _, prev_kernel = _kernels()
+    n = x_cur.numel()
+    meta, grid = _launch_shape(d, n)
+    uf, mf, cf, nf, of = map(_flat, (u, m, x_cur, x_next, out))
+    prev_kernel[grid](
+        uf, uf if mf is None else mf, cf, nf, uf if packed is None else packed, delta, of, n,
+        outer, D=d, HAS_M=mf is not None, HAS_PACKED=packed is not None, HAS_OUTER=outer != 0,
+        **meta,
+    )
+
+
+_stream_next.register_kernel("cuda")(_triton_next)
+_stream_prev.register_kernel("cuda")(_triton_prev)

@@ -1,0 +1,112 @@
+"""The Triton kernels of the fused exact stream steps (NOTE [ Fused streams ] in _fused.py).
+
+Imported only where one runs (CUDA, or Triton's interpreter in tests): Triton resolves the names
+a kernel calls in this module's globals.
+"""
+
+import triton
+import triton.language as tl
+
+_MAX_FINITE = 3.4028234663852886e38  # the largest float32
+
+
+@triton.jit
+def rounded(u_ptr, m_ptr, offs, mask, big, HAS_M: tl.constexpr):
+    v = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_M:
+        v = v - tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return (v + big) - big  # v to the nearest multiple of delta (NOTE [ Stream kernels ])
+
+
+@triton.jit
+def next_kernel(
+    u_ptr,
+    m_ptr,
+    p_ptr,
+    c_ptr,
+    delta_ptr,
+    out_ptr,
+    packed_ptr,
+    top_ptr,
+    n,
+    outer,
+    D: tl.constexpr,
+    HAS_M: tl.constexpr,
+    FIRST: tl.constexpr,
+    HAS_OUTER: tl.constexpr,
+    FINITE: tl.constexpr,
+    BITS: tl.constexpr,
+    PER: tl.constexpr,
+    NBYTES: tl.constexpr,
+    GROUPS: tl.constexpr,
+):
+    g = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)  # packing groups
+    offs = g[:, None] * PER + tl.arange(0, PER)[None, :]
+    mask = offs < n
+    big = tl.load(delta_ptr) * 12582912.0  # 1.5 * 2^23 * delta
+    x = rounded(u_ptr, m_ptr, offs, mask, big, HAS_M)
+    xc = tl.load(c_ptr + offs, mask=mask, other=0.0)
+    if D == 1:
+        x = x + tl.load(p_ptr + offs, mask=mask, other=0.0)
+    elif not FIRST:
+        y = (tl.load(p_ptr + offs, mask=mask, other=0.0) - xc) + big  # D * delta + BIG
+        bits = y.to(tl.int32, bitcast=True)
+        rem = bits & (D - 1)  # D mod d (0 in the masked lanes: BIG / delta is a multiple)
+        q = (bits & -D).to(tl.float32, bitcast=True) - big  # d * floor(D / d) * delta
+        x = x + q * (1.0 / D)
+        word = tl.sum(rem << (tl.arange(0, PER) * BITS)[None, :], axis=1)
+        gmask = g * PER < n
+        for j in tl.static_range(NBYTES):
+            tl.store(
+                packed_ptr + g * NBYTES + j, ((word >> (8 * j)) & 255).to(tl.uint8), mask=gmask
+            )
+    if HAS_OUTER:
+        x = x + outer * xc
+    tl.store(out_ptr + offs, x, mask=mask)
+    a = tl.abs(x)
+    if FINITE:
+        a = tl.where(a <= _MAX_FINITE, a, 0.0)  # NaN and inf: not counted
+    tl.atomic_max(top_ptr, tl.max(tl.max(a.to(tl.int32, bitcast=True), axis=1), axis=0))
+
+
+@triton.jit
+def prev_kernel(
+    u_ptr,
+    m_ptr,
+    c_ptr,
+    n_ptr,
+    packed_ptr,
+    delta_ptr,
+    out_ptr,
+    n,
+    outer,
+    D: tl.constexpr,
+    HAS_M: tl.constexpr,
+    HAS_PACKED: tl.constexpr,
+    HAS_OUTER: tl.constexpr,
+    BITS: tl.constexpr,
+    PER: tl.constexpr,
+    NBYTES: tl.constexpr,
+    GROUPS: tl.constexpr,
+):
+    g = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)
+    offs = g[:, None] * PER + tl.arange(0, PER)[None, :]
+    mask = offs < n
+    big = tl.load(delta_ptr) * 12582912.0
+    xc = tl.load(c_ptr + offs, mask=mask, other=0.0)
+    x = tl.load(n_ptr + offs, mask=mask, other=0.0)
+    x = x - rounded(u_ptr, m_ptr, offs, mask, big, HAS_M)
+    if HAS_OUTER:
+        x = x - outer * xc
+    if D > 1:  # x = floor(D / d) * delta
+        x = x * D + big
+        if HAS_PACKED:
+            gmask = g * PER < n
+            word = tl.zeros([GROUPS], dtype=tl.int32)
+            for j in tl.static_range(NBYTES):
+                b = tl.load(packed_ptr + g * NBYTES + j, mask=gmask, other=0)
+                word = word | (b.to(tl.int32) << (8 * j))
+            rem = (word[:, None] >> (tl.arange(0, PER) * BITS)[None, :]) & ((1 << BITS) - 1)
+            x = (x.to(tl.int32, bitcast=True) | rem).to(tl.float32, bitcast=True)
+        x = (x - big) + xc
+    tl.store(out_ptr + offs, x, mask=mask)

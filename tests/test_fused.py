@@ -1,0 +1,183 @@
+"""Fused exact stream steps (NOTE [ Fused streams ] in revify/_fused.py): the op, its Triton
+kernels (run in Triton's interpreter on the CPU) and the op-by-op arithmetic give the same bits,
+and a converted model computes the same outputs and gradients whichever runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import timm_model
+
+import revify
+from revify import _exact, _fused
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32) if t.dtype == torch.float32 else t
+
+
+def _case(d, shape, has_m, first, outer, finite=False, channels_last=False,
+          u_dtype=torch.bfloat16, seed=0):
+    """A forward step and its inverse on random grid states, fused and op by op."""
+    g = torch.Generator().manual_seed(seed)
+    grid = _exact.first_grid(torch.randn(shape, generator=g) * 3, torch.float32, finite)
+    x_prev, x_cur = (_exact.on_grid(torch.randn(shape, generator=g) * 3, grid.delta)
+                     for _ in range(2))
+    if first:
+        x_prev = x_cur
+    u = torch.randn(shape, generator=g).to(u_dtype)
+    m = torch.randn(shape, generator=g).to(u_dtype) if has_m else None
+    if channels_last:
+        cl = torch.channels_last
+        x_prev, x_cur, u, m = (None if t is None else t.contiguous(memory_format=cl)
+                               for t in (x_prev, x_cur, u, m))
+    if finite:
+        u.view(-1)[3] = float("nan")  # a redo on finite maxima: the NaN stays in its element
+    top = _fused.accumulator(x_cur)
+    fused = _fused.next_state(grid, d, outer, 0.0, u, m, x_prev.clone(), x_cur, True, first,
+                              top)
+    assert fused is not None, "a step the op covers"
+    x_next, packed = fused
+    back = _fused.prev_state(grid, d, outer, 0.0, u, m, x_cur, x_next.clone(), packed, True)
+    t = _exact.rounded(u, m, x_cur, 0.0, grid, own=False)
+    ref_next, ref_packed = _exact.next_state(grid, d, outer, t, x_prev.clone(), x_cur,
+                                             own_prev=True, first=first)
+    ref_back = _exact.prev_state(grid, d, outer, 0.0, u, m, x_cur, ref_next, ref_packed)
+    ref_top = _exact.top([grid.extrema(ref_next)])
+    assert torch.equal(_bits(x_next), _bits(ref_next))
+    assert (packed is None) == (ref_packed is None)
+    if packed is not None:
+        assert torch.equal(packed.data, ref_packed.data) and packed.order == ref_packed.order
+    assert torch.equal(_bits(back), _bits(ref_back))
+    assert torch.equal(top, ref_top) or (top.isnan() and ref_top.isnan())
+    if not finite:
+        assert torch.equal(back, x_prev)  # the inverse is exact
+
+
+CASES = [
+    *[(d, (3, 5, 7, 11), has_m, False, 1.0) for d in (1, 2, 16, 64, 256) for has_m in (0, 1)],
+    (64, (3, 5, 7, 11), True, True, 1.0),  # the first step keeps no remainders
+    (64, (3, 5, 7, 11), True, False, 0.0),  # a unit ending in an activation: outer 0
+    (64, (2, 8, 4, 4), True, False, 1.0, False, True),  # channels-last states
+    (64, (1000,), False, False, 2.0, False, False, torch.float32),
+    (64, (1000,), True, False, 1.0, True),  # finite maxima only
+    (64, (3, 3000), True, False, 1.0),  # more than one program (1024 elements each)
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_op_gives_the_bits_of_the_op_by_op_step(case, monkeypatch):
+    monkeypatch.setenv("REVIFY_FUSED_STREAMS", "1")
+    _case(*case)
+
+
+def test_op_covers_only_its_steps(monkeypatch):
+    """Other steps return None (the caller runs them op by op); off by default on the CPU."""
+    x = torch.zeros(2, 4, 3, 3)
+    grid = _exact.first_grid(x + 1, torch.float32)
+    top = _fused.accumulator(x)
+    args = (x, None, x.clone(), x, True, False, top)
+    assert _fused.next_state(grid, 64, 1.0, 0.0, *args) is None  # CPU, auto: op by op
+    monkeypatch.setenv("REVIFY_FUSED_STREAMS", "1")
+    assert _fused.next_state(grid, 64, 1.0, 0.0, *args) is not None
+    assert _fused.next_state(grid, 3, 1.0, 0.0, *args) is None  # d not a power of two
+    assert _fused.next_state(grid, 64, 0.0, 0.5, *args) is None  # an inner coefficient
+    cl = x.contiguous(memory_format=torch.channels_last) + 0
+    assert _fused.next_state(grid, 64, 1.0, 0.0, cl, None, x.clone(), x, True, False,
+                             top) is None  # layouts differ
+    d = x.double()
+    assert _fused.next_state(_exact.first_grid(d + 1, torch.float64), 64, 1.0, 0.0, d, None,
+                             d.clone(), d, True, False, top) is None  # fp64 streams
+
+
+def _step(model, x, seed=1):
+    torch.manual_seed(seed)
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=x.dtype == torch.bfloat16):
+        y = model(x.float())
+    (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    return y, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def _counting(monkeypatch) -> list[int]:
+    """Count the steps the op runs."""
+    calls: list[int] = []
+    next_state = _fused.next_state
+
+    def counted(*args, **kwargs):
+        out = next_state(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(_fused, "next_state", counted)
+    return calls
+
+
+def test_converted_model_same_bits_fused_or_not(monkeypatch):
+    """Default (faithful, exact) conversion, BatchNorm in train mode, DropPath, bf16 autocast and
+    fp32: outputs and every gradient equal bit for bit with the op and op by op."""
+    calls = _counting(monkeypatch)
+    model = timm_model("resnet50", drop_path_rate=0.3).train()
+    revify.convert(model, torch.zeros(2, 3, 32, 32))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(4, 3, 32, 32).to(dtype)
+        runs = {}
+        for mode in ("0", "1"):
+            monkeypatch.setenv("REVIFY_FUSED_STREAMS", mode)
+            model.load_state_dict(state)
+            runs[mode] = _step(model, x)
+        (y0, g0), (y1, g1) = runs["0"], runs["1"]
+        assert sum(calls) == 12 and not all(calls)  # 12 steps fused (one forward), the rest not
+        calls.clear()
+        assert torch.equal(y0, y1)
+        assert len(g0) == len(g1) and all(torch.equal(a, b) for a, b in zip(g0, g1, strict=True))
+
+
+_INTERPRETED = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import test_fused as T
+for case in T.CASES:
+    T._case(*case)
+import revify
+from conftest import timm_model
+from revify import _fused
+calls = []
+triton_next = _fused._triton_next
+_fused._triton_next = lambda *a: calls.append(1) or triton_next(*a)
+model = timm_model("resnet50", drop_path_rate=0.3).train()
+revify.convert(model, torch.zeros(2, 3, 32, 32))
+state = {{k: v.clone() for k, v in model.state_dict().items()}}
+import os
+for dtype in (torch.float32, torch.bfloat16):
+    x = torch.randn(2, 3, 32, 32).to(dtype)
+    runs = {{}}
+    for mode in ("0", "triton"):
+        os.environ["REVIFY_FUSED_STREAMS"] = mode
+        model.load_state_dict(state)
+        runs[mode] = T._step(model, x)
+    (y0, g0), (y1, g1) = runs["0"], runs["triton"]
+    assert torch.equal(y0, y1)
+    assert all(torch.equal(a, b) for a, b in zip(g0, g1, strict=True))
+    assert len(calls) == 12, calls  # every step of the stages, by the kernel
+    calls.clear()
+print("OK")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_triton_kernels_give_the_same_bits():
+    """The CUDA kernels, run by Triton's interpreter on the CPU: every step case above, and a
+    converted model's outputs and gradients, bit for bit those of the op-by-op arithmetic."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, TRITON_INTERPRET="1", REVIFY_FUSED_STREAMS="triton")
+    run = subprocess.run([sys.executable, "-c", textwrap.dedent(_INTERPRETED.format(tests=tests))],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip().endswith("OK"), run.stderr[-3000:]
