@@ -66,19 +66,28 @@ def _enabled(t: Tensor) -> bool:
 
 
 def _dense_order(ts: list[Tensor]) -> tuple[int, ...] | None:
-    """The memory order all of ``ts`` are densely laid out in (same shape and strides on every
-    dimension longer than 1), or None."""
+    """The memory order all of ``ts`` are densely laid out in (one shape, one set of strides),
+    or None."""
     first = ts[0]
-    if first.numel() == 0 or first.dim() == 0:
-        return None
+    shape, stride = first.shape, first.stride()
     for t in ts[1:]:
-        if t.shape != first.shape or any(
-            n > 1 and a != b for n, a, b in zip(t.shape, t.stride(), first.stride(), strict=True)
-        ):
+        if t.stride() != stride or t.shape != shape:
             return None
-    order = _exact._order(first)
-    if not first.permute(order).is_contiguous():
+    return _order_of(shape, stride)
+
+
+@functools.lru_cache(maxsize=512)
+def _order_of(shape: torch.Size, stride: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The dimensions of a dense tensor of ``shape`` and ``stride`` from the outermost in
+    memory; None when such a tensor is not dense, or empty, or 0-dim."""
+    if not shape or 0 in shape:
         return None
+    order = _exact._order(torch.empty_strided(shape, stride, device="meta"))
+    step = 1  # dense: each dimension's stride the product of the sizes inside it
+    for dim in reversed(order):
+        if shape[dim] > 1 and stride[dim] != step:
+            return None
+        step *= shape[dim]
     return order
 
 

@@ -61,24 +61,34 @@ class _ForwardState:
 
     @contextlib.contextmanager
     def replay(self) -> Iterator[None]:
-        """Run the body with the captured RNG state (restored afterwards) and autocast settings."""
-        with contextlib.ExitStack() as stack:
-            if self.cpu_rng is not None:
-                devices = [self.device_index] if self.device_rng is not None else []
-                stack.enter_context(
-                    torch.random.fork_rng(
-                        devices=devices, device_type=self.device_type if devices else "cuda"
-                    )
-                )
-                torch.set_rng_state(self.cpu_rng)
-                if self.device_rng is not None:
-                    mod = torch.get_device_module(self.device_type)
-                    mod.set_rng_state(self.device_rng, self.device_index)
-            for t, (enabled, dtype) in self.autocast.items():
-                stack.enter_context(
-                    torch.autocast(t, dtype=dtype, enabled=enabled, cache_enabled=self.cache)
-                )
-            yield
+        """Run the body with the captured RNG state (restored afterwards) and autocast settings.
+
+        ``torch.random.fork_rng`` and an autocast context per device type did this in ~400
+        bytecodes per recompute; here the generators are swapped directly and autocast is
+        entered only for device types whose setting differs from the current one (issue 14)."""
+        cpu_now = device_now = mod = None
+        if self.cpu_rng is not None:
+            cpu_now = torch.get_rng_state()
+            torch.set_rng_state(self.cpu_rng)
+            if self.device_rng is not None:
+                mod = torch.get_device_module(self.device_type)
+                device_now = mod.get_rng_state(self.device_index)
+                mod.set_rng_state(self.device_rng, self.device_index)
+        try:
+            with contextlib.ExitStack() as stack:
+                for t, (enabled, dtype) in self.autocast.items():
+                    if torch.is_autocast_enabled(t) != enabled or (
+                        enabled and torch.get_autocast_dtype(t) != dtype
+                    ):
+                        stack.enter_context(torch.autocast(
+                            t, dtype=dtype, enabled=enabled, cache_enabled=self.cache
+                        ))
+                yield
+        finally:
+            if cpu_now is not None:
+                torch.set_rng_state(cpu_now)
+            if device_now is not None:
+                mod.set_rng_state(device_now, self.device_index)
 
 
 def batchnorms(modules: Iterable[nn.Module]) -> list[_BatchNorm]:

@@ -455,10 +455,11 @@ class _Walk:
         self.grid = grid
         if grid is not None:
             x0 = _straight_through(x0, _exact.on_grid(x0.detach(), grid.delta))
-            # per state, checked at the end; the fused steps keep theirs in one accumulator
-            # (NOTE [ Fused streams ] in _fused.py)
-            self.accumulator = _fused.accumulator(x0)
-            self.extrema = [grid.extrema(x0.detach()), (self.accumulator, self.accumulator)]
+            # max |x_0|, then of every state a fused step makes (NOTE [ Fused streams ] in
+            # _fused.py; abs: a NaN with its sign bit set would sort below every float's bits)
+            lo, hi = grid.extrema(x0.detach())
+            self.accumulator = torch.maximum(hi, lo.neg()).abs_()
+            self.extrema = []  # (min, max) of each state made op by op, checked at the end
         self.pair: tuple[Tensor, Tensor] | None = (x0, x0)
         self.owned = (False, False)  # backward: whether a step may write into each of pair
         self.reference: Tensor | None = None  # revify.check: the true input
@@ -466,7 +467,9 @@ class _Walk:
     @property
     def top(self) -> Tensor:
         """``max |state|`` over the states so far (exact mode), 0-dim."""
-        return _exact.top(self.extrema)
+        if not self.extrema:
+            return self.accumulator
+        return torch.maximum(self.accumulator, _exact.top(self.extrema))
 
     def advance(self, k: int, own: bool = True) -> _exact.Packed | None:
         """Forward step k: ``pair`` becomes ``(x_k, x_{k+1})``; returns the packed remainders of
@@ -496,9 +499,8 @@ class _Walk:
             own_prev = own and not grad and k > 0
             with torch.no_grad():
                 fused = _fused.next_state(
-                    self.grid, self.d, outer, inner, u.detach(),
-                    None if m is None else m.detach(), x_prev.detach(), x_cur.detach(),
-                    own_prev, k == 0, self.accumulator,
+                    self.grid, self.d, outer, inner, _values(u), _values(m), _values(x_prev),
+                    _values(x_cur), own_prev, k == 0, self.accumulator,
                 )
                 if fused is None:
                     t = _exact.rounded(
@@ -521,6 +523,11 @@ class _Walk:
                 x_next = _straight_through(value, x_next)
         self.pair = (x_cur, x_next)
         return rem
+
+
+def _values(t: Tensor | None) -> Tensor | None:
+    """``t.detach()``, without the op when ``t`` has no graph (inside a step's forward)."""
+    return t.detach() if t is not None and t.requires_grad else t
 
 
 def _coefficient(alpha: float, unit: Any) -> float:
