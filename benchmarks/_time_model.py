@@ -44,7 +44,10 @@ def predict(tool: Path, model: str, method: str, precision: str, batch: int,
         cmd = [sys.executable, __file__, str(tool), method, "--model", model, "--method",
                _TOOL_METHOD[method], "--precision", precision, "--batch", str(batch),
                "--json", out]
-        done = subprocess.run(cmd, cwd=_REPO, capture_output=True, text=True)
+        # The tool's fake step runs on the CPU: REVIFY_FUSED_STREAMS=1 makes revify take the
+        # path a CUDA step takes (its fused stream ops; NOTE [ Fused streams ] in _fused.py).
+        env = dict(os.environ, REVIFY_FUSED_STREAMS=os.environ.get("REVIFY_FUSED_STREAMS", "1"))
+        done = subprocess.run(cmd, cwd=_REPO, capture_output=True, text=True, env=env)
         if done.returncode != 0 or not os.path.exists(out):
             print(done.stderr[-2000:], file=sys.stderr)
             return None

@@ -148,6 +148,50 @@ def prev_state(
     return out
 
 
+def adjoint_sum(
+    dx: Tensor | None, terms: list[tuple[Tensor, float]], stream: torch.dtype, out: torch.dtype
+) -> Tensor | None:
+    """:func:`adjoint_sum_ops` by the fused op when the adjoints are bf16 and the streams fp32
+    (one kernel instead of a copy to fp32, a pass per term and a copy back), else None."""
+    if (dx is None or not terms or len(terms) > 2 or dx.dtype != out or out != torch.bfloat16
+            or stream != torch.float32 or not _enabled(dx)):
+        return None
+    ts = [t for t, _ in terms]
+    if any(t.dtype != out for t in ts) or _dense_order([dx, *ts]) is None:
+        return None
+    (a, ca), (b, cb) = terms[0], (terms[1] if len(terms) > 1 else (None, 0.0))
+    if _mode() == "triton":
+        result = torch.empty_like(dx)
+        _triton_adjoint(dx, a, float(ca), b, float(cb), result)
+        return result
+    return torch.ops.revify.adjoint_sum(dx, a, float(ca), b, float(cb))
+
+
+def adjoint_sum_ops(
+    dx: Tensor | None, terms: list[tuple[Tensor, float]], stream: torch.dtype, out: torch.dtype
+) -> Tensor | None:
+    """``dx + sum(coef * term)`` in ``out``, summed in ``stream``, op by op (coupling's
+    ``_adjoint_sum``)."""
+    parts = ([(dx, 1.0)] if dx is not None else []) + terms
+    if not parts:
+        return None
+    if len(parts) == 1:
+        term, coef = parts[0]
+        return term if coef == 1 else term * coef
+    (first, coef), *rest = parts
+    if first is dx and dx.dtype == stream and coef == 1:
+        acc = dx
+    else:
+        acc = first.to(stream, copy=True)
+        if coef != 1:
+            acc.mul_(coef)
+    for term, coef in rest:
+        acc.add_(term, alpha=coef)
+    return acc.to(out)
+
+
+
+
 # ---- the ops, and their kernel op by op (every device but CUDA) ---------------------------
 
 
@@ -204,13 +248,25 @@ def _(u, m, x_cur, x_next, packed, delta, d, outer, out) -> None:
     return None
 
 
+@torch.library.custom_op("revify::adjoint_sum", mutates_args=())
+def _adjoint_sum_op(dx: Tensor, a: Tensor, ca: float, b: Tensor | None, cb: float) -> Tensor:
+    """``dx + ca * a (+ cb * b)`` summed in fp32, in ``dx``'s dtype; op by op."""
+    terms = [(a, ca)] + ([] if b is None else [(b, cb)])
+    return adjoint_sum_ops(dx, terms, torch.float32, dx.dtype)
+
+
+@_adjoint_sum_op.register_fake
+def _(dx, a, ca, b, cb) -> Tensor:
+    return torch.empty_like(dx)
+
+
 # ---- the Triton kernels (CUDA; Triton's interpreter runs them on the CPU in tests) --------
 
 
 def _kernels():  # noqa: ANN202 - Triton's JIT functions
     from . import _stream_triton  # imports triton: only where a kernel runs
 
-    return _stream_triton.next_kernel, _stream_triton.prev_kernel
+    return _stream_triton.next_kernel, _stream_triton.prev_kernel, _stream_triton.adjoint_kernel
 
 
 def _launch_shape(d: int, n: int) -> tuple[dict[str, int], tuple[int]]:
@@ -221,7 +277,7 @@ def _launch_shape(d: int, n: int) -> tuple[dict[str, int], tuple[int]]:
 
 
 def _triton_next(u, m, x_prev, x_cur, delta, d, outer, first, finite_only, out, packed, top):
-    next_kernel, _ = _kernels()
+    next_kernel = _kernels()[0]
     n = x_cur.numel()
     meta, grid = _launch_shape(d, n)
     uf, mf, pf, cf, of = map(_flat, (u, m, x_prev, x_cur, out))
@@ -234,7 +290,7 @@ def _triton_next(u, m, x_prev, x_cur, delta, d, outer, first, finite_only, out, 
 
 
 def _triton_prev(u, m, x_cur, x_next, packed, delta, d, outer, out):
-    _, prev_kernel = _kernels()
+    prev_kernel = _kernels()[1]
     n = x_cur.numel()
     meta, grid = _launch_shape(d, n)
     uf, mf, cf, nf, of = map(_flat, (u, m, x_cur, x_next, out))
@@ -245,5 +301,22 @@ def _triton_prev(u, m, x_cur, x_next, packed, delta, d, outer, out):
     )
 
 
+def _triton_adjoint(dx, a, ca, b, cb, out):
+    kernel = _kernels()[2]
+    n = dx.numel()
+    kernel[(-(-n // _BLOCK),)](
+        _flat(dx), _flat(a), _flat(a if b is None else b), _flat(out.view(torch.int16)), n, ca,
+        cb,
+        HAS_B=b is not None, BLOCK=_BLOCK,
+    )
+
+
+def _triton_adjoint_op(dx, a, ca, b, cb):
+    out = torch.empty_like(dx)
+    _triton_adjoint(dx, a, ca, b, cb, out)
+    return out
+
+
 _stream_next.register_kernel("cuda")(_triton_next)
+_adjoint_sum_op.register_kernel("cuda")(_triton_adjoint_op)
 _stream_prev.register_kernel("cuda")(_triton_prev)

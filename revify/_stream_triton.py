@@ -110,3 +110,20 @@ def prev_kernel(
             x = (x.to(tl.int32, bitcast=True) | rem).to(tl.float32, bitcast=True)
         x = (x - big) + xc
     tl.store(out_ptr + offs, x, mask=mask)
+
+
+@triton.jit
+def adjoint_kernel(dx_ptr, a_ptr, b_ptr, out_ptr, n, ca, cb, HAS_B: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    acc = tl.load(dx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    acc = acc + ca * tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_B:
+        acc = acc + cb * tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    # to bf16, to nearest even as torch rounds, from the bits (a cast's rounding is the
+    # backend's: Triton's interpreter truncates); NaN stays NaN
+    bits = acc.to(tl.int32, bitcast=True)
+    half = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    half = tl.where(acc != acc, 0x7FC0, half)
+    tl.store(out_ptr + offs, half.to(tl.int16), mask=mask)

@@ -920,23 +920,12 @@ def _adjoint_sum(
     """``dx + sum(coef * term)`` in ``out`` (the adjoints' dtype), summed in the ``stream``
     dtype as ordinary autograd sums the streams' adjoints, and in ``dx``'s memory when ``dx``
     (made by the vjp) has that dtype. Under autocast the vjp of a bf16 ``h`` is bf16: the sum is
-    then rounded to bf16 once, not at every term."""
-    parts = ([(dx, 1.0)] if dx is not None else []) + terms
-    if not parts:
-        return None
-    if len(parts) == 1:
-        term, coef = parts[0]
-        return term if coef == 1 else term * coef
-    (first, coef), *rest = parts
-    if first is dx and dx.dtype == stream and coef == 1:
-        acc = dx
-    else:
-        acc = first.to(stream, copy=True)
-        if coef != 1:
-            acc.mul_(coef)
-    for term, coef in rest:
-        acc.add_(term, alpha=coef)
-    return acc.to(out)
+    then rounded to bf16 once, not at every term (in one kernel where the fused op runs: NOTE
+    [ Fused streams ] in _fused.py)."""
+    fused = _fused.adjoint_sum(dx, terms, stream, out)
+    if fused is not None:
+        return fused
+    return _fused.adjoint_sum_ops(dx, terms, stream, out)
 
 
 # NOTE [ Unit shortcut ]

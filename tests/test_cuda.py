@@ -4,12 +4,16 @@ step synchronises with the host."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import max_rel_err, step_grads, timm_model
 
 import revify
+from revify import _fused
 
 pytestmark = [
     pytest.mark.cuda,
@@ -84,3 +88,36 @@ def test_cuda_default_step_does_not_synchronise():
         model(x).sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_cuda_fused_stream_kernels_match_op_by_op():
+    """The Triton kernels on the GPU (NOTE [ Fused streams ]): every step case of
+    tests/test_fused.py bit for bit the op-by-op arithmetic on the same device, the adjoint sum
+    up to a contracted multiply-add (1 bf16 ulp), and a converted model's step the same bits
+    fused or not in fp32."""
+    import test_fused as T
+
+    for case in T.CASES:
+        T._case(*case, device="cuda")
+    g = torch.Generator().manual_seed(0)
+    dx, a, b = (torch.randn(5000, generator=g).bfloat16().cuda() for _ in range(3))
+    terms = [(a, 1 / 64), (b, 63 / 64 - 1)]
+    fused = _fused.adjoint_sum(dx, terms, torch.float32, torch.bfloat16)
+    ref = _fused.adjoint_sum_ops(dx, terms, torch.float32, torch.bfloat16)
+    assert fused is not None
+    assert (fused.float() - ref.float()).abs().max() <= ref.float().abs().max() * 2**-7
+    model = _model(torch.float32)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 3, 32, 32, device="cuda")
+    runs = []
+    for mode in ("0", "auto"):
+        os.environ["REVIFY_FUSED_STREAMS"] = mode
+        try:
+            model.load_state_dict(state)
+            runs.append(T._step(model, x))
+        finally:
+            os.environ.pop("REVIFY_FUSED_STREAMS")
+    (y0, g0), (y1, g1) = runs
+    assert torch.equal(y0, y1)
+    assert all(torch.equal(p, q) for p, q in zip(g0, g1, strict=True))

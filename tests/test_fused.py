@@ -23,16 +23,19 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def _case(d, shape, has_m, first, outer, finite=False, channels_last=False,
-          u_dtype=torch.bfloat16, seed=0):
+          u_dtype=torch.bfloat16, seed=0, device="cpu"):
     """A forward step and its inverse on random grid states, fused and op by op."""
     g = torch.Generator().manual_seed(seed)
-    grid = _exact.first_grid(torch.randn(shape, generator=g) * 3, torch.float32, finite)
-    x_prev, x_cur = (_exact.on_grid(torch.randn(shape, generator=g) * 3, grid.delta)
-                     for _ in range(2))
+
+    def rand(scale=1.0):
+        return (torch.randn(shape, generator=g) * scale).to(device)
+
+    grid = _exact.first_grid(rand(3), torch.float32, finite)
+    x_prev, x_cur = (_exact.on_grid(rand(3), grid.delta) for _ in range(2))
     if first:
         x_prev = x_cur
-    u = torch.randn(shape, generator=g).to(u_dtype)
-    m = torch.randn(shape, generator=g).to(u_dtype) if has_m else None
+    u = rand().to(u_dtype)
+    m = rand().to(u_dtype) if has_m else None
     if channels_last:
         cl = torch.channels_last
         x_prev, x_cur, u, m = (None if t is None else t.contiguous(memory_format=cl)
@@ -96,12 +99,35 @@ def test_op_covers_only_its_steps(monkeypatch):
                              d.clone(), d, True, False, top) is None  # fp64 streams
 
 
+def _adjoint_case(device="cpu"):
+    """The adjoint sum by the fused op: the bits of the op-by-op sum (ties, NaN, inf, overflow
+    to inf included)."""
+    g = torch.Generator().manual_seed(0)
+    dx, a, b = (torch.randn(5000, generator=g).bfloat16() for _ in range(3))
+    dx[:4] = torch.tensor([float("nan"), float("inf"), 3.0e38, 1.0 + 2**-8])  # a tie: even
+    a[:4] = torch.tensor([1.0, 1.0, 3.0e38, 0.0])
+    dx, a, b = dx.to(device), a.to(device), b.to(device)
+    for terms in ([(a, 1 / 64)], [(a, 1 / 64), (b, 63 / 64 - 1)], [(a, 1.0), (b, 0.5)]):
+        fused = _fused.adjoint_sum(dx, terms, torch.float32, torch.bfloat16)
+        ref = _fused.adjoint_sum_ops(dx, terms, torch.float32, torch.bfloat16)
+        assert fused is not None and fused.dtype == torch.bfloat16
+        same = (fused.view(torch.int16) == ref.view(torch.int16)) | (fused.isnan() & ref.isnan())
+        assert bool(same.all())  # NaN payloads aside
+
+
+def test_adjoint_op_gives_the_bits_of_the_op_by_op_sum(monkeypatch):
+    monkeypatch.setenv("REVIFY_FUSED_STREAMS", "1")
+    _adjoint_case()
+    x = torch.zeros(4)
+    assert _fused.adjoint_sum(x, [(x, 1.0)], torch.float32, torch.float32) is None  # fp32: in dx
+
+
 def _step(model, x, seed=1):
     torch.manual_seed(seed)
     model.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=x.dtype == torch.bfloat16):
         y = model(x.float())
-    (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    (y.float() * torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y)).sum().backward()
     return y, [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
 
@@ -146,6 +172,7 @@ sys.path.insert(0, {tests!r})
 import test_fused as T
 for case in T.CASES:
     T._case(*case)
+T._adjoint_case()
 import revify
 from conftest import timm_model
 from revify import _fused
