@@ -429,3 +429,38 @@ def unpack(packed: Tensor, d: int, n: int, into: Tensor | None = None) -> Tensor
     out = work.view(-1, per)
     torch.bitwise_right_shift(v.unsqueeze(-1), shifts, out=out)
     return out.bitwise_and_((1 << b) - 1).view(-1)[:n]
+
+
+# Stage outputs under bf16 autocast (NOTE [ bf16 stage output ] in coupling.py).
+
+
+def _round_bits(x: Tensor) -> Tensor:
+    """``(bits(x) + 2^15) >> 16`` as int32: ``x`` rounded to bf16, ties away from zero."""
+    return (x.view(torch.int32) + 0x8000).bitwise_right_shift_(16)
+
+
+def _bf16(x: Tensor, top: Tensor) -> Tensor:
+    hi = top.to(torch.int16).view(torch.bfloat16)
+    # NaNs whose top 16 bits are all ones carry into the sign bit (0x7fffffff, CUDA's NaN)
+    return hi.masked_fill_(torch.isnan(x), float("nan"))
+
+
+def bf16_of(x: Tensor) -> Tensor:
+    """float32 ``x`` in bf16, ties away from zero (NaNs stay NaN)."""
+    return _bf16(x, _round_bits(x))
+
+
+def split_bf16(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(hi, rest)`` for float32 ``x``: ``hi`` is :func:`bf16_of` ``x``, ``rest`` the int16
+    that :func:`join_bf16` needs to give ``x`` back bit for bit."""
+    t = _round_bits(x)
+    hi = _bf16(x, t)
+    t.bitwise_left_shift_(16)
+    rest = torch.sub(x.view(torch.int32), t, out=t).to(torch.int16)
+    return hi, rest
+
+
+def join_bf16(hi: Tensor, rest: Tensor) -> Tensor:
+    """The float32 tensor that :func:`split_bf16` split."""
+    t = hi.view(torch.int16).to(torch.int32).bitwise_left_shift_(16)
+    return t.add_(rest).view(torch.float32)

@@ -192,6 +192,28 @@ def adjoint_sum_ops(
 
 
 
+def split_bf16(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``_exact.split_bf16``, by the fused op where it runs (one pass instead of ~9)."""
+    if not _enabled(x) or _dense_order([x]) is None:
+        return _exact.split_bf16(x)
+    if _mode() == "triton":
+        hi, rest = torch.empty_like(x, dtype=torch.bfloat16), torch.empty_like(x, dtype=torch.int16)
+        _triton_split(x, hi, rest)
+        return hi, rest
+    return torch.ops.revify.split_bf16(x)
+
+
+def join_bf16(hi: Tensor, rest: Tensor) -> Tensor:
+    """``_exact.join_bf16``, by the fused op where it runs."""
+    if not _enabled(hi) or _dense_order([hi, rest]) is None:
+        return _exact.join_bf16(hi, rest)
+    if _mode() == "triton":
+        out = torch.empty_like(hi, dtype=torch.float32)
+        _triton_join(hi, rest, out)
+        return out
+    return torch.ops.revify.join_bf16(hi, rest)
+
+
 # ---- the ops, and their kernel op by op (every device but CUDA) ---------------------------
 
 
@@ -260,13 +282,36 @@ def _(dx, a, ca, b, cb) -> Tensor:
     return torch.empty_like(dx)
 
 
+@torch.library.custom_op("revify::split_bf16", mutates_args=())
+def _split_bf16_op(x: Tensor) -> tuple[Tensor, Tensor]:
+    """A float32 stage output as its bf16 value and int16 rest; op by op."""
+    return _exact.split_bf16(x)
+
+
+@_split_bf16_op.register_fake
+def _(x) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x, dtype=torch.bfloat16), torch.empty_like(x, dtype=torch.int16)
+
+
+@torch.library.custom_op("revify::join_bf16", mutates_args=())
+def _join_bf16_op(hi: Tensor, rest: Tensor) -> Tensor:
+    """The float32 tensor ``split_bf16`` split; op by op."""
+    return _exact.join_bf16(hi, rest)
+
+
+@_join_bf16_op.register_fake
+def _(hi, rest) -> Tensor:
+    return torch.empty_like(hi, dtype=torch.float32)
+
+
 # ---- the Triton kernels (CUDA; Triton's interpreter runs them on the CPU in tests) --------
 
 
 def _kernels():  # noqa: ANN202 - Triton's JIT functions
     from . import _stream_triton  # imports triton: only where a kernel runs
 
-    return _stream_triton.next_kernel, _stream_triton.prev_kernel, _stream_triton.adjoint_kernel
+    k = _stream_triton
+    return k.next_kernel, k.prev_kernel, k.adjoint_kernel, k.split_kernel, k.join_kernel
 
 
 def _launch_shape(d: int, n: int) -> tuple[dict[str, int], tuple[int]]:
@@ -317,6 +362,34 @@ def _triton_adjoint_op(dx, a, ca, b, cb):
     return out
 
 
+def _triton_split(x, hi, rest):
+    n = x.numel()
+    _kernels()[3][(-(-n // _BLOCK),)](
+        _flat(x).view(torch.int32), _flat(hi).view(torch.int16), _flat(rest), n, BLOCK=_BLOCK
+    )
+
+
+def _triton_split_op(x):
+    hi, rest = torch.empty_like(x, dtype=torch.bfloat16), torch.empty_like(x, dtype=torch.int16)
+    _triton_split(x, hi, rest)
+    return hi, rest
+
+
+def _triton_join(hi, rest, out):
+    n = hi.numel()
+    _kernels()[4][(-(-n // _BLOCK),)](
+        _flat(hi).view(torch.int16), _flat(rest), _flat(out).view(torch.int32), n, BLOCK=_BLOCK
+    )
+
+
+def _triton_join_op(hi, rest):
+    out = torch.empty_like(hi, dtype=torch.float32)
+    _triton_join(hi, rest, out)
+    return out
+
+
 _stream_next.register_kernel("cuda")(_triton_next)
+_split_bf16_op.register_kernel("cuda")(_triton_split_op)
+_join_bf16_op.register_kernel("cuda")(_triton_join_op)
 _adjoint_sum_op.register_kernel("cuda")(_triton_adjoint_op)
 _stream_prev.register_kernel("cuda")(_triton_prev)

@@ -10,6 +10,7 @@ parameters' gradient hooks itself (NOTE [ Recompute leaves ]). Both the reversib
 from __future__ import annotations
 
 import contextlib
+import operator
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import compress, repeat
@@ -208,6 +209,19 @@ def stand_ins(
     leaves. A tensor found in no slot (none is, as units and segments list their tensors) is
     yielded as itself: its gradient is still right, its hooks would run twice.
     """
+    if not linked and all(needs) and not any(map(_TENSOR_HOOKS, tensors)):
+        # No tensor hooks to run twice: the recompute reads the tensors themselves (~400
+        # bytecodes and a detach per tensor less per recompute), and only checks that it still
+        # read them from the slots.
+        values = _slot_values(slots)
+        ids = set(map(id, tensors))
+        held = list(compress(range(len(values)), map(ids.__contains__, map(id, values))))
+        yield list(tensors)
+        now = _slot_values(slots)
+        for i in held:
+            if now[i] is not values[i]:
+                raise RuntimeError(_replaced(what, slots[i][1]))
+        return
     stand: dict[int, Tensor] = {}
     for t, need in zip(tensors, needs, strict=True):
         stand[id(t)] = t.view_as(t) if linked and need else t.detach().requires_grad_(need)
@@ -224,16 +238,22 @@ def stand_ins(
         yield [stand[id(t)] if id(t) in found else t for t in tensors]
         for d, key, _, s in swapped:
             if d.get(key) is not s:
-                raise RuntimeError(
-                    f"revify: {what}: the recompute replaced the tensor {key!r} it reads "
-                    "(a forward pre-hook that sets parameters; FSDP2's fully_shard is handled, "
-                    "docs/distributed.md); the recompute "
-                    "must read the parameters the forward read: exclude this module from "
-                    "conversion or use revify.plain_autograd()"
-                )
+                raise RuntimeError(_replaced(what, key))
     finally:
         for d, key, v, _ in reversed(swapped):
             d[key] = v
+
+
+_TENSOR_HOOKS = operator.attrgetter("_backward_hooks")  # register_hook hooks, or None
+
+
+def _replaced(what: str, key: str) -> str:
+    return (
+        f"revify: {what}: the recompute replaced the tensor {key!r} it reads (a forward "
+        "pre-hook that sets parameters; FSDP2's fully_shard is handled, docs/distributed.md); "
+        "the recompute must read the parameters the forward read: exclude this module from "
+        "conversion or use revify.plain_autograd()"
+    )
 
 
 # NOTE [ Slot cache ]

@@ -127,3 +127,26 @@ def adjoint_kernel(dx_ptr, a_ptr, b_ptr, out_ptr, n, ca, cb, HAS_B: tl.constexpr
     half = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
     half = tl.where(acc != acc, 0x7FC0, half)
     tl.store(out_ptr + offs, half.to(tl.int16), mask=mask)
+
+
+@triton.jit
+def split_kernel(x_ptr, hi_ptr, rest_ptr, n, BLOCK: tl.constexpr):
+    """A float32 (read as int32 bits) as bf16 ties away from zero and the int16 rest
+    (NOTE [ bf16 stage output ] in coupling.py): the integer arithmetic of _exact.split_bf16."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    bits = tl.load(x_ptr + offs, mask=mask, other=0)
+    top = (bits + 0x8000) >> 16
+    x = bits.to(tl.float32, bitcast=True)
+    hi = tl.where(x != x, 0x7FC0, top)  # NaN: bf16's NaN
+    tl.store(hi_ptr + offs, hi.to(tl.int16), mask=mask)
+    tl.store(rest_ptr + offs, (bits - (top << 16)).to(tl.int16), mask=mask)
+
+
+@triton.jit
+def join_kernel(hi_ptr, rest_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    hi = tl.load(hi_ptr + offs, mask=mask, other=0).to(tl.int32)
+    rest = tl.load(rest_ptr + offs, mask=mask, other=0).to(tl.int32)
+    tl.store(out_ptr + offs, (hi << 16) + rest, mask=mask)

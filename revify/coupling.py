@@ -672,38 +672,23 @@ def _splits(in_dtype: torch.dtype, stream_dtype: torch.dtype) -> bool:
     return in_dtype == torch.bfloat16 and stream_dtype == torch.float32
 
 
-def _round_bits(x: Tensor) -> Tensor:
-    """``(bits(x) + 2^15) >> 16`` as int32: ``x`` rounded to bf16, ties away from zero."""
-    return (x.view(torch.int32) + 0x8000).bitwise_right_shift_(16)
-
-
-def _bf16(x: Tensor, top: Tensor) -> Tensor:
-    hi = top.to(torch.int16).view(torch.bfloat16)
-    # NaNs whose top 16 bits are all ones carry into the sign bit (0x7fffffff, CUDA's NaN)
-    return hi.masked_fill_(torch.isnan(x), float("nan"))
-
-
 def _split_bf16(x: Tensor) -> tuple[Tensor, Tensor]:
     """``(hi, rest)`` for float32 ``x``: ``hi`` is ``x`` in bf16 (ties away from zero), ``rest``
-    the int16 that :func:`_join_bf16` needs to give ``x`` back bit for bit (NaNs stay NaN)."""
-    t = _round_bits(x)
-    hi = _bf16(x, t)
-    t.bitwise_left_shift_(16)
-    rest = torch.sub(x.view(torch.int32), t, out=t).to(torch.int16)
-    return hi, rest
+    the int16 that :func:`_join_bf16` needs to give ``x`` back bit for bit (NaNs stay NaN); one
+    kernel where the fused ops run (NOTE [ Fused streams ] in _fused.py)."""
+    return _fused.split_bf16(x)
 
 
 def _join_bf16(hi: Tensor, rest: Tensor) -> Tensor:
     """The float32 tensor that :func:`_split_bf16` split."""
-    t = hi.view(torch.int16).to(torch.int32).bitwise_left_shift_(16)
-    return t.add_(rest).view(torch.float32)
+    return _fused.join_bf16(hi, rest)
 
 
 def _output(x: Tensor, dtype: torch.dtype) -> Tensor:
     """The state ``x`` as the stage's output in ``dtype`` (NOTE [ bf16 stage output ])."""
     if not _splits(dtype, x.dtype):
         return x.to(dtype)
-    hi = _bf16(x, _round_bits(x.detach()))
+    hi = _exact.bf16_of(x.detach())
     return _straight_through(x.to(dtype), hi) if x.requires_grad else hi
 
 

@@ -115,6 +115,31 @@ def _adjoint_case(device="cpu"):
         assert bool(same.all())  # NaN payloads aside
 
 
+def _split_case(device="cpu"):
+    """The bf16 split and join of a stage output by the fused ops: the bits of the op-by-op
+    ones, and the join gives the split state back (ties, NaN payloads, inf, negatives)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, 5, 11, generator=g) * 100
+    special = torch.tensor([0x7FFFFFFF, -1, 0x7F800000, 0x3F808000, -0x40808000, 0x7FC00001],
+                           dtype=torch.int32)  # NaNs, inf, exact ties of both signs
+    x.view(-1)[: special.numel()] = special.view(torch.float32)
+    x = x.to(device).contiguous(memory_format=torch.channels_last)
+    hi, rest = _fused.split_bf16(x)
+    ref_hi, ref_rest = _exact.split_bf16(x)
+    assert hi.stride() == x.stride()
+    assert torch.equal(hi.view(torch.int16), ref_hi.view(torch.int16))
+    assert torch.equal(rest, ref_rest)
+    back = _fused.join_bf16(hi, rest)
+    assert torch.equal(back.view(torch.int32), _exact.join_bf16(ref_hi, ref_rest).view(torch.int32))
+    finite = torch.isfinite(x) | torch.isinf(x)
+    assert torch.equal(back[finite], x[finite]) and bool(back[~finite].isnan().all())
+
+
+def test_split_ops_give_the_bits_of_the_op_by_op_split(monkeypatch):
+    monkeypatch.setenv("REVIFY_FUSED_STREAMS", "1")
+    _split_case()
+
+
 def test_adjoint_op_gives_the_bits_of_the_op_by_op_sum(monkeypatch):
     monkeypatch.setenv("REVIFY_FUSED_STREAMS", "1")
     _adjoint_case()
@@ -173,6 +198,7 @@ import test_fused as T
 for case in T.CASES:
     T._case(*case)
 T._adjoint_case()
+T._split_case()
 import revify
 from conftest import timm_model
 from revify import _fused
