@@ -100,6 +100,41 @@ def accumulator(like: Tensor) -> Tensor:
     return torch.zeros((), dtype=torch.float32, device=like.device)
 
 
+def first_grid(x: Tensor, dtype: torch.dtype) -> _exact.Grid:
+    """``_exact.first_grid``, its exponent arithmetic by the fused op where it runs (one launch
+    instead of six small ones)."""
+    if dtype != torch.float32 or not _enabled(x):
+        return _exact.first_grid(x, dtype)
+    top = _exact.max_abs(x).to(dtype)
+    if _mode() == "triton":
+        delta = torch.empty((), dtype=dtype, device=x.device)
+        _triton_grid(top, _exact.HEADROOM_BITS, delta)
+    else:
+        delta = torch.ops.revify.grid_step(top, _exact.HEADROOM_BITS)
+    return _exact.Grid(delta)
+
+
+def enter(x: Tensor, grid: _exact.Grid, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(x_0, max |x_0|)``: the stage input in the ``dtype`` streams, rounded onto ``grid``, in
+    one pass where the fused op runs (a cast, a rounding, an aminmax otherwise). The max is a
+    new tensor, non-negative even for a NaN (a NaN's sign bit would sort it below every float
+    for the steps' atomic max)."""
+    if dtype == torch.float32 and _enabled(x) and _dense_order([x]) is not None:
+        if _mode() == "triton":
+            x0, top = torch.empty_like(x, dtype=dtype), accumulator(x)
+            _triton_enter(x, grid.delta, grid.finite_only, x0, top)
+            return x0, top
+        return torch.ops.revify.stream_enter(x, grid.delta, grid.finite_only)
+    return _enter_ops(x, grid.delta, grid.finite_only, dtype)
+
+
+def _enter_ops(x: Tensor, delta: Tensor, finite_only: bool, dtype: torch.dtype
+               ) -> tuple[Tensor, Tensor]:
+    x0 = _exact.on_grid(x.to(dtype), delta)
+    lo, hi = _exact.Grid(delta, finite_only).extrema(x0)
+    return x0, torch.maximum(hi, lo.neg()).abs_()
+
+
 def next_state(
     grid: _exact.Grid, d: int, outer: float, inner: float, u: Tensor, m: Tensor | None,
     x_prev: Tensor, x_cur: Tensor, own_prev: bool, first: bool, top: Tensor,
@@ -304,6 +339,28 @@ def _(hi, rest) -> Tensor:
     return torch.empty_like(hi, dtype=torch.float32)
 
 
+@torch.library.custom_op("revify::grid_step", mutates_args=())
+def _grid_step_op(top: Tensor, bits: int) -> Tensor:
+    """``2^(e + bits - GRID_BITS)`` for ``2^(e-1) <= top < 2^e`` (fp32, 0-dim); op by op."""
+    return _exact._step(top, bits)
+
+
+@_grid_step_op.register_fake
+def _(top, bits) -> Tensor:
+    return torch.empty_like(top)
+
+
+@torch.library.custom_op("revify::stream_enter", mutates_args=())
+def _stream_enter_op(x: Tensor, delta: Tensor, finite_only: bool) -> tuple[Tensor, Tensor]:
+    """A stage input as fp32 on the grid, and its max |.|; op by op."""
+    return _enter_ops(x, delta, finite_only, torch.float32)
+
+
+@_stream_enter_op.register_fake
+def _(x, delta, finite_only) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x, dtype=torch.float32), torch.empty_like(delta)
+
+
 # ---- the Triton kernels (CUDA; Triton's interpreter runs them on the CPU in tests) --------
 
 
@@ -311,7 +368,8 @@ def _kernels():  # noqa: ANN202 - Triton's JIT functions
     from . import _stream_triton  # imports triton: only where a kernel runs
 
     k = _stream_triton
-    return k.next_kernel, k.prev_kernel, k.adjoint_kernel, k.split_kernel, k.join_kernel
+    return (k.next_kernel, k.prev_kernel, k.adjoint_kernel, k.split_kernel, k.join_kernel,
+            k.grid_kernel, k.enter_kernel)
 
 
 def _launch_shape(d: int, n: int) -> tuple[dict[str, int], tuple[int]]:
@@ -388,7 +446,32 @@ def _triton_join_op(hi, rest):
     return out
 
 
+def _triton_grid(top, bits, out):
+    _kernels()[5][(1,)](top, out, bits - _exact.GRID_BITS, _exact._FLOOR)
+
+
+def _triton_grid_op(top, bits):
+    out = torch.empty_like(top)
+    _triton_grid(top, bits, out)
+    return out
+
+
+def _triton_enter(x, delta, finite_only, x0, top):
+    n = x.numel()
+    _kernels()[6][(-(-n // _BLOCK),)](
+        _flat(x), delta, _flat(x0), top.view(torch.int32), n, FINITE=finite_only, BLOCK=_BLOCK
+    )
+
+
+def _triton_enter_op(x, delta, finite_only):
+    x0, top = torch.empty_like(x, dtype=torch.float32), accumulator(x)
+    _triton_enter(x, delta, finite_only, x0, top)
+    return x0, top
+
+
 _stream_next.register_kernel("cuda")(_triton_next)
+_grid_step_op.register_kernel("cuda")(_triton_grid_op)
+_stream_enter_op.register_kernel("cuda")(_triton_enter_op)
 _split_bf16_op.register_kernel("cuda")(_triton_split_op)
 _join_bf16_op.register_kernel("cuda")(_triton_join_op)
 _adjoint_sum_op.register_kernel("cuda")(_triton_adjoint_op)

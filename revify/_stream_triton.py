@@ -150,3 +150,44 @@ def join_kernel(hi_ptr, rest_ptr, out_ptr, n, BLOCK: tl.constexpr):
     hi = tl.load(hi_ptr + offs, mask=mask, other=0).to(tl.int32)
     rest = tl.load(rest_ptr + offs, mask=mask, other=0).to(tl.int32)
     tl.store(out_ptr + offs, (hi << 16) + rest, mask=mask)
+
+
+@triton.jit
+def _pow2(k):
+    """2^k as fp32, for -126 < k < 128, from the exponent bits: exact."""
+    return ((k + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _grid_exponent(top_ptr, offset, floor):
+    """e + offset with 2^(e-1) <= max(top, floor) < 2^e, and 0 + offset for a top that is not
+    finite (what torch.frexp gives): _exact._step's exponent."""
+    t = tl.load(top_ptr)
+    t = tl.where(t < floor, floor, t)  # clamp_min; a NaN stays
+    biased = (t.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    return tl.where(biased == 0xFF, 0, biased - 126) + offset
+
+
+@triton.jit
+def grid_kernel(top_ptr, out_ptr, offset, floor):
+    tl.store(out_ptr, _pow2(_grid_exponent(top_ptr, offset, floor)))
+
+
+@triton.jit
+def enter_kernel(x_ptr, delta_ptr, out_ptr, top_ptr, n, FINITE: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """x in fp32 rounded to the nearest multiple of delta, ties to even, zeros keeping their
+    sign (_exact.on_grid: x / delta rounded, times delta), and max |x_0| into top."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    delta = tl.load(delta_ptr)
+    inv = ((254 << 23) - delta.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)  # 1/delta
+    q = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv  # exact: a power of 2
+    r = (q + 12582912.0) - 12582912.0  # to the nearest integer, ties to even (|q| < 2^22)
+    r = tl.where(r == 0, q * 0.0, r)  # the sign of a zero, as round() keeps it
+    x0 = r * delta
+    tl.store(out_ptr + offs, x0, mask=mask)
+    a = tl.abs(x0)
+    if FINITE:
+        a = tl.where(a <= _MAX_FINITE, a, 0.0)
+    tl.atomic_max(top_ptr, tl.max(a.to(tl.int32, bitcast=True), axis=0))

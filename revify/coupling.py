@@ -451,14 +451,14 @@ class _Walk:
         # The coefficients of this forward: a schedule may change the stage's before backward.
         self.alpha, self.beta, self.exact = stage.alpha, stage.beta, grid is not None
         self.d = stage.divisor
-        x0 = x.to(_stream_dtype(x.dtype))
         self.grid = grid
-        if grid is not None:
-            x0 = _straight_through(x0, _exact.on_grid(x0.detach(), grid.delta))
-            # max |x_0|, then of every state a fused step makes (NOTE [ Fused streams ] in
-            # _fused.py; abs: a NaN with its sign bit set would sort below every float's bits)
-            lo, hi = grid.extrema(x0.detach())
-            self.accumulator = torch.maximum(hi, lo.neg()).abs_()
+        if grid is None:
+            x0 = x.to(_stream_dtype(x.dtype))
+        else:
+            # x_0 on the grid and max |x_0|, then of every state a fused step makes (NOTE
+            # [ Fused streams ] in _fused.py)
+            on, self.accumulator = _fused.enter(x.detach(), grid, _stream_dtype(x.dtype))
+            x0 = _straight_through(x.to(on.dtype), on) if x.requires_grad else on
             self.extrema = []  # (min, max) of each state made op by op, checked at the end
         self.pair: tuple[Tensor, Tensor] | None = (x0, x0)
         self.owned = (False, False)  # backward: whether a step may write into each of pair
@@ -580,7 +580,7 @@ def _run_exact(
     same random draws and BatchNorm statistics already updated, while the states outgrow it."""
     start = _ForwardState(x.device)
     kept = BufferSnapshot(_stage_state_slots(stage))
-    grid: _exact.Grid | None = _exact.first_grid(x.detach(), _stream_dtype(x.dtype))
+    grid: _exact.Grid | None = _fused.first_grid(x.detach(), _stream_dtype(x.dtype))
     for attempt in range(3):
         if attempt:  # other buffers as before the first pass (NOTE [ Buffers a forward writes ])
             start.restart()

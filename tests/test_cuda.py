@@ -101,6 +101,7 @@ def test_cuda_fused_stream_kernels_match_op_by_op():
     for case in T.CASES:
         T._case(*case, device="cuda")
     T._split_case(device="cuda")
+    T._enter_case(device="cuda")
     g = torch.Generator().manual_seed(0)
     dx, a, b = (torch.randn(5000, generator=g).bfloat16().cuda() for _ in range(3))
     terms = [(a, 1 / 64), (b, 63 / 64 - 1)]

@@ -135,6 +135,41 @@ def _split_case(device="cpu"):
     assert torch.equal(back[finite], x[finite]) and bool(back[~finite].isnan().all())
 
 
+def _enter_case(device="cpu"):
+    """A stage's entry by the fused ops (its grid's exponent arithmetic, the rounding of the
+    input onto it and max |x_0|): the bits of the op-by-op entry, for bf16 and fp32 inputs,
+    channels-last, an all-zero input, tiny and huge values, NaN and inf (finite maxima too)."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(2, 6, 5, 7, generator=g)
+    inputs = [base * 3, base * 1e-30, base * 1e30, torch.zeros(2, 6, 5, 7), -base.abs() * 1e-3]
+    odd = base.clone()
+    odd.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    inputs.append(odd)
+    for x in inputs:
+        for dtype in (torch.float32, torch.bfloat16):
+            for cl in (False, True):
+                v = x.to(device, dtype)
+                if cl:
+                    v = v.contiguous(memory_format=torch.channels_last)
+                grid = _fused.first_grid(v, torch.float32)
+                ref = _exact.first_grid(v, torch.float32)
+                assert torch.equal(grid.delta, ref.delta) and not grid.finite_only
+                for finite in (False, True):
+                    grid = _exact.Grid(ref.delta if not finite else
+                                       _exact.first_grid(v, torch.float32, True).delta, finite)
+                    x0, top = _fused.enter(v, grid, torch.float32)
+                    r0, rtop = _fused._enter_ops(v, grid.delta, finite, torch.float32)
+                    assert x0.stride() == v.stride()
+                    assert torch.equal(x0.view(torch.int32), r0.view(torch.int32))
+                    assert torch.equal(top, rtop) or (top.isnan() and rtop.isnan())
+                    assert not bool(top.signbit())
+
+
+def test_enter_ops_give_the_bits_of_the_op_by_op_entry(monkeypatch):
+    monkeypatch.setenv("REVIFY_FUSED_STREAMS", "1")
+    _enter_case()
+
+
 def test_split_ops_give_the_bits_of_the_op_by_op_split(monkeypatch):
     monkeypatch.setenv("REVIFY_FUSED_STREAMS", "1")
     _split_case()
@@ -199,6 +234,7 @@ for case in T.CASES:
     T._case(*case)
 T._adjoint_case()
 T._split_case()
+T._enter_case()
 import revify
 from conftest import timm_model
 from revify import _fused
