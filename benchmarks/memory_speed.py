@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import time
 import traceback
 from typing import Any
@@ -85,17 +86,25 @@ def cpu_peak_live_bytes(
 def simulated_peak(
     name: str, method: str, precision: str, batch: int, size: int
 ) -> dict[str, Any]:
-    """Peak live tensor bytes of one training step on fake tensors, gradients allocated."""
-    model = build_model(name, method, size=size)
-    live = LiveBytes()
-    with fake_model(model):
-        x, target = _batch(batch, size, "cpu", channels_last=False)
-        with live:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), target)
-            del logits
-            loss.backward()
+    """Peak live tensor bytes of one training step on fake tensors, gradients allocated: the
+    CUDA step, so revify takes the path it takes there (its fused stream ops, NOTE [ Fused
+    streams ] in revify/_fused.py) unless REVIFY_FUSED_STREAMS says otherwise."""
+    before = os.environ.get("REVIFY_FUSED_STREAMS")
+    os.environ["REVIFY_FUSED_STREAMS"] = before or "1"
+    try:
+        model = build_model(name, method, size=size)
+        live = LiveBytes()
+        with fake_model(model):
+            x, target = _batch(batch, size, "cpu", channels_last=False)
+            with live:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    logits = model(x)
+                loss = F.cross_entropy(logits.float(), target)
+                del logits
+                loss.backward()
+    finally:
+        if before is None:
+            del os.environ["REVIFY_FUSED_STREAMS"]
     return dict(device="fake", precision=precision, model=name, method=method, batch=batch,
                 size=size, peak_above_baseline_bytes=live.peak)
 

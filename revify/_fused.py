@@ -1,8 +1,10 @@
-"""Fused exact stream steps: one kernel per step of the exact recurrence (NOTE [ Fused streams ]).
+"""Fused exact stream arithmetic: one kernel for each pass the exact path makes over a stage's
+states (NOTE [ Fused streams ]).
 
-:func:`next_state` and :func:`prev_state` take the arguments of :mod:`revify._exact`'s
-``rounded`` + ``next_state`` and ``prev_state`` and run them as one custom op,
-``revify::stream_next`` / ``revify::stream_prev``, where the step allows it, else op by op.
+Each function here takes the arguments of its op-by-op counterpart in :mod:`revify._exact`
+(``first_grid``, the entry rounding, ``rounded`` + ``next_state``, ``prev_state``, the bf16
+split and join) or ``coupling._adjoint_sum``, and runs it as one ``revify::`` custom op where
+the op covers it, else op by op: the same bits either way.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import warnings
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -42,9 +46,15 @@ __all__: list[str] = []
 # remainders are packed in). Any other step runs op by op. The kernel also keeps max |x_{k+1}|
 # (an atomic max on the float's bits, which order non-negative floats as integers; a NaN's bits
 # are above every finite value's) in the walk's accumulator, instead of an aminmax per state.
+#
+# The same pattern covers the other passes over a state: a stage's entry (the grid's exponent
+# from the input's max, the input rounded onto the grid with its max), the bf16 adjoint sum of
+# a step (rounded to bf16 from the bits, to nearest even as torch rounds: a Triton cast's
+# rounding is the backend's, and the interpreter truncates), and the bf16 split and join of a
+# stage output (NOTE [ bf16 stage output ] in coupling.py). A kernel Triton cannot compile or
+# launch on a device warns once and runs op by op from then on.
 
 _BLOCK = 1024  # elements per Triton program
-_BIG = 1.5 * 2.0**23  # BIG / delta for fp32 (NOTE [ Stream kernels ])
 
 
 @functools.cache
@@ -257,8 +267,7 @@ def _flat(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.permute(_exact._order(t)).reshape(-1)
 
 
-@torch.library.custom_op("revify::stream_next", mutates_args=("out", "packed", "top"))
-def _stream_next(
+def _stream_next_ops(
     u: Tensor, m: Tensor | None, x_prev: Tensor, x_cur: Tensor, delta: Tensor, d: int,
     outer: float, first: bool, finite_only: bool, out: Tensor, packed: Tensor | None,
     top: Tensor,
@@ -277,13 +286,17 @@ def _stream_next(
         top.copy_(torch.maximum(top, torch.stack(grid.extrema(x)).abs().max()))
 
 
+_stream_next = torch.library.custom_op(
+    "revify::stream_next", mutates_args=("out", "packed", "top")
+)(_stream_next_ops)
+
+
 @_stream_next.register_fake
 def _(u, m, x_prev, x_cur, delta, d, outer, first, finite_only, out, packed, top) -> None:
     return None
 
 
-@torch.library.custom_op("revify::stream_prev", mutates_args=("out",))
-def _stream_prev(
+def _stream_prev_ops(
     u: Tensor, m: Tensor | None, x_cur: Tensor, x_next: Tensor, packed: Tensor | None,
     delta: Tensor, d: int, outer: float, out: Tensor,
 ) -> None:
@@ -300,16 +313,25 @@ def _stream_prev(
         of[sl].copy_(x)
 
 
+_stream_prev = torch.library.custom_op(
+    "revify::stream_prev", mutates_args=("out",)
+)(_stream_prev_ops)
+
+
 @_stream_prev.register_fake
 def _(u, m, x_cur, x_next, packed, delta, d, outer, out) -> None:
     return None
 
 
-@torch.library.custom_op("revify::adjoint_sum", mutates_args=())
-def _adjoint_sum_op(dx: Tensor, a: Tensor, ca: float, b: Tensor | None, cb: float) -> Tensor:
+def _adjoint_sum_op_ops(dx: Tensor, a: Tensor, ca: float, b: Tensor | None, cb: float) -> Tensor:
     """``dx + ca * a (+ cb * b)`` summed in fp32, in ``dx``'s dtype; op by op."""
     terms = [(a, ca)] + ([] if b is None else [(b, cb)])
     return adjoint_sum_ops(dx, terms, torch.float32, dx.dtype)
+
+
+_adjoint_sum_op = torch.library.custom_op(
+    "revify::adjoint_sum", mutates_args=()
+)(_adjoint_sum_op_ops)
 
 
 @_adjoint_sum_op.register_fake
@@ -317,10 +339,14 @@ def _(dx, a, ca, b, cb) -> Tensor:
     return torch.empty_like(dx)
 
 
-@torch.library.custom_op("revify::split_bf16", mutates_args=())
-def _split_bf16_op(x: Tensor) -> tuple[Tensor, Tensor]:
+def _split_bf16_op_ops(x: Tensor) -> tuple[Tensor, Tensor]:
     """A float32 stage output as its bf16 value and int16 rest; op by op."""
     return _exact.split_bf16(x)
+
+
+_split_bf16_op = torch.library.custom_op(
+    "revify::split_bf16", mutates_args=()
+)(_split_bf16_op_ops)
 
 
 @_split_bf16_op.register_fake
@@ -328,10 +354,14 @@ def _(x) -> tuple[Tensor, Tensor]:
     return torch.empty_like(x, dtype=torch.bfloat16), torch.empty_like(x, dtype=torch.int16)
 
 
-@torch.library.custom_op("revify::join_bf16", mutates_args=())
-def _join_bf16_op(hi: Tensor, rest: Tensor) -> Tensor:
+def _join_bf16_op_ops(hi: Tensor, rest: Tensor) -> Tensor:
     """The float32 tensor ``split_bf16`` split; op by op."""
     return _exact.join_bf16(hi, rest)
+
+
+_join_bf16_op = torch.library.custom_op(
+    "revify::join_bf16", mutates_args=()
+)(_join_bf16_op_ops)
 
 
 @_join_bf16_op.register_fake
@@ -339,10 +369,14 @@ def _(hi, rest) -> Tensor:
     return torch.empty_like(hi, dtype=torch.float32)
 
 
-@torch.library.custom_op("revify::grid_step", mutates_args=())
-def _grid_step_op(top: Tensor, bits: int) -> Tensor:
+def _grid_step_op_ops(top: Tensor, bits: int) -> Tensor:
     """``2^(e + bits - GRID_BITS)`` for ``2^(e-1) <= top < 2^e`` (fp32, 0-dim); op by op."""
     return _exact._step(top, bits)
+
+
+_grid_step_op = torch.library.custom_op(
+    "revify::grid_step", mutates_args=()
+)(_grid_step_op_ops)
 
 
 @_grid_step_op.register_fake
@@ -350,10 +384,14 @@ def _(top, bits) -> Tensor:
     return torch.empty_like(top)
 
 
-@torch.library.custom_op("revify::stream_enter", mutates_args=())
-def _stream_enter_op(x: Tensor, delta: Tensor, finite_only: bool) -> tuple[Tensor, Tensor]:
+def _stream_enter_op_ops(x: Tensor, delta: Tensor, finite_only: bool) -> tuple[Tensor, Tensor]:
     """A stage input as fp32 on the grid, and its max |.|; op by op."""
     return _enter_ops(x, delta, finite_only, torch.float32)
+
+
+_stream_enter_op = torch.library.custom_op(
+    "revify::stream_enter", mutates_args=()
+)(_stream_enter_op_ops)
 
 
 @_stream_enter_op.register_fake
@@ -469,10 +507,37 @@ def _triton_enter_op(x, delta, finite_only):
     return x0, top
 
 
-_stream_next.register_kernel("cuda")(_triton_next)
-_grid_step_op.register_kernel("cuda")(_triton_grid_op)
-_stream_enter_op.register_kernel("cuda")(_triton_enter_op)
-_split_bf16_op.register_kernel("cuda")(_triton_split_op)
-_join_bf16_op.register_kernel("cuda")(_triton_join_op)
-_adjoint_sum_op.register_kernel("cuda")(_triton_adjoint_op)
-_stream_prev.register_kernel("cuda")(_triton_prev)
+_FAILED: list[str] = []  # why the Triton kernels could not run, once they could not
+
+
+def _with_fallback(triton_impl: Any, ops_impl: Any) -> Any:
+    """``triton_impl``, or ``ops_impl`` (the same bits) with one warning once Triton could not
+    compile or launch a kernel here."""
+
+    def kernel(*args: Any) -> Any:
+        if not _FAILED:
+            try:
+                return triton_impl(*args)
+            except Exception as e:  # noqa: BLE001 - any compile or launch failure
+                _FAILED.append(f"{type(e).__name__}: {e}")
+                warnings.warn(
+                    "revify: the fused stream kernels (Triton) failed on this device, so the "
+                    f"exact streams run op by op (the same values, slower): {_FAILED[0][:300]}",
+                    RuntimeWarning, stacklevel=2,
+                )
+        return ops_impl(*args)
+
+    return kernel
+
+
+def _cuda_kernel(op: Any, triton_impl: Any, ops_impl: Any) -> None:
+    op.register_kernel("cuda")(_with_fallback(triton_impl, ops_impl))
+
+
+_cuda_kernel(_stream_next, _triton_next, _stream_next_ops)
+_cuda_kernel(_stream_prev, _triton_prev, _stream_prev_ops)
+_cuda_kernel(_grid_step_op, _triton_grid_op, _grid_step_op_ops)
+_cuda_kernel(_stream_enter_op, _triton_enter_op, _stream_enter_op_ops)
+_cuda_kernel(_split_bf16_op, _triton_split_op, _split_bf16_op_ops)
+_cuda_kernel(_join_bf16_op, _triton_join_op, _join_bf16_op_ops)
+_cuda_kernel(_adjoint_sum_op, _triton_adjoint_op, _adjoint_sum_op_ops)

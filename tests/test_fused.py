@@ -270,3 +270,20 @@ def test_triton_kernels_give_the_same_bits():
     run = subprocess.run([sys.executable, "-c", textwrap.dedent(_INTERPRETED.format(tests=tests))],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and run.stdout.strip().endswith("OK"), run.stderr[-3000:]
+
+
+def test_kernel_that_cannot_run_falls_back_with_a_warning(monkeypatch):
+    """A Triton compile or launch failure (an unsupported GPU) warns once and runs the op by
+    op kernel, which gives the same values."""
+    monkeypatch.setattr(_fused, "_FAILED", [])
+
+    def broken(*args):
+        raise RuntimeError("no kernel for this device")
+
+    kernel = _fused._with_fallback(broken, _fused._grid_step_op_ops)
+    top = torch.tensor(3.0)
+    with pytest.warns(RuntimeWarning, match="no kernel for this device"):
+        first = kernel(top, 8)
+    second = kernel(top, 8)  # no second warning, no second try
+    assert torch.equal(first, _exact._step(top, 8)) and torch.equal(second, first)
+    assert len(_fused._FAILED) == 1
