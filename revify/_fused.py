@@ -116,12 +116,7 @@ def first_grid(x: Tensor, dtype: torch.dtype) -> _exact.Grid:
     if dtype != torch.float32 or not _enabled(x):
         return _exact.first_grid(x, dtype)
     top = _exact.max_abs(x).to(dtype)
-    if _mode() == "triton":
-        delta = torch.empty((), dtype=dtype, device=x.device)
-        _triton_grid(top, _exact.HEADROOM_BITS, delta)
-    else:
-        delta = torch.ops.revify.grid_step(top, _exact.HEADROOM_BITS)
-    return _exact.Grid(delta)
+    return _exact.Grid(_call(_grid_step, _triton_grid, top, _exact.HEADROOM_BITS))
 
 
 def enter(x: Tensor, grid: _exact.Grid, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -130,11 +125,7 @@ def enter(x: Tensor, grid: _exact.Grid, dtype: torch.dtype) -> tuple[Tensor, Ten
     new tensor, non-negative even for a NaN (a NaN's sign bit would sort it below every float
     for the steps' atomic max)."""
     if dtype == torch.float32 and _enabled(x) and _dense_order([x]) is not None:
-        if _mode() == "triton":
-            x0, top = torch.empty_like(x, dtype=dtype), accumulator(x)
-            _triton_enter(x, grid.delta, grid.finite_only, x0, top)
-            return x0, top
-        return torch.ops.revify.stream_enter(x, grid.delta, grid.finite_only)
+        return _call(_stream_enter, _triton_enter, x, grid.delta, grid.finite_only)
     return _enter_ops(x, grid.delta, grid.finite_only, dtype)
 
 
@@ -162,12 +153,8 @@ def next_state(
     packed = None
     if d > 1 and not first:
         packed = torch.empty(_exact.packed_size(n, d), dtype=torch.uint8, device=x_cur.device)
-    args = (u, m, x_prev, x_cur, grid.delta, d, float(outer), first, grid.finite_only, out,
-            packed, top)
-    if _mode() == "triton":
-        _triton_next(*args)
-    else:
-        torch.ops.revify.stream_next(*args)
+    _call(_stream_next, _triton_next, u, m, x_prev, x_cur, grid.delta, d, float(outer), first,
+          grid.finite_only, out, packed, top)
     return out, (None if packed is None else _exact.Packed(packed, order))
 
 
@@ -185,11 +172,8 @@ def prev_state(
         return _exact.prev_state(grid, d, outer, inner, u, m, x_cur, x_next, packed, own_next)
     out = x_next if own_next else torch.empty_like(x_cur)
     data = None if packed is None or d == 1 else packed.data
-    args = (u, m, x_cur, x_next, data, grid.delta, d, float(outer), out)
-    if _mode() == "triton":
-        _triton_prev(*args)
-    else:
-        torch.ops.revify.stream_prev(*args)
+    _call(_stream_prev, _triton_prev, u, m, x_cur, x_next, data, grid.delta, d, float(outer),
+          out)
     return out
 
 
@@ -205,11 +189,7 @@ def adjoint_sum(
     if any(t.dtype != out for t in ts) or _dense_order([dx, *ts]) is None:
         return None
     (a, ca), (b, cb) = terms[0], (terms[1] if len(terms) > 1 else (None, 0.0))
-    if _mode() == "triton":
-        result = torch.empty_like(dx)
-        _triton_adjoint(dx, a, float(ca), b, float(cb), result)
-        return result
-    return torch.ops.revify.adjoint_sum(dx, a, float(ca), b, float(cb))
+    return _call(_adjoint_sum, _triton_adjoint, dx, a, float(ca), b, float(cb))
 
 
 def adjoint_sum_ops(
@@ -235,28 +215,18 @@ def adjoint_sum_ops(
     return acc.to(out)
 
 
-
-
 def split_bf16(x: Tensor) -> tuple[Tensor, Tensor]:
     """``_exact.split_bf16``, by the fused op where it runs (one pass instead of ~9)."""
     if not _enabled(x) or _dense_order([x]) is None:
         return _exact.split_bf16(x)
-    if _mode() == "triton":
-        hi, rest = torch.empty_like(x, dtype=torch.bfloat16), torch.empty_like(x, dtype=torch.int16)
-        _triton_split(x, hi, rest)
-        return hi, rest
-    return torch.ops.revify.split_bf16(x)
+    return _call(_split_bf16, _triton_split, x)
 
 
 def join_bf16(hi: Tensor, rest: Tensor) -> Tensor:
     """``_exact.join_bf16``, by the fused op where it runs."""
     if not _enabled(hi) or _dense_order([hi, rest]) is None:
         return _exact.join_bf16(hi, rest)
-    if _mode() == "triton":
-        out = torch.empty_like(hi, dtype=torch.float32)
-        _triton_join(hi, rest, out)
-        return out
-    return torch.ops.revify.join_bf16(hi, rest)
+    return _call(_join_bf16, _triton_join, hi, rest)
 
 
 # ---- the ops, and their kernel op by op (every device but CUDA) ---------------------------
@@ -286,16 +256,6 @@ def _stream_next_ops(
         top.copy_(torch.maximum(top, torch.stack(grid.extrema(x)).abs().max()))
 
 
-_stream_next = torch.library.custom_op(
-    "revify::stream_next", mutates_args=("out", "packed", "top")
-)(_stream_next_ops)
-
-
-@_stream_next.register_fake
-def _(u, m, x_prev, x_cur, delta, d, outer, first, finite_only, out, packed, top) -> None:
-    return None
-
-
 def _stream_prev_ops(
     u: Tensor, m: Tensor | None, x_cur: Tensor, x_next: Tensor, packed: Tensor | None,
     delta: Tensor, d: int, outer: float, out: Tensor,
@@ -313,90 +273,15 @@ def _stream_prev_ops(
         of[sl].copy_(x)
 
 
-_stream_prev = torch.library.custom_op(
-    "revify::stream_prev", mutates_args=("out",)
-)(_stream_prev_ops)
-
-
-@_stream_prev.register_fake
-def _(u, m, x_cur, x_next, packed, delta, d, outer, out) -> None:
-    return None
-
-
-def _adjoint_sum_op_ops(dx: Tensor, a: Tensor, ca: float, b: Tensor | None, cb: float) -> Tensor:
+def _adjoint_sum_ops(dx: Tensor, a: Tensor, ca: float, b: Tensor | None, cb: float) -> Tensor:
     """``dx + ca * a (+ cb * b)`` summed in fp32, in ``dx``'s dtype; op by op."""
     terms = [(a, ca)] + ([] if b is None else [(b, cb)])
     return adjoint_sum_ops(dx, terms, torch.float32, dx.dtype)
 
 
-_adjoint_sum_op = torch.library.custom_op(
-    "revify::adjoint_sum", mutates_args=()
-)(_adjoint_sum_op_ops)
-
-
-@_adjoint_sum_op.register_fake
-def _(dx, a, ca, b, cb) -> Tensor:
-    return torch.empty_like(dx)
-
-
-def _split_bf16_op_ops(x: Tensor) -> tuple[Tensor, Tensor]:
-    """A float32 stage output as its bf16 value and int16 rest; op by op."""
-    return _exact.split_bf16(x)
-
-
-_split_bf16_op = torch.library.custom_op(
-    "revify::split_bf16", mutates_args=()
-)(_split_bf16_op_ops)
-
-
-@_split_bf16_op.register_fake
-def _(x) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(x, dtype=torch.bfloat16), torch.empty_like(x, dtype=torch.int16)
-
-
-def _join_bf16_op_ops(hi: Tensor, rest: Tensor) -> Tensor:
-    """The float32 tensor ``split_bf16`` split; op by op."""
-    return _exact.join_bf16(hi, rest)
-
-
-_join_bf16_op = torch.library.custom_op(
-    "revify::join_bf16", mutates_args=()
-)(_join_bf16_op_ops)
-
-
-@_join_bf16_op.register_fake
-def _(hi, rest) -> Tensor:
-    return torch.empty_like(hi, dtype=torch.float32)
-
-
-def _grid_step_op_ops(top: Tensor, bits: int) -> Tensor:
-    """``2^(e + bits - GRID_BITS)`` for ``2^(e-1) <= top < 2^e`` (fp32, 0-dim); op by op."""
-    return _exact._step(top, bits)
-
-
-_grid_step_op = torch.library.custom_op(
-    "revify::grid_step", mutates_args=()
-)(_grid_step_op_ops)
-
-
-@_grid_step_op.register_fake
-def _(top, bits) -> Tensor:
-    return torch.empty_like(top)
-
-
-def _stream_enter_op_ops(x: Tensor, delta: Tensor, finite_only: bool) -> tuple[Tensor, Tensor]:
+def _stream_enter_ops(x: Tensor, delta: Tensor, finite_only: bool) -> tuple[Tensor, Tensor]:
     """A stage input as fp32 on the grid, and its max |.|; op by op."""
     return _enter_ops(x, delta, finite_only, torch.float32)
-
-
-_stream_enter_op = torch.library.custom_op(
-    "revify::stream_enter", mutates_args=()
-)(_stream_enter_op_ops)
-
-
-@_stream_enter_op.register_fake
-def _(x, delta, finite_only) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(x, dtype=torch.float32), torch.empty_like(delta)
 
 
 # ---- the Triton kernels (CUDA; Triton's interpreter runs them on the CPU in tests) --------
@@ -442,68 +327,45 @@ def _triton_prev(u, m, x_cur, x_next, packed, delta, d, outer, out):
     )
 
 
-def _triton_adjoint(dx, a, ca, b, cb, out):
-    kernel = _kernels()[2]
-    n = dx.numel()
-    kernel[(-(-n // _BLOCK),)](
-        _flat(dx), _flat(a), _flat(a if b is None else b), _flat(out.view(torch.int16)), n, ca,
-        cb,
-        HAS_B=b is not None, BLOCK=_BLOCK,
-    )
-
-
-def _triton_adjoint_op(dx, a, ca, b, cb):
+def _triton_adjoint(dx, a, ca, b, cb):
     out = torch.empty_like(dx)
-    _triton_adjoint(dx, a, ca, b, cb, out)
+    _kernels()[2][(-(-dx.numel() // _BLOCK),)](
+        _flat(dx), _flat(a), _flat(a if b is None else b), _flat(out.view(torch.int16)),
+        dx.numel(), ca, cb, HAS_B=b is not None, BLOCK=_BLOCK,
+    )
     return out
 
 
-def _triton_split(x, hi, rest):
-    n = x.numel()
-    _kernels()[3][(-(-n // _BLOCK),)](
-        _flat(x).view(torch.int32), _flat(hi).view(torch.int16), _flat(rest), n, BLOCK=_BLOCK
+def _triton_split(x):
+    hi, rest = _split_outputs(x)
+    _kernels()[3][(-(-x.numel() // _BLOCK),)](
+        _flat(x).view(torch.int32), _flat(hi).view(torch.int16), _flat(rest), x.numel(),
+        BLOCK=_BLOCK,
     )
-
-
-def _triton_split_op(x):
-    hi, rest = torch.empty_like(x, dtype=torch.bfloat16), torch.empty_like(x, dtype=torch.int16)
-    _triton_split(x, hi, rest)
     return hi, rest
 
 
-def _triton_join(hi, rest, out):
-    n = hi.numel()
-    _kernels()[4][(-(-n // _BLOCK),)](
-        _flat(hi).view(torch.int16), _flat(rest), _flat(out).view(torch.int32), n, BLOCK=_BLOCK
+def _triton_join(hi, rest):
+    out = _join_output(hi, rest)
+    _kernels()[4][(-(-hi.numel() // _BLOCK),)](
+        _flat(hi).view(torch.int16), _flat(rest), _flat(out).view(torch.int32), hi.numel(),
+        BLOCK=_BLOCK,
     )
-
-
-def _triton_join_op(hi, rest):
-    out = torch.empty_like(hi, dtype=torch.float32)
-    _triton_join(hi, rest, out)
     return out
 
 
-def _triton_grid(top, bits, out):
-    _kernels()[5][(1,)](top, out, bits - _exact.GRID_BITS, _exact._FLOOR)
-
-
-def _triton_grid_op(top, bits):
+def _triton_grid(top, bits):
     out = torch.empty_like(top)
-    _triton_grid(top, bits, out)
+    _kernels()[5][(1,)](top, out, bits - _exact.GRID_BITS, _exact._FLOOR)
     return out
 
 
-def _triton_enter(x, delta, finite_only, x0, top):
-    n = x.numel()
-    _kernels()[6][(-(-n // _BLOCK),)](
-        _flat(x), delta, _flat(x0), top.view(torch.int32), n, FINITE=finite_only, BLOCK=_BLOCK
+def _triton_enter(x, delta, finite_only):
+    x0, top = _enter_outputs(x, delta, finite_only)
+    _kernels()[6][(-(-x.numel() // _BLOCK),)](
+        _flat(x), delta, _flat(x0), top.view(torch.int32), x.numel(), FINITE=finite_only,
+        BLOCK=_BLOCK,
     )
-
-
-def _triton_enter_op(x, delta, finite_only):
-    x0, top = torch.empty_like(x, dtype=torch.float32), accumulator(x)
-    _triton_enter(x, delta, finite_only, x0, top)
     return x0, top
 
 
@@ -530,14 +392,45 @@ def _with_fallback(triton_impl: Any, ops_impl: Any) -> Any:
     return kernel
 
 
-def _cuda_kernel(op: Any, triton_impl: Any, ops_impl: Any) -> None:
+def _call(op: Any, triton_impl: Any, *args: Any) -> Any:
+    """``op(*args)``; its Triton kernel on any device under REVIFY_FUSED_STREAMS=triton."""
+    return (triton_impl if _mode() == "triton" else op)(*args)
+
+
+# ---- registration: each op's kernel op by op (every device), its Triton kernel (CUDA), and
+# what it makes (fake and meta tensors: the audit) -----------------------------------------
+
+
+def _op(name: str, ops_impl: Any, triton_impl: Any, fake: Any, mutates_args: tuple = ()) -> Any:
+    op = torch.library.custom_op(f"revify::{name}", mutates_args=mutates_args)(ops_impl)
+    op.register_fake(fake)
     op.register_kernel("cuda")(_with_fallback(triton_impl, ops_impl))
+    return op
 
 
-_cuda_kernel(_stream_next, _triton_next, _stream_next_ops)
-_cuda_kernel(_stream_prev, _triton_prev, _stream_prev_ops)
-_cuda_kernel(_grid_step_op, _triton_grid_op, _grid_step_op_ops)
-_cuda_kernel(_stream_enter_op, _triton_enter_op, _stream_enter_op_ops)
-_cuda_kernel(_split_bf16_op, _triton_split_op, _split_bf16_op_ops)
-_cuda_kernel(_join_bf16_op, _triton_join_op, _join_bf16_op_ops)
-_cuda_kernel(_adjoint_sum_op, _triton_adjoint_op, _adjoint_sum_op_ops)
+def _mutates_only(*args: Any) -> None:
+    return None
+
+
+def _split_outputs(x: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x, dtype=torch.bfloat16), torch.empty_like(x, dtype=torch.int16)
+
+
+def _join_output(hi: Tensor, rest: Tensor) -> Tensor:
+    return torch.empty_like(hi, dtype=torch.float32)
+
+
+def _enter_outputs(x: Tensor, delta: Tensor, finite_only: bool) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x, dtype=torch.float32), accumulator(x)
+
+
+_stream_next = _op("stream_next", _stream_next_ops, _triton_next, _mutates_only,
+                   ("out", "packed", "top"))
+_stream_prev = _op("stream_prev", _stream_prev_ops, _triton_prev, _mutates_only, ("out",))
+_grid_step = _op("grid_step", _exact._step, _triton_grid,
+                 lambda top, bits: torch.empty_like(top))
+_stream_enter = _op("stream_enter", _stream_enter_ops, _triton_enter, _enter_outputs)
+_split_bf16 = _op("split_bf16", _exact.split_bf16, _triton_split, _split_outputs)
+_join_bf16 = _op("join_bf16", _exact.join_bf16, _triton_join, _join_output)
+_adjoint_sum = _op("adjoint_sum", _adjoint_sum_ops, _triton_adjoint,
+                   lambda dx, a, ca, b, cb: torch.empty_like(dx))

@@ -280,7 +280,7 @@ def test_kernel_that_cannot_run_falls_back_with_a_warning(monkeypatch):
     def broken(*args):
         raise RuntimeError("no kernel for this device")
 
-    kernel = _fused._with_fallback(broken, _fused._grid_step_op_ops)
+    kernel = _fused._with_fallback(broken, _exact._step)
     top = torch.tensor(3.0)
     with pytest.warns(RuntimeWarning, match="no kernel for this device"):
         first = kernel(top, 8)
