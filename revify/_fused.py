@@ -110,39 +110,41 @@ def accumulator(like: Tensor) -> Tensor:
     return torch.zeros((), dtype=torch.float32, device=like.device)
 
 
-def first_grid(x: Tensor, dtype: torch.dtype) -> _exact.Grid:
-    """``_exact.first_grid``, its exponent arithmetic by the fused op where it runs (one launch
-    instead of six small ones)."""
-    if dtype != torch.float32 or not _enabled(x):
-        return _exact.first_grid(x, dtype)
-    top = _exact.max_abs(x).to(dtype)
-    return _exact.Grid(_call(_grid_step, _triton_grid, top, _exact.HEADROOM_BITS))
+def entry(x: Tensor, dtype: torch.dtype, half: bool) -> tuple[_exact.Grid, Tensor, Tensor,
+                                                              Tensor | None] | None:
+    """A stage forward's first entry, fused: ``(grid, x_0, max |x_0|, x_0 in bf16 or None)``
+    with ``grid = _exact.first_grid(x, dtype)`` and ``x_0`` the input rounded onto it, in two
+    kernels (``max |x|``, then the grid's exponent, the rounding, the max and, if ``half``, the
+    copy a bf16 unit reads); None where the op does not cover it (then ``_exact.first_grid`` and
+    :func:`enter`). The max is non-negative even for a NaN (a NaN's sign bit would sort it below
+    every float for the steps' atomic max)."""
+    if dtype != torch.float32 or not _enabled(x) or _dense_order([x]) is None:
+        return None
+    top = torch.linalg.vector_norm(x, float("inf"), dtype=torch.float32)  # NaN if any is
+    delta, acc = torch.empty_like(top), torch.empty_like(top)
+    x0 = torch.empty_like(x, dtype=torch.float32)
+    h = torch.empty_like(x, dtype=torch.bfloat16) if half else None
+    _call(_stream_entry, _triton_entry, x, top, delta, x0, acc, h)
+    return _exact.Grid(delta), x0, acc, h
 
 
 def enter(x: Tensor, grid: _exact.Grid, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``(x_0, max |x_0|)``: the stage input in the ``dtype`` streams, rounded onto ``grid``, in
-    one pass where the fused op runs (a cast, a rounding, an aminmax otherwise). The max is a
-    new tensor, non-negative even for a NaN (a NaN's sign bit would sort it below every float
-    for the steps' atomic max)."""
-    if dtype == torch.float32 and _enabled(x) and _dense_order([x]) is not None:
-        return _call(_stream_enter, _triton_enter, x, grid.delta, grid.finite_only)
-    return _enter_ops(x, grid.delta, grid.finite_only, dtype)
-
-
-def _enter_ops(x: Tensor, delta: Tensor, finite_only: bool, dtype: torch.dtype
-               ) -> tuple[Tensor, Tensor]:
-    x0 = _exact.on_grid(x.to(dtype), delta)
-    lo, hi = _exact.Grid(delta, finite_only).extrema(x0)
+    """``(x_0, max |x_0|)``: the stage input in the ``dtype`` streams, rounded onto ``grid`` (a
+    redone forward's: :func:`entry` makes the first), op by op."""
+    x0 = _exact.on_grid(x.to(dtype), grid.delta)
+    lo, hi = grid.extrema(x0)
     return x0, torch.maximum(hi, lo.neg()).abs_()
 
 
 def next_state(
     grid: _exact.Grid, d: int, outer: float, inner: float, u: Tensor, m: Tensor | None,
-    x_prev: Tensor, x_cur: Tensor, own_prev: bool, first: bool, top: Tensor,
-) -> tuple[Tensor, _exact.Packed | None] | None:
-    """``(x_{k+1}, packed remainders)`` by the fused op, in ``x_prev``'s memory if ``own_prev``,
-    with max |x_{k+1}| folded into ``top``; None when the step is not one the op covers (then
-    run ``_exact.rounded`` and ``_exact.next_state``). Run without grad."""
+    x_prev: Tensor, x_cur: Tensor, own_prev: bool, first: bool, top: Tensor, half: bool = False,
+) -> tuple[Tensor, _exact.Packed | None, Tensor | None] | None:
+    """``(x_{k+1}, packed remainders, x_{k+1} in bf16 if half)`` by the fused op, in
+    ``x_prev``'s memory if ``own_prev``, with max |x_{k+1}| folded into ``top``; None when the
+    step is not one the op covers (then run ``_exact.rounded`` and ``_exact.next_state``). The
+    bf16 copy is what the next unit reads under autocast, made in the same pass. Run without
+    grad."""
     if not _fusable(d, inner, x_cur):
         return None
     order = _dense_order([x_cur, x_prev, u] + ([] if m is None else [m]))
@@ -153,9 +155,10 @@ def next_state(
     packed = None
     if d > 1 and not first:
         packed = torch.empty(_exact.packed_size(n, d), dtype=torch.uint8, device=x_cur.device)
+    h = torch.empty_like(x_cur, dtype=torch.bfloat16) if half else None
     _call(_stream_next, _triton_next, u, m, x_prev, x_cur, grid.delta, d, float(outer), first,
-          grid.finite_only, out, packed, top)
-    return out, (None if packed is None else _exact.Packed(packed, order))
+          grid.finite_only, out, packed, top, h)
+    return out, (None if packed is None else _exact.Packed(packed, order)), h
 
 
 def prev_state(
@@ -240,12 +243,13 @@ def _flat(t: Tensor | None) -> Tensor | None:
 def _stream_next_ops(
     u: Tensor, m: Tensor | None, x_prev: Tensor, x_cur: Tensor, delta: Tensor, d: int,
     outer: float, first: bool, finite_only: bool, out: Tensor, packed: Tensor | None,
-    top: Tensor,
+    top: Tensor, half: Tensor | None,
 ) -> None:
     """One exact forward step into ``out`` (may be ``x_prev``), its remainders into ``packed``,
-    max |x_{k+1}| into ``top`` (NOTE [ Fused streams ]); op by op, on whole packing groups."""
+    max |x_{k+1}| into ``top``, ``x_{k+1}`` in bf16 into ``half`` (NOTE [ Fused streams ]); op
+    by op, on whole packing groups."""
     grid = _exact.Grid(delta, finite_only)
-    uf, mf, pf, cf, of = map(_flat, (u, m, x_prev, x_cur, out))
+    uf, mf, pf, cf, of, hf = map(_flat, (u, m, x_prev, x_cur, out, half))
     per, nbytes = _exact.group(d)
     for sl in _exact.chunks(uf.numel()):
         t = _exact.rounded(uf[sl], None if mf is None else mf[sl], cf[sl], 0.0, grid, own=False)
@@ -253,6 +257,8 @@ def _stream_next_ops(
         of[sl].copy_(x)  # x_prev's elements here are read: out may be x_prev
         if p is not None:
             packed[_exact.packed_range(sl, per, nbytes)].copy_(p.data)
+        if hf is not None:
+            hf[sl].copy_(x)
         top.copy_(torch.maximum(top, torch.stack(grid.extrema(x)).abs().max()))
 
 
@@ -279,9 +285,16 @@ def _adjoint_sum_ops(dx: Tensor, a: Tensor, ca: float, b: Tensor | None, cb: flo
     return adjoint_sum_ops(dx, terms, torch.float32, dx.dtype)
 
 
-def _stream_enter_ops(x: Tensor, delta: Tensor, finite_only: bool) -> tuple[Tensor, Tensor]:
-    """A stage input as fp32 on the grid, and its max |.|; op by op."""
-    return _enter_ops(x, delta, finite_only, torch.float32)
+def _stream_entry_ops(x: Tensor, top: Tensor, delta: Tensor, x0: Tensor, acc: Tensor,
+                      half: Tensor | None) -> None:
+    """A stage input's grid from ``top = max |x|``, the input as fp32 on it, its max |.| and
+    its bf16 copy; op by op."""
+    delta.copy_(_exact._step(top, _exact.HEADROOM_BITS))
+    on, m = enter(x, _exact.Grid(delta), torch.float32)
+    x0.copy_(on)
+    acc.copy_(m)
+    if half is not None:
+        half.copy_(on)
 
 
 # ---- the Triton kernels (CUDA; Triton's interpreter runs them on the CPU in tests) --------
@@ -292,7 +305,7 @@ def _kernels():  # noqa: ANN202 - Triton's JIT functions
 
     k = _stream_triton
     return (k.next_kernel, k.prev_kernel, k.adjoint_kernel, k.split_kernel, k.join_kernel,
-            k.grid_kernel, k.enter_kernel)
+            k.entry_kernel)
 
 
 def _launch_shape(d: int, n: int) -> tuple[dict[str, int], tuple[int]]:
@@ -302,16 +315,17 @@ def _launch_shape(d: int, n: int) -> tuple[dict[str, int], tuple[int]]:
     return meta, (-(-n // (groups * per)),)
 
 
-def _triton_next(u, m, x_prev, x_cur, delta, d, outer, first, finite_only, out, packed, top):
+def _triton_next(u, m, x_prev, x_cur, delta, d, outer, first, finite_only, out, packed, top,
+                 half):
     next_kernel = _kernels()[0]
     n = x_cur.numel()
     meta, grid = _launch_shape(d, n)
     uf, mf, pf, cf, of = map(_flat, (u, m, x_prev, x_cur, out))
     next_kernel[grid](
         uf, uf if mf is None else mf, pf, cf, delta, of, top if packed is None else packed,
-        top.view(torch.int32), n,
+        top.view(torch.int32), of if half is None else _flat(half).view(torch.int16), n,
         outer, D=d, HAS_M=mf is not None, FIRST=first, HAS_OUTER=outer != 0,
-        FINITE=finite_only, **meta,
+        FINITE=finite_only, HALF=half is not None, **meta,
     )
 
 
@@ -354,19 +368,12 @@ def _triton_join(hi, rest):
     return out
 
 
-def _triton_grid(top, bits):
-    out = torch.empty_like(top)
-    _kernels()[5][(1,)](top, out, bits - _exact.GRID_BITS, _exact._FLOOR)
-    return out
-
-
-def _triton_enter(x, delta, finite_only):
-    x0, top = _enter_outputs(x, delta, finite_only)
-    _kernels()[6][(-(-x.numel() // _BLOCK),)](
-        _flat(x), delta, _flat(x0), top.view(torch.int32), x.numel(), FINITE=finite_only,
+def _triton_entry(x, top, delta, x0, acc, half):
+    _kernels()[5][(-(-x.numel() // _BLOCK),)](
+        _flat(x), top, delta, _flat(x0), acc, _flat(x0 if half is None else half.view(torch.int16)),
+        x.numel(), _exact.HEADROOM_BITS - _exact.GRID_BITS, _exact._FLOOR, HALF=half is not None,
         BLOCK=_BLOCK,
     )
-    return x0, top
 
 
 _FAILED: list[str] = []  # why the Triton kernels could not run, once they could not
@@ -420,16 +427,11 @@ def _join_output(hi: Tensor, rest: Tensor) -> Tensor:
     return torch.empty_like(hi, dtype=torch.float32)
 
 
-def _enter_outputs(x: Tensor, delta: Tensor, finite_only: bool) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(x, dtype=torch.float32), accumulator(x)
-
-
 _stream_next = _op("stream_next", _stream_next_ops, _triton_next, _mutates_only,
-                   ("out", "packed", "top"))
+                   ("out", "packed", "top", "half"))
 _stream_prev = _op("stream_prev", _stream_prev_ops, _triton_prev, _mutates_only, ("out",))
-_grid_step = _op("grid_step", _exact._step, _triton_grid,
-                 lambda top, bits: torch.empty_like(top))
-_stream_enter = _op("stream_enter", _stream_enter_ops, _triton_enter, _enter_outputs)
+_stream_entry = _op("stream_entry", _stream_entry_ops, _triton_entry, _mutates_only,
+                    ("delta", "x0", "acc", "half"))
 _split_bf16 = _op("split_bf16", _exact.split_bf16, _triton_split, _split_outputs)
 _join_bf16 = _op("join_bf16", _exact.join_bf16, _triton_join, _join_output)
 _adjoint_sum = _op("adjoint_sum", _adjoint_sum_ops, _triton_adjoint,

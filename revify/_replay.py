@@ -10,6 +10,7 @@ parameters' gradient hooks itself (NOTE [ Recompute leaves ]). Both the reversib
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -22,6 +23,13 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__: list[str] = []
+
+
+@functools.cache
+def _autocast_types(device_type: str) -> tuple[str, ...]:
+    """The device types whose autocast state a forward on ``device_type`` depends on."""
+    return tuple(t for t in dict.fromkeys(("cpu", device_type))
+                 if torch.amp.is_autocast_available(t))
 
 
 class _ForwardState:
@@ -43,12 +51,10 @@ class _ForwardState:
             mod = torch.get_device_module(device.type)
             self.device_index = device.index if device.index is not None else mod.current_device()
             self.device_rng = mod.get_rng_state(self.device_index)
-        types = {"cpu", device.type}
-        self.autocast = {
-            t: (torch.is_autocast_enabled(t), torch.get_autocast_dtype(t))
-            for t in types
-            if torch.amp.is_autocast_available(t)
-        }
+        self.autocast = [
+            (t, torch.is_autocast_enabled(t), torch.get_autocast_dtype(t))
+            for t in _autocast_types(device.type)
+        ]
         self.cache = torch.is_autocast_cache_enabled()
 
     def restart(self) -> None:
@@ -60,14 +66,13 @@ class _ForwardState:
                 self.device_rng, self.device_index
             )
 
-    @contextlib.contextmanager
-    def replay(self) -> Iterator[None]:
-        """Run the body with the captured RNG state (restored afterwards) and autocast settings.
-
-        ``torch.random.fork_rng`` and an autocast context per device type did this in ~400
-        bytecodes per recompute; here the generators are swapped directly and autocast is
-        entered only for device types whose setting differs from the current one (issue 14)."""
-        cpu_now = device_now = mod = None
+    def enter(self) -> tuple[Any, ...]:
+        """Swap in the captured RNG state and set the captured autocast settings; returns what
+        :meth:`exit` puts back. ``torch.random.fork_rng`` and an autocast context per device
+        type did this in ~400 bytecodes per recompute (issue 14): here the generators are
+        swapped directly and autocast is set, as ``torch.autocast.__enter__`` sets it, only for
+        device types whose setting differs from the current one."""
+        cpu_now = device_now = None
         if self.cpu_rng is not None:
             cpu_now = torch.get_rng_state()
             torch.set_rng_state(self.cpu_rng)
@@ -75,21 +80,32 @@ class _ForwardState:
                 mod = torch.get_device_module(self.device_type)
                 device_now = mod.get_rng_state(self.device_index)
                 mod.set_rng_state(self.device_rng, self.device_index)
-        try:
-            with contextlib.ExitStack() as stack:
-                for t, (enabled, dtype) in self.autocast.items():
-                    if torch.is_autocast_enabled(t) != enabled or (
-                        enabled and torch.get_autocast_dtype(t) != dtype
-                    ):
-                        stack.enter_context(torch.autocast(
-                            t, dtype=dtype, enabled=enabled, cache_enabled=self.cache
-                        ))
-                yield
-        finally:
-            if cpu_now is not None:
-                torch.set_rng_state(cpu_now)
-            if device_now is not None:
-                mod.set_rng_state(device_now, self.device_index)
+        changed = []
+        for t, enabled, dtype in self.autocast:
+            now = torch.is_autocast_enabled(t), torch.get_autocast_dtype(t)
+            if now[0] != enabled or (enabled and now[1] != dtype):
+                changed.append((t, now))
+                torch.set_autocast_enabled(t, enabled)
+                torch.set_autocast_dtype(t, dtype)
+                torch.autocast_increment_nesting()
+        cache_now = torch.is_autocast_cache_enabled()
+        if changed:
+            torch.set_autocast_cache_enabled(self.cache)
+        return cpu_now, device_now, changed, cache_now
+
+    def exit(self, entered: tuple[Any, ...]) -> None:
+        """Undo :meth:`enter` (as ``torch.autocast.__exit__`` does for autocast)."""
+        cpu_now, device_now, changed, cache_now = entered
+        for t, (enabled, dtype) in reversed(changed):
+            if torch.autocast_decrement_nesting() == 0:
+                torch.clear_autocast_cache()
+            torch.set_autocast_enabled(t, enabled)
+            torch.set_autocast_dtype(t, dtype)
+        torch.set_autocast_cache_enabled(cache_now)
+        if cpu_now is not None:
+            torch.set_rng_state(cpu_now)
+        if device_now is not None:
+            torch.get_device_module(self.device_type).set_rng_state(device_now, self.device_index)
 
 
 def batchnorms(modules: Iterable[nn.Module]) -> list[_BatchNorm]:
@@ -102,9 +118,9 @@ def batchnorms(modules: Iterable[nn.Module]) -> list[_BatchNorm]:
     return list(seen.values())
 
 
-@contextlib.contextmanager
-def frozen_running_stats(bns: Iterable[_BatchNorm]) -> Iterator[None]:
-    """Train-mode BatchNorm uses batch statistics but leaves running statistics alone.
+def _freeze(bns: Iterable[_BatchNorm]) -> list[_BatchNorm]:
+    """Switch off the running-statistics update of the train-mode BatchNorms in ``bns``; returns
+    those switched, for :func:`_unfreeze`.
 
     ``_BatchNorm.forward`` passes ``running_mean=None`` and skips ``num_batches_tracked`` when
     ``track_running_stats`` is False, so switching it off for the recompute gives the same
@@ -114,11 +130,23 @@ def frozen_running_stats(bns: Iterable[_BatchNorm]) -> Iterator[None]:
     # A plain attribute: set without nn.Module.__setattr__'s checks (it runs for every unit).
     for bn in switched:
         object.__setattr__(bn, "track_running_stats", False)
+    return switched
+
+
+def _unfreeze(switched: list[_BatchNorm]) -> None:
+    for bn in switched:
+        object.__setattr__(bn, "track_running_stats", True)
+
+
+@contextlib.contextmanager
+def frozen_running_stats(bns: Iterable[_BatchNorm]) -> Iterator[None]:
+    """Train-mode BatchNorm uses batch statistics but leaves running statistics alone
+    (:func:`_freeze`)."""
+    switched = _freeze(bns)
     try:
         yield
     finally:
-        for bn in switched:
-            object.__setattr__(bn, "track_running_stats", True)
+        _unfreeze(switched)
 
 
 def check_same_tensors(what: str, forward_ids: Sequence[int], tensors: Sequence[Tensor]) -> None:
@@ -128,7 +156,7 @@ def check_same_tensors(what: str, forward_ids: Sequence[int], tensors: Sequence[
     ``torch.func.functional_call``, are swapped back by then, so the recompute would silently
     use other weights.
     """
-    if [id(t) for t in tensors] == list(forward_ids):
+    if list(map(id, tensors)) == list(forward_ids):
         return
     if len(tensors) != len(forward_ids):
         why = "the set of tensors requiring grad changed (requires_grad toggled mid-step?)"
@@ -196,18 +224,17 @@ def _slots(owners: Owners) -> list[Slot]:
 # graph of the gradient still leads to the parameter.
 
 
-@contextlib.contextmanager
-def stand_ins(
+def _stand_in(
     what: str, slots: Sequence[Slot], tensors: Sequence[Tensor], needs: Sequence[bool],
     linked: bool,
-) -> Iterator[list[Tensor]]:
-    """Within the body, ``slots`` (``slots_of(...).slots``) hold each of ``tensors`` as a
-    stand-in (NOTE [ Recompute leaves ]) that requires grad where ``needs`` says; yields the
-    stand-ins, in order.
+) -> tuple[list[Tensor], Any]:
+    """Put in ``slots`` (``slots_of(...).slots``) a stand-in for each of ``tensors`` (NOTE
+    [ Recompute leaves ]) that requires grad where ``needs`` says; returns the stand-ins, in
+    order, and what :func:`_stand_back` needs.
 
     ``linked``: views of the tensors (their gradients' graph reaches the tensors), else detached
     leaves. A tensor found in no slot (none is, as units and segments list their tensors) is
-    yielded as itself: its gradient is still right, its hooks would run twice.
+    returned as itself: its gradient is still right, its hooks would run twice.
     """
     if not linked and all(needs) and not any(map(_TENSOR_HOOKS, tensors)):
         # No tensor hooks to run twice: the recompute reads the tensors themselves (~400
@@ -215,33 +242,37 @@ def stand_ins(
         # read them from the slots.
         values = _slot_values(slots)
         ids = set(map(id, tensors))
-        held = list(compress(range(len(values)), map(ids.__contains__, map(id, values))))
-        yield list(tensors)
-        now = _slot_values(slots)
-        for i in held:
-            if now[i] is not values[i]:
-                raise RuntimeError(_replaced(what, slots[i][1]))
-        return
+        held = list(compress(slots, map(ids.__contains__, map(id, values))))
+        return list(tensors), (None, held, _slot_values(held))
     stand: dict[int, Tensor] = {}
     for t, need in zip(tensors, needs, strict=True):
         stand[id(t)] = t.view_as(t) if linked and need else t.detach().requires_grad_(need)
     swapped: list[tuple[dict[str, Any], str, Tensor, Tensor]] = []
-    try:
-        values = _slot_values(slots)
-        # the slots holding one of ``tensors``, found without a Python loop over all slots
-        for i in compress(range(len(values)), map(stand.__contains__, map(id, values))):
-            (d, key), v = slots[i], values[i]
-            s = stand[id(v)]
-            d[key] = s
-            swapped.append((d, key, v, s))
-        found = {id(v) for _, _, v, _ in swapped}
-        yield [stand[id(t)] if id(t) in found else t for t in tensors]
-        for d, key, _, s in swapped:
-            if d.get(key) is not s:
-                raise RuntimeError(_replaced(what, key))
-    finally:
-        for d, key, v, _ in reversed(swapped):
-            d[key] = v
+    values = _slot_values(slots)
+    # the slots holding one of ``tensors``, found without a Python loop over all slots
+    for i in compress(range(len(values)), map(stand.__contains__, map(id, values))):
+        (d, key), v = slots[i], values[i]
+        s = stand[id(v)]
+        d[key] = s
+        swapped.append((d, key, v, s))
+    found = {id(v) for _, _, v, _ in swapped}
+    return [stand[id(t)] if id(t) in found else t for t in tensors], (swapped, None, None)
+
+
+def _stand_back(what: str, slots: Sequence[Slot], undo: Any, check: bool) -> None:
+    """Put back what :func:`_stand_in` replaced; if ``check``, raise if the recompute replaced
+    a tensor it read (after putting the slots back)."""
+    swapped, held, values = undo
+    if swapped is None:  # the slots holding the tensors, and those tensors
+        if check and not all(map(operator.is_, _slot_values(held), values)):
+            bad = next(k for (d, k), v in zip(held, values, strict=True) if d.get(k) is not v)
+            raise RuntimeError(_replaced(what, bad))
+        return
+    bad = [key for d, key, _, s in swapped if d.get(key) is not s] if check else []
+    for d, key, v, _ in reversed(swapped):
+        d[key] = v
+    if bad:
+        raise RuntimeError(_replaced(what, bad[0]))
 
 
 _TENSOR_HOOKS = operator.attrgetter("_backward_hooks")  # register_hook hooks, or None
@@ -364,6 +395,9 @@ class Written(NamedTuple):
     before: Tensor | None
 
 
+_NOTHING: frozenset[int] = frozenset()
+
+
 class BufferWatch:
     """Finds the buffers one forward call writes (NOTE [ Buffers a forward writes ]).
 
@@ -382,6 +416,8 @@ class BufferWatch:
 
     def written(self) -> tuple[list[Written], frozenset[int]]:
         """The buffers written since construction, and the updated ``known``."""
+        if not self.slots:  # most units: no buffer but BatchNorm statistics
+            return [], _NOTHING
         out: list[Written] = []
         found: set[int] = set()
         for i, ((d, k), (t, version, copy)) in enumerate(zip(self.slots, self.start, strict=True)):
@@ -408,22 +444,95 @@ class BufferSnapshot:
                 t.copy_(copy)
 
 
-@contextlib.contextmanager
-def replayed_buffers(written: Sequence[Written]) -> Iterator[None]:
-    """Within the body, each written buffer reads as before the forward call (or as now, when
-    that was not kept), in a copy; afterwards every slot holds what the forward left there."""
+def _swap_in(written: Sequence[Written]) -> list[tuple[dict[str, Any], str, Tensor]]:
+    """Make each written buffer read as before the forward call (or as now, when that was not
+    kept), in a copy; returns what :func:`_swap_back` puts back."""
     if not written:
-        yield
-        return
+        return []
     kept = [(d, k, d[k]) for (d, k), _ in written]
-    try:
-        with torch.no_grad():
-            for ((d, k), before), (_, _, now) in zip(written, kept, strict=True):
-                d[k] = (now if before is None else before).clone()
-        yield
-    finally:
-        for d, k, now in kept:
-            d[k] = now
+    with torch.no_grad():
+        for ((d, k), before), (_, _, now) in zip(written, kept, strict=True):
+            d[k] = (now if before is None else before).clone()
+    return kept
+
+
+def _swap_back(kept: list[tuple[dict[str, Any], str, Tensor]]) -> None:
+    for d, k, now in kept:
+        d[k] = now
+
+
+class Recompute:
+    """The context one recompute runs in, entered and left as one object: grad mode ``grad``
+    (None: as it is), the forward's RNG and autocast ``state`` (:class:`_ForwardState`), the
+    BatchNorm statistics of ``bns`` frozen (:func:`_freeze`), the buffers the forward
+    ``written`` as it read them (NOTE [ Buffers a forward writes ]) and stand-ins for
+    ``tensors`` in ``slots`` (NOTE [ Recompute leaves ]), which ``__enter__`` returns.
+
+    These were five generator-based context managers, ~600 bytecodes of host time per unit
+    backward at every step (issue 14). Leaving puts everything back in reverse order, also
+    when the body raised; a tensor replaced during the body raises after that.
+    """
+
+    __slots__ = ("what", "state", "bns", "written", "slots", "tensors", "needs", "linked",
+                 "grad", "_undo")
+
+    def __init__(
+        self, what: str, state: _ForwardState | None, bns: Sequence[_BatchNorm] = (),
+        written: Sequence[Written] = (), slots: Sequence[Slot] = (),
+        tensors: Sequence[Tensor] = (), needs: Sequence[bool] = (), linked: bool = False,
+        grad: bool | None = True,
+    ) -> None:
+        self.what, self.state, self.bns, self.written = what, state, bns, written
+        self.slots, self.tensors, self.needs, self.linked = slots, tensors, needs, linked
+        self.grad = grad
+
+    def __enter__(self) -> list[Tensor]:
+        undo: list[Any] = [torch.is_grad_enabled(), None, [], [], None]
+        self._undo = undo
+        if self.grad is not None:
+            torch._C._set_grad_enabled(self.grad)
+        try:
+            if self.state is not None:
+                undo[1] = self.state.enter()
+            undo[2] = _freeze(self.bns)
+            undo[3] = _swap_in(self.written)
+            leaves, undo[4] = _stand_in(self.what, self.slots, self.tensors, self.needs,
+                                        self.linked)
+        except BaseException:
+            self._leave(False)
+            raise
+        return leaves
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        self._leave(exc_type is None)
+
+    def _leave(self, check: bool) -> None:
+        grad, entered, switched, kept, stand = self._undo
+        try:
+            if stand is not None:
+                _stand_back(self.what, self.slots, stand, check)
+        finally:
+            _swap_back(kept)
+            _unfreeze(switched)
+            if entered is not None:
+                self.state.exit(entered)
+            torch._C._set_grad_enabled(grad)
+
+
+_RUN_BACKWARD = getattr(torch.autograd.graph, "_engine_run_backward", None)
+
+
+def vjp(outputs: Sequence[Any], inputs: Sequence[Tensor], grads: Sequence[Tensor],
+        create_graph: bool = False) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad(outputs, inputs, grads, allow_unused=True)`` for a recompute's
+    outputs (tensors or gradient edges) and gradients of their shapes: the engine is called
+    directly where torch has the helper ``grad`` calls, without its argument normalisation and
+    checks (~450 bytecodes per call; issue 14)."""
+    if _RUN_BACKWARD is None or not inputs:  # grad() raises on no inputs, as it should
+        return torch.autograd.grad(outputs, inputs, grads, allow_unused=True,
+                                   create_graph=create_graph)
+    return _RUN_BACKWARD(tuple(outputs), tuple(grads), create_graph, create_graph,
+                         tuple(inputs), True, accumulate_grad=False)
 
 
 # NOTE [ Mismatch check ]

@@ -19,6 +19,15 @@ def rounded(u_ptr, m_ptr, offs, mask, big, HAS_M: tl.constexpr):
 
 
 @triton.jit
+def bf16_bits(x):
+    """The bits of fp32 ``x`` rounded to bf16, to nearest even as torch rounds, from the bits (a
+    cast's rounding is the backend's: Triton's interpreter truncates); NaN is bf16's NaN."""
+    bits = x.to(tl.int32, bitcast=True)
+    half = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return tl.where(x != x, 0x7FC0, half).to(tl.int16)
+
+
+@triton.jit
 def next_kernel(
     u_ptr,
     m_ptr,
@@ -28,6 +37,7 @@ def next_kernel(
     out_ptr,
     packed_ptr,
     top_ptr,
+    half_ptr,
     n,
     outer,
     D: tl.constexpr,
@@ -35,6 +45,7 @@ def next_kernel(
     FIRST: tl.constexpr,
     HAS_OUTER: tl.constexpr,
     FINITE: tl.constexpr,
+    HALF: tl.constexpr,
     BITS: tl.constexpr,
     PER: tl.constexpr,
     NBYTES: tl.constexpr,
@@ -63,6 +74,8 @@ def next_kernel(
     if HAS_OUTER:
         x = x + outer * xc
     tl.store(out_ptr + offs, x, mask=mask)
+    if HALF:
+        tl.store(half_ptr + offs, bf16_bits(x), mask=mask)
     a = tl.abs(x)
     if FINITE:
         a = tl.where(a <= _MAX_FINITE, a, 0.0)  # NaN and inf: not counted
@@ -121,12 +134,7 @@ def adjoint_kernel(dx_ptr, a_ptr, b_ptr, out_ptr, n, ca, cb, HAS_B: tl.constexpr
     acc = acc + ca * tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_B:
         acc = acc + cb * tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    # to bf16, to nearest even as torch rounds, from the bits (a cast's rounding is the
-    # backend's: Triton's interpreter truncates); NaN stays NaN
-    bits = acc.to(tl.int32, bitcast=True)
-    half = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    half = tl.where(acc != acc, 0x7FC0, half)
-    tl.store(out_ptr + offs, half.to(tl.int16), mask=mask)
+    tl.store(out_ptr + offs, bf16_bits(acc), mask=mask)
 
 
 @triton.jit
@@ -169,25 +177,30 @@ def _grid_exponent(top_ptr, offset, floor):
 
 
 @triton.jit
-def grid_kernel(top_ptr, out_ptr, offset, floor):
-    tl.store(out_ptr, _pow2(_grid_exponent(top_ptr, offset, floor)))
+def on_grid(v, delta):
+    """v (fp32) rounded to the nearest multiple of delta, ties to even, zeros keeping their sign
+    (_exact.on_grid: v / delta rounded, times delta)."""
+    inv = ((254 << 23) - delta.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)  # 1/delta
+    q = v * inv  # exact: a power of 2
+    r = (q + 12582912.0) - 12582912.0  # to the nearest integer, ties to even (|q| < 2^22)
+    r = tl.where(r == 0, q * 0.0, r)  # the sign of a zero, as round() keeps it
+    return r * delta
 
 
 @triton.jit
-def enter_kernel(x_ptr, delta_ptr, out_ptr, top_ptr, n, FINITE: tl.constexpr,
-                 BLOCK: tl.constexpr):
-    """x in fp32 rounded to the nearest multiple of delta, ties to even, zeros keeping their
-    sign (_exact.on_grid: x / delta rounded, times delta), and max |x_0| into top."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def entry_kernel(x_ptr, top_ptr, delta_ptr, out_ptr, acc_ptr, half_ptr, n, offset, floor,
+                 HALF: tl.constexpr, BLOCK: tl.constexpr):
+    """A stage's first entry: the grid from top = max |x| (_exact.first_grid), x in fp32
+    rounded onto it, max |x_0| (the rounding of top: rounding is monotonic and symmetric) and
+    x_0 in bf16."""
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    delta = tl.load(delta_ptr)
-    inv = ((254 << 23) - delta.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)  # 1/delta
-    q = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv  # exact: a power of 2
-    r = (q + 12582912.0) - 12582912.0  # to the nearest integer, ties to even (|q| < 2^22)
-    r = tl.where(r == 0, q * 0.0, r)  # the sign of a zero, as round() keeps it
-    x0 = r * delta
+    delta = _pow2(_grid_exponent(top_ptr, offset, floor))
+    x0 = on_grid(tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32), delta)
     tl.store(out_ptr + offs, x0, mask=mask)
-    a = tl.abs(x0)
-    if FINITE:
-        a = tl.where(a <= _MAX_FINITE, a, 0.0)
-    tl.atomic_max(top_ptr, tl.max(a.to(tl.int32, bitcast=True), axis=0))
+    if HALF:
+        tl.store(half_ptr + offs, bf16_bits(x0), mask=mask)
+    if pid == 0:
+        tl.store(delta_ptr, delta)
+        tl.store(acc_ptr, tl.abs(on_grid(tl.load(top_ptr), delta)))

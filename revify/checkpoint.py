@@ -8,7 +8,9 @@ parameters are inputs of the autograd function, so ``torch.autograd.grad(loss, p
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
+from itertools import compress
 from typing import Any
 
 import torch
@@ -20,18 +22,19 @@ from ._replay import (
     BufferWatch,
     MismatchOptions,
     Owners,
+    Recompute,
     RecomputeCheck,
     _ForwardState,
     check_same_tensors,
-    frozen_running_stats,
     read_slots,
-    replayed_buffers,
     report_mismatch,
     slots_of,
-    stand_ins,
+    vjp,
 )
 
 __all__ = ["Segment"]
+
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 
 class Segment(MismatchOptions):
@@ -89,7 +92,8 @@ class Segment(MismatchOptions):
 
     def __call__(self, *inputs: Any) -> tuple[Any, ...]:
         reads = self.tensors()
-        tensors = [t for t in reads if t.requires_grad]
+        grad = list(map(_REQUIRES_GRAD, reads))
+        tensors = list(compress(reads, grad))
         needs_grad = torch.is_grad_enabled() and (
             bool(tensors) or any(isinstance(a, Tensor) and a.requires_grad for a in inputs)
         )
@@ -98,7 +102,7 @@ class Segment(MismatchOptions):
         states = (_fsdp.driven(_fsdp.states_of(self, slots_of(self).slots), f"segment {self.name}")
                   if _fsdp.active() else [])
         if not states:
-            buffers = frozenset(id(t) for t in reads if not t.requires_grad)
+            buffers = frozenset(map(id, compress(reads, map(operator.not_, grad))))
             return _CheckpointFunction.apply(self, buffers, len(inputs), *inputs, *tensors)
         # NOTE [ FSDP2 ] in _fsdp.py: the Function's inputs are the unsharded parameters
         _fsdp.unshard(states)
@@ -133,7 +137,7 @@ class _CheckpointFunction(torch.autograd.Function):
         device = next((a.device for a in args if isinstance(a, Tensor)), torch.device("cpu"))
         ctx.seg, ctx.n_in = seg, n_in
         ctx.fsdp = seg.__dict__.get("_fsdp_driven", [])  # NOTE [ FSDP2 ] in _fsdp.py
-        ctx.tensor_ids = [id(t) for t in args[n_in:]]
+        ctx.tensor_ids = list(map(id, args[n_in:]))
         # Each piece's RNG/autocast state, so that the backward can recompute any one alone.
         ctx.states, ctx.written = [], []
         slots = slots_of(seg).state
@@ -158,10 +162,12 @@ class _CheckpointFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grad_outs: Tensor | None) -> tuple[Tensor | None, ...]:
-        with torch.profiler.record_function(f"revify.segment_backward: {ctx.seg.name}"):
-            if torch.is_grad_enabled():  # create_graph=True: the gradient must be a graph too
-                return _segment_backward_graph(ctx, *grad_outs)
-            return _segment_backward(ctx, *grad_outs)
+        # create_graph=True: the gradient must be a graph too
+        body = _segment_backward_graph if torch.is_grad_enabled() else _segment_backward
+        if torch._C._autograd._profiler_enabled():  # a label, only where a profiler runs
+            with torch.profiler.record_function(f"revify.segment_backward: {ctx.seg.name}"):
+                return body(ctx, *grad_outs)
+        return body(ctx, *grad_outs)
 
 
 def _segment_backward(ctx: Any, *grad_outs: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -177,19 +183,18 @@ def _segment_backward(ctx: Any, *grad_outs: Tensor | None) -> tuple[Tensor | Non
     for i, t in zip(ctx.tensor_idx, ctx.saved_tensors, strict=True):
         inputs[i] = t.detach().requires_grad_(needs[i])
     _fsdp.pre_backward(ctx.fsdp)
-    tensors = [t for t in seg.tensors() if t.requires_grad]
+    slots = slots_of(seg)
+    tensors = read_slots(slots.slots, grad_only=True)
     what = f"segment {seg.name}"
     check_same_tensors(what, ctx.tensor_ids, tensors)
-    slots = slots_of(seg)
     bns = slots.bns
     # boundary[p]: the inputs of piece p.
     boundary: list[tuple[Any, ...]] = [tuple(inputs)]
-    with torch.no_grad(), frozen_running_stats(bns):
-        for p, (piece, state) in enumerate(zip(seg.pieces[:-1], ctx.states, strict=False)):
-            with state.replay(), replayed_buffers(ctx.written[p]):
-                boundary.append(_tuple(piece(seg.root, *boundary[-1])))
+    for p, (piece, state) in enumerate(zip(seg.pieces[:-1], ctx.states, strict=False)):
+        with Recompute(what, state, bns, ctx.written[p], grad=False):
+            boundary.append(_tuple(piece(seg.root, *boundary[-1])))
     needs_t = needs[ctx.n_in:]
-    wanted_t = [j for j, _ in enumerate(tensors) if needs_t[j]]
+    wanted_t = list(compress(range(len(tensors)), needs_t))
     grads_t: list[Tensor | None] = [None] * len(wanted_t)
     wanted_in = [i for i in ctx.tensor_idx if needs[i]]
     grads_in: Sequence[Tensor | None] = [None] * len(wanted_in)
@@ -199,13 +204,8 @@ def _segment_backward(ctx: Any, *grad_outs: Tensor | None) -> tuple[Tensor | Non
         ins = boundary.pop()
         if not first:  # the piece's input: a detached leaf whose gradient goes to piece p-1
             ins = tuple(t.detach().requires_grad_(True) for t in ins)
-        with (
-            torch.enable_grad(),
-            ctx.states[p].replay(),
-            frozen_running_stats(bns),
-            replayed_buffers(ctx.written[p]),
-            stand_ins(what, slots.slots, tensors, needs_t, linked=False) as leaves,
-        ):
+        with Recompute(what, ctx.states[p], bns, ctx.written[p], slots.slots, tensors,
+                       needs_t) as leaves:
             outs = _tuple(seg.pieces[p](seg.root, *ins))
         if ctx.check is not None:  # the last piece, recomputed first: NOTE [ Mismatch check ]
             _judge(ctx, outs)
@@ -218,27 +218,32 @@ def _segment_backward(ctx: Any, *grad_outs: Tensor | None) -> tuple[Tensor | Non
         ]
         del outs
         wrt = [ins[i] for i in wanted_in] if first else list(ins)
-        wanted = wrt + [leaves[j] for j in wanted_t]
+        wanted = wrt + list(compress(leaves, needs_t))
         del leaves
         grads: Sequence[Tensor | None] = [None] * len(wanted)
         if pairs and wanted:
-            grads = torch.autograd.grad(
-                [o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True
-            )
+            grads = vjp([o for o, _ in pairs], wanted, [g for _, g in pairs])
         del pairs, ins
-        for j, g in enumerate(grads[len(wrt):]):
-            if g is not None:
-                grads_t[j] = g if grads_t[j] is None else grads_t[j] + g
+        if p == len(seg.pieces) - 1:  # the first piece backpropagated: nothing to add to
+            grads_t = list(grads[len(wrt):])
+        else:
+            for j, g in enumerate(grads[len(wrt):]):
+                if g is not None:
+                    grads_t[j] = g if grads_t[j] is None else grads_t[j] + g
         if first:
             grads_in = grads[: len(wrt)]
         else:
             g_outs = grads[: len(wrt)]
         del grads
-    result: list[Tensor | None] = [None] * (ctx.n_in + len(tensors))
-    for pos, g in zip(wanted_in + [ctx.n_in + j for j in wanted_t], [*grads_in, *grads_t],
-                      strict=True):
-        result[pos] = g
-    return (None, None, None, *result)
+    result_in: list[Tensor | None] = [None] * ctx.n_in
+    for i, g in zip(wanted_in, grads_in, strict=True):
+        result_in[i] = g
+    if len(wanted_t) == len(tensors):  # every tensor needs its gradient
+        return (None, None, None, *result_in, *grads_t)
+    result_t: list[Tensor | None] = [None] * len(tensors)
+    for j, g in zip(wanted_t, grads_t, strict=True):
+        result_t[j] = g
+    return (None, None, None, *result_in, *result_t)
 
 
 def _segment_backward_graph(ctx: Any, *grad_outs: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -262,12 +267,11 @@ def _segment_backward_graph(ctx: Any, *grad_outs: Tensor | None) -> tuple[Tensor
     needs_t = needs[ctx.n_in:]
     slots = slots_of(seg)
     bns = slots.bns
-    with stand_ins(what, slots.slots, tensors, needs_t, linked=True) as leaves:
+    with Recompute(what, None, (), (), slots.slots, tensors, needs_t, linked=True,
+                   grad=None) as leaves:
         outs: tuple[Any, ...] = tuple(inputs)
         for p, piece in enumerate(seg.pieces):
-            with ctx.states[p].replay(), frozen_running_stats(bns), replayed_buffers(
-                ctx.written[p]
-            ):
+            with Recompute(what, ctx.states[p], bns, ctx.written[p], grad=None):
                 outs = _tuple(piece(seg.root, *outs))
     pairs = [
         (o, g) for o, g in zip(outs, grad_outs, strict=True)

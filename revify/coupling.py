@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from itertools import compress
 from typing import Any
 
 import torch
@@ -33,16 +34,16 @@ from ._replay import (
     BufferWatch,
     MismatchOptions,
     Owners,
+    Recompute,
     RecomputeCheck,
     _ForwardState,
     check_same_tensors,
     frozen_running_stats,
     read_slots,
-    replayed_buffers,
     report_mismatch,
     sampled,
     slots_of,
-    stand_ins,
+    vjp,
 )
 from .checkpoint import Segment
 
@@ -149,12 +150,17 @@ class _ModuleUnit(_BranchUnit):
         self.args, self.kwargs = args, dict(kwargs or {})
         attrs: list[Any] = [*args, *self.kwargs.values()]
         self._attrs = [a for a in attrs if isinstance(a, _Attr)]
+        # the arguments as they are when none is looked up (_Attr) at the call
+        self._fixed = None if self._attrs else (tuple(args), self.kwargs)
 
     def owners(self) -> Owners:
         return Owners([self.module], [a.slot() for a in self._attrs])
 
     def raw(self, h: Tensor) -> Tensor:
         h = h.clone() if self.copy_input else h
+        if self._fixed is not None:
+            args, kwargs = self._fixed
+            return self.module(h, *args, **kwargs)
         return self.module(h, *_fill(self.args), **_fill(self.kwargs))
 
 
@@ -443,7 +449,8 @@ class _Walk:
     fsdp: list[list[Any]] | None = None  # per unit, the FSDP states it drives (_fsdp.py)
 
     def __init__(
-        self, stage: ReversibleStage, x: Tensor, grid: _exact.Grid | None, side: Any = None
+        self, stage: ReversibleStage, x: Tensor, grid: _exact.Grid | None, side: Any = None,
+        entered: tuple[Tensor, Tensor, Tensor | None] | None = None,
     ) -> None:
         self.stage = stage
         self.side = () if side is None else (side,)  # extra argument of every unit call
@@ -452,13 +459,22 @@ class _Walk:
         self.alpha, self.beta, self.exact = stage.alpha, stage.beta, grid is not None
         self.d = stage.divisor
         self.grid = grid
+        # (x_k, x_k in the input's dtype) when a fused step made that copy with x_k: the unit
+        # reads it instead of casting x_k again (NOTE [ Fused streams ] in _fused.py)
+        self.half: tuple[Tensor, Tensor] | None = None
         if grid is None:
             x0 = x.to(_stream_dtype(x.dtype))
         else:
-            # x_0 on the grid and max |x_0|, then of every state a fused step makes (NOTE
-            # [ Fused streams ] in _fused.py)
-            on, self.accumulator = _fused.enter(x.detach(), grid, _stream_dtype(x.dtype))
+            # x_0 on the grid and max |x_0|, then of every state a fused step makes: from the
+            # fused entry (``entered``, by _run_exact) or op by op
+            if entered is None:
+                on, self.accumulator = _fused.enter(x.detach(), grid, _stream_dtype(x.dtype))
+                half = None
+            else:
+                on, self.accumulator, half = entered
             x0 = _straight_through(x.to(on.dtype), on) if x.requires_grad else on
+            if half is not None and not x.requires_grad:
+                self.half = (x0, half)
             self.extrema = []  # (min, max) of each state made op by op, checked at the end
         self.pair: tuple[Tensor, Tensor] | None = (x0, x0)
         self.owned = (False, False)  # backward: whether a step may write into each of pair
@@ -477,7 +493,9 @@ class _Walk:
         the step writes into ``x_{k-1}``'s memory unless ``own`` is False."""
         unit = self.stage.units[k]
         x_prev, x_cur = self.pair
-        h = x_cur.to(self.in_dtype)
+        half, self.half = self.half, None
+        h = half[1] if half is not None and half[0] is x_cur else x_cur.to(self.in_dtype)
+        del half
         # a half-precision u is added to the fp32 streams by type promotion
         u = unit.raw(h, *self.side)
         a, m = _step_terms(self.alpha, unit, x_cur, h)
@@ -497,10 +515,14 @@ class _Walk:
             # x_{k+1} is formed in x_{k-1}'s memory (fused) or in u's, D = x_{k-1} - x_k in
             # x_{k-1}'s (op by op).
             own_prev = own and not grad and k > 0
+            # the next unit's bf16 input, made with x_{k+1} (not for the last: _StageEnd
+            # splits x_n) where no graph needs the cast
+            half = (not grad and self.in_dtype == torch.bfloat16
+                    and k + 1 < len(self.stage.units))
             with torch.no_grad():
                 fused = _fused.next_state(
                     self.grid, self.d, outer, inner, _values(u), _values(m), _values(x_prev),
-                    _values(x_cur), own_prev, k == 0, self.accumulator,
+                    _values(x_cur), own_prev, k == 0, self.accumulator, half,
                 )
                 if fused is None:
                     t = _exact.rounded(
@@ -517,8 +539,10 @@ class _Walk:
                     del t
                     self.extrema.append(self.grid.extrema(x_next))
                 else:
-                    x_next, rem = fused
+                    x_next, rem, h_next = fused
                     del fused
+                    if h_next is not None:
+                        self.half = (x_next, h_next)
             if value is not None:
                 x_next = _straight_through(value, x_next)
         self.pair = (x_cur, x_next)
@@ -580,14 +604,22 @@ def _run_exact(
     same random draws and BatchNorm statistics already updated, while the states outgrow it."""
     start = _ForwardState(x.device)
     kept = BufferSnapshot(_stage_state_slots(stage))
-    grid: _exact.Grid | None = _fused.first_grid(x.detach(), _stream_dtype(x.dtype))
+    dtype = _stream_dtype(x.dtype)
+    # the first grid and x_0 on it in two kernels where the fused ops run (NOTE [ Fused streams ]
+    # in _fused.py); the bf16 copy of x_0 for unit 0 unless a graph needs the cast
+    half = x.dtype == torch.bfloat16 and (unit_tensors is not None or not x.requires_grad)
+    entry = _fused.entry(x.detach(), dtype, half)
+    grid = _exact.first_grid(x.detach(), dtype) if entry is None else entry[0]
+    entered = None if entry is None else entry[1:]
+    del entry
     for attempt in range(3):
         if attempt:  # other buffers as before the first pass (NOTE [ Buffers a forward writes ])
             start.restart()
             kept.restore()
         bns = [bn for u in stage.units for bn in slots_of(u).bns] if attempt else []
         with frozen_running_stats(bns):
-            walk, tokens = _run(stage, x, grid, unit_tensors, side, fsdp)
+            walk, tokens = _run(stage, x, grid, unit_tensors, side, fsdp, entered)
+        entered = None
         top = walk.top
         grid = _exact.regrid(x.detach(), walk.grid, top)
         if grid is None:
@@ -606,12 +638,14 @@ def _run(
     unit_tensors: list[list[Tensor]] | None,
     side: Any = None,
     fsdp: list[list[Any]] | None = None,
+    entered: tuple[Tensor, Tensor, Tensor | None] | None = None,
 ) -> tuple[_Walk, tuple[Tensor, Tensor] | None]:
     """One pass of the recurrence, on the fixed-point ``grid`` when given; with
     ``unit_tensors``, as a chain of step nodes whose last two outputs are returned. ``fsdp``:
-    per unit, the FSDP states it drives (NOTE [ FSDP2 ] in _fsdp.py)."""
+    per unit, the FSDP states it drives (NOTE [ FSDP2 ] in _fsdp.py); ``entered``: x_0 on the
+    grid as the fused entry made it (:class:`_Walk`)."""
     if unit_tensors is None:
-        walk = _Walk(stage, x, grid, side)
+        walk = _Walk(stage, x, grid, side, entered)
         checkpointed = stage._checkpointed if torch.is_grad_enabled() and not _mode.is_plain() \
             else 0
         for k in range(len(stage.units)):
@@ -622,9 +656,9 @@ def _run(
             (x_next,) = stage.unit_segment(k)(walk, x_prev, x_cur)
             if grid is not None:
                 walk.extrema.append(grid.extrema(x_next.detach()))
-            walk.pair = (x_cur, x_next)
+            walk.pair, walk.half = (x_cur, x_next), None
         return walk, None
-    walk = _Walk(stage, x.detach(), grid, side)
+    walk = _Walk(stage, x.detach(), grid, side, entered)
     walk.check = RecomputeCheck.due(stage, x)
     tokens = (x, x)
     walk.fsdp = fsdp or [[] for _ in unit_tensors]
@@ -708,7 +742,7 @@ class _UnitStep(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         ctx.set_materialize_grads(False)
         ctx.walk, ctx.k = walk, k
-        ctx.tensor_ids = [id(t) for t in tensors]
+        ctx.tensor_ids = list(map(id, tensors))
         ctx.state = _ForwardState(cur.device)
         units = walk.stage.units
         unit, check = units[k], walk.check
@@ -736,8 +770,10 @@ class _UnitStep(torch.autograd.Function):
                 "use revify.plain_autograd() for steps that need higher-order gradients, or "
                 "revify.revert(model)"
             )
-        with torch.profiler.record_function(f"revify.stage_backward: {unit.name}"):
-            return _step_backward(ctx, g_cur, g_next)
+        if torch._C._autograd._profiler_enabled():  # a label, only where a profiler runs
+            with torch.profiler.record_function(f"revify.stage_backward: {unit.name}"):
+                return _step_backward(ctx, g_cur, g_next)
+        return _step_backward(ctx, g_cur, g_next)
 
 
 class _StageEnd(torch.autograd.Function):
@@ -781,7 +817,10 @@ class _StageEnd(torch.autograd.Function):
 
 def _is_alias(t: Tensor, *others: Tensor | None) -> bool:
     st = t.untyped_storage()._cdata
-    return any(o is not None and o.untyped_storage()._cdata == st for o in others)
+    for o in others:
+        if o is not None and o.untyped_storage()._cdata == st:
+            return True
+    return False
 
 
 def _step_backward(ctx: Any, g_cur: Tensor | None, g_next: Tensor | None) -> tuple[Any, ...]:
@@ -827,16 +866,12 @@ def _step_backward(ctx: Any, g_cur: Tensor | None, g_next: Tensor | None) -> tup
         if walk.check is not None or walk.reference is not None:
             probe = _Probe(walk, hi, mid)
         hi = None
-    with (
-        torch.enable_grad(),
-        ctx.state.replay(),
-        frozen_running_stats(slots.bns),  # this unit's only: NOTE [ Slot cache ]
-        replayed_buffers(ctx.written),
-        stand_ins(what, slots.slots, tensors, needs, linked=False) as leaves,
-    ):
+    # this unit's BatchNorms only: NOTE [ Slot cache ]
+    with Recompute(what, ctx.state, slots.bns, ctx.written, slots.slots, tensors, needs) as leaves:
         h.requires_grad_(need_dx)
         u = unit.raw(h, *walk.side)
-    wanted = [t for t, need in zip(leaves, needs, strict=True) if need]
+    every = all(needs)
+    wanted = leaves if every else list(compress(leaves, needs))
     del leaves
     with torch.no_grad():
         m = None if m is None else m.detach()
@@ -863,7 +898,7 @@ def _step_backward(ctx: Any, g_cur: Tensor | None, g_next: Tensor | None) -> tup
             elif k == 0:
                 _judge(walk)
     inputs = ([h] if need_dx else []) + wanted
-    vjp: Sequence[Tensor | None] = (None,) * len(inputs)
+    grads: Sequence[Tensor | None] = (None,) * len(inputs)
     # R_k = U_k - id with U_k ending in its shortcut's add: the - id cancels that add's pass to
     # h, dropped from the vjp instead of subtracted after it (NOTE [ Unit shortcut ])
     dropped = False
@@ -872,12 +907,12 @@ def _step_backward(ctx: Any, g_cur: Tensor | None, g_next: Tensor | None) -> tup
         out = get_gradient_edge(u) if u.grad_fn is not None else u
         g = g_next.to(u.dtype)
         del u, h
-        vjp = torch.autograd.grad([out], inputs, [g], allow_unused=True)
+        grads = vjp([out], inputs, [g])
         del out, g
     else:
         del u, h
-    grads = iter(vjp[len(inputs) - len(wanted):])
-    grads_out = [next(grads) if need else None for need in needs]
+    it = iter(grads[len(inputs) - len(wanted):])
+    grads_out = list(it) if every else [next(it) if need else None for need in needs]
     if not need_dx:
         return (None, None, None, None, *grads_out)
     if k > 0:
@@ -886,8 +921,8 @@ def _step_backward(ctx: Any, g_cur: Tensor | None, g_next: Tensor | None) -> tup
     # a_{k-1} = beta a_{k+1};  a_k += a a_{k+1} + dx_k, in dx_k's memory (the vjp made it).
     # a_{k-1} is handed on unscaled, as a_{k+1} itself: its only reader is step k-1 (as its
     # g_cur), which applies beta when it adds it in, so no scaled copy of a state is made.
-    dx = vjp[0]
-    del vjp
+    dx = grads[0]
+    del grads, it
     if dx is not None and _is_alias(dx, g_next, g_cur):
         dx = dx.clone()  # a pass-through branch can hand back a_{k+1} itself: never alias it
     # Step 0's two inputs are both the stage input x: dL/dx = a_0 + a_{-1}, summed here.

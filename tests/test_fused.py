@@ -22,6 +22,14 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int32) if t.dtype == torch.float32 else t
 
 
+def _same_bf16(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit, but for NaNs, which are NaN in both (a NaN's bf16 bits are the backend's:
+    torch's CPU cast gives 0xFFFF, CUDA's 0x7FFF, the kernels 0x7FC0)."""
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(a[~nan].view(torch.int16),
+                                                       b[~nan].view(torch.int16))
+
+
 def _case(d, shape, has_m, first, outer, finite=False, channels_last=False,
           u_dtype=torch.bfloat16, seed=0, device="cpu"):
     """A forward step and its inverse on random grid states, fused and op by op."""
@@ -44,9 +52,12 @@ def _case(d, shape, has_m, first, outer, finite=False, channels_last=False,
         u.view(-1)[3] = float("nan")  # a redo on finite maxima: the NaN stays in its element
     top = _fused.accumulator(x_cur)
     fused = _fused.next_state(grid, d, outer, 0.0, u, m, x_prev.clone(), x_cur, True, first,
-                              top)
+                              top, half=True)
     assert fused is not None, "a step the op covers"
-    x_next, packed = fused
+    x_next, packed, half = fused
+    # the next unit's bf16 input, made in the same pass: torch's rounding, bit for bit
+    assert half.stride() == x_next.stride()
+    assert _same_bf16(half, x_next.bfloat16())
     back = _fused.prev_state(grid, d, outer, 0.0, u, m, x_cur, x_next.clone(), packed, True)
     t = _exact.rounded(u, m, x_cur, 0.0, grid, own=False)
     ref_next, ref_packed = _exact.next_state(grid, d, outer, t, x_prev.clone(), x_cur,
@@ -136,9 +147,9 @@ def _split_case(device="cpu"):
 
 
 def _enter_case(device="cpu"):
-    """A stage's entry by the fused ops (its grid's exponent arithmetic, the rounding of the
-    input onto it and max |x_0|): the bits of the op-by-op entry, for bf16 and fp32 inputs,
-    channels-last, an all-zero input, tiny and huge values, NaN and inf (finite maxima too)."""
+    """A stage's first entry by the fused ops (max |x|, then the grid's exponent, the rounding
+    of the input onto it, max |x_0| and the bf16 copy): the bits of the op-by-op entry, for bf16
+    and fp32 inputs, channels-last, an all-zero input, tiny and huge values, NaN and inf."""
     g = torch.Generator().manual_seed(0)
     base = torch.randn(2, 6, 5, 7, generator=g)
     inputs = [base * 3, base * 1e-30, base * 1e30, torch.zeros(2, 6, 5, 7), -base.abs() * 1e-3]
@@ -151,18 +162,21 @@ def _enter_case(device="cpu"):
                 v = x.to(device, dtype)
                 if cl:
                     v = v.contiguous(memory_format=torch.channels_last)
-                grid = _fused.first_grid(v, torch.float32)
-                ref = _exact.first_grid(v, torch.float32)
-                assert torch.equal(grid.delta, ref.delta) and not grid.finite_only
-                for finite in (False, True):
-                    grid = _exact.Grid(ref.delta if not finite else
-                                       _exact.first_grid(v, torch.float32, True).delta, finite)
-                    x0, top = _fused.enter(v, grid, torch.float32)
-                    r0, rtop = _fused._enter_ops(v, grid.delta, finite, torch.float32)
+                for half in (False, True):
+                    entry = _fused.entry(v, torch.float32, half)
+                    assert entry is not None, "an entry the op covers"
+                    grid, x0, top, h = entry
+                    ref = _exact.first_grid(v, torch.float32)
+                    r0, rtop = _fused.enter(v, ref, torch.float32)
+                    assert torch.equal(grid.delta, ref.delta) and not grid.finite_only
                     assert x0.stride() == v.stride()
                     assert torch.equal(x0.view(torch.int32), r0.view(torch.int32))
                     assert torch.equal(top, rtop) or (top.isnan() and rtop.isnan())
                     assert not bool(top.signbit())
+                    assert (h is None) == (not half)
+                    if half:
+                        assert h.stride() == v.stride()
+                        assert _same_bf16(h, r0.bfloat16())
 
 
 def test_enter_ops_give_the_bits_of_the_op_by_op_entry(monkeypatch):
