@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import operator
 import os
 import warnings
 from typing import Any
@@ -55,6 +56,7 @@ __all__: list[str] = []
 # launch on a device warns once and runs op by op from then on.
 
 _BLOCK = 1024  # elements per Triton program
+_SHAPE = operator.attrgetter("shape")
 
 
 @functools.cache
@@ -78,12 +80,10 @@ def _enabled(t: Tensor) -> bool:
 def _dense_order(ts: list[Tensor]) -> tuple[int, ...] | None:
     """The memory order all of ``ts`` are densely laid out in (one shape, one set of strides),
     or None."""
-    first = ts[0]
-    shape, stride = first.shape, first.stride()
-    for t in ts[1:]:
-        if t.stride() != stride or t.shape != shape:
-            return None
-    return _order_of(shape, stride)
+    strides = set(map(torch.Tensor.stride, ts))
+    if len(strides) != 1 or len(set(map(_SHAPE, ts))) != 1:
+        return None
+    return _order_of(ts[0].shape, strides.pop())
 
 
 @functools.lru_cache(maxsize=512)

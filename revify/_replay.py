@@ -118,6 +118,9 @@ def batchnorms(modules: Iterable[nn.Module]) -> list[_BatchNorm]:
     return list(seen.values())
 
 
+_UPDATES_STATS = operator.attrgetter("training", "track_running_stats")
+
+
 def _freeze(bns: Iterable[_BatchNorm]) -> list[_BatchNorm]:
     """Switch off the running-statistics update of the train-mode BatchNorms in ``bns``; returns
     those switched, for :func:`_unfreeze`.
@@ -126,7 +129,7 @@ def _freeze(bns: Iterable[_BatchNorm]) -> list[_BatchNorm]:
     ``track_running_stats`` is False, so switching it off for the recompute gives the same
     normalisation without a second update (``torch.utils.checkpoint`` updates twice).
     """
-    switched = [bn for bn in bns if bn.training and bn.track_running_stats]
+    switched = list(compress(bns, map(all, map(_UPDATES_STATS, bns))))
     # A plain attribute: set without nn.Module.__setattr__'s checks (it runs for every unit).
     for bn in switched:
         object.__setattr__(bn, "track_running_stats", False)

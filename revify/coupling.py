@@ -17,6 +17,7 @@ vector-Jacobian product. See NOTE [ Stage backward ].
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Sequence
@@ -48,6 +49,8 @@ from ._replay import (
 from .checkpoint import Segment
 
 __all__ = ["ReversibleStage"]
+
+_NULL = contextlib.nullcontext()  # a context that does nothing, reusable
 
 
 class _BranchUnit:
@@ -519,7 +522,8 @@ class _Walk:
             # splits x_n) where no graph needs the cast
             half = (not grad and self.in_dtype == torch.bfloat16
                     and k + 1 < len(self.stage.units))
-            with torch.no_grad():
+            # no grad for the streams' arithmetic (already off inside a step's forward)
+            with torch.no_grad() if grad else _NULL:
                 fused = _fused.next_state(
                     self.grid, self.d, outer, inner, _values(u), _values(m), _values(x_prev),
                     _values(x_cur), own_prev, k == 0, self.accumulator, half,
@@ -530,7 +534,7 @@ class _Walk:
                         self.grid, own=not grad and not _is_alias(u, h, x_cur),
                     )
             del u, h, m  # in half precision a state's worth: gone before the states' arithmetic
-            with torch.no_grad():
+            with torch.no_grad() if grad else _NULL:
                 if fused is None:
                     x_next, rem = _exact.next_state(
                         self.grid, self.d, outer, t, x_prev.detach(), x_cur.detach(),
@@ -999,7 +1003,9 @@ def _drop_shortcut(u: Tensor, h: Tensor) -> bool:
 
 def _as_read(h: Tensor, stride: tuple[int, ...]) -> Tensor:
     """``h`` with the strides the forward's unit read (``stride``), copied only if needed."""
-    if all(n == 1 or a == b for n, a, b in zip(h.shape, h.stride(), stride, strict=True)):
+    now = h.stride()
+    if now == stride or all(n == 1 or a == b for n, a, b in zip(h.shape, now, stride,
+                                                                 strict=True)):
         return h
     out = torch.empty_strided(h.shape, stride, dtype=h.dtype, device=h.device)
     return out.copy_(h)
