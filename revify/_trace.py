@@ -34,11 +34,13 @@ class _Tracer(fx.Tracer):
     graph and dead-code elimination would delete them (FX_SURVEY.md, corner cases 5 and 6).
     """
 
-    def __init__(self, leaves: Iterable[nn.Module] = ()) -> None:
+    def __init__(self, leaves: Iterable[nn.Module] = (), proxy_buffers: bool = False) -> None:
         leaf_types, functions = _timm_leaves()
         super().__init__(autowrap_functions=functions)
         self._leaf_types = (_BatchNorm, *leaf_types)
         self._leaf_ids = {id(m) for m in leaves}
+        # NOTE [ Meta constants ]: buffers read as get_attr nodes, not as trace-time values.
+        self.proxy_buffer_attributes = proxy_buffers
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if id(m) in self._leaf_ids or isinstance(m, self._leaf_types):
@@ -84,15 +86,18 @@ def trace_method(model: nn.Module, method: str, leaves: Iterable[nn.Module] = ()
     entry_cls = type("_Entry", (nn.Module,), {"forward": ns["forward"]})
     entry = entry_cls()
     entry.root = model
-    # Tracing runs Python code on real buffers (timm's BatchNormAct2d increments
-    # num_batches_tracked in its own forward): put every buffer back afterwards.
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
-    try:
-        graph = _Tracer(leaves).trace(entry)
-    finally:
-        with torch.no_grad():
-            for b, value in saved:
-                b.copy_(value)
+    graph = _trace_entry(entry, model, leaves, proxy_buffers=False)
+    if _meta_constants(entry, graph):  # NOTE [ Meta constants ]
+        graph = _trace_entry(entry, model, leaves, proxy_buffers=True)
+        left = _meta_constants(entry, graph)
+        if left:
+            raise TypeError(
+                f"revify: {type(model).__name__}.{method} computes {len(left)} tensor(s) of "
+                f"shape {tuple(left[0].shape)} at trace time from the meta device's "
+                "placeholders (not from a parameter or buffer the traced code could read "
+                "later), so a converted model would keep placeholders after to_empty(); "
+                "convert after materialising the model (to_empty() and initialising it)"
+            )
     for node in graph.nodes:
         if node.op == "get_attr" and not node.target.startswith(_PREFIX):
             node.target = _PREFIX + _keep_constant(model, getattr(entry, node.target))
@@ -108,6 +113,43 @@ def trace_method(model: nn.Module, method: str, leaves: Iterable[nn.Module] = ()
                 if path != "root"
             }
     return graph
+
+
+def _trace_entry(entry: nn.Module, model: nn.Module, leaves: Iterable[nn.Module],
+                 proxy_buffers: bool) -> fx.Graph:
+    # Tracing runs Python code on real buffers (timm's BatchNormAct2d increments
+    # num_batches_tracked in its own forward): put every buffer back afterwards.
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        return _Tracer(leaves, proxy_buffers).trace(entry)
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
+
+
+# NOTE [ Meta constants ]
+# torch.fx reads a buffer as its value, not as a node: ``self.relative_position_index.view(-1)``
+# in Swin, BEiT and EVA's rotary embeddings runs at trace time, and the traced graph holds the
+# result as a constant (``_keep_constant``). On a model built on the meta device that constant
+# is a placeholder without data; after ``to_empty()`` and timm's
+# ``reinit_non_persistent_buffers`` the buffer holds the right values but a copy taken at trace
+# time would hold garbage. So where a traced constant is meta, the trunk is traced again with
+# buffers recorded as get_attr nodes (``proxy_buffer_attributes``): the converted code then
+# derives those values from the buffers at every call. A meta constant that is still left
+# (computed from no buffer) has no value to recover later: conversion is refused. Models on
+# real devices keep the constants, as traced (the graph patterns the pass was built on).
+
+
+def _meta_constants(entry: nn.Module, graph: fx.Graph) -> list[torch.Tensor]:
+    """Trace-time tensor constants of ``graph`` (not the model's own tensors) on meta."""
+    out = []
+    for node in graph.nodes:
+        if node.op == "get_attr" and not node.target.startswith(_PREFIX):
+            value = getattr(entry, node.target)
+            if isinstance(value, torch.Tensor) and value.is_meta:
+                out.append(value)
+    return out
 
 
 def _keep_constant(model: nn.Module, value: Any) -> str:

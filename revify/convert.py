@@ -1108,7 +1108,8 @@ def _residual_body(scope: set[fx.Node], identity: list[Residual]) -> list[Residu
     Such a map is ``h -> h + (sum of branches)`` up to reshapes, so ``U(h) - h`` is a proper
     residual branch for the coupling.
     """
-    inside = [q for q in identity if q.members <= scope]
+    # (attribute reads may lie outside: each reader fetches them itself)
+    inside = [q for q in identity if all(n in scope or n.op == "get_attr" for n in q.members)]
     nested = {n for q in inside for n in q.region}
     top = [q for q in inside if q.add not in nested]
     if not top:
@@ -1135,8 +1136,9 @@ def _unit_modules(graph: fx.Graph, identity: list[Residual]) -> dict[str, list[R
     tried: set[str] = set()
     for r in identity:
         # One call of the module: a module called twice (``self.body(self.body(x))``) has the
-        # nodes of both calls under its path.
-        call = _lca([module_calls(n) for n in r.members])
+        # nodes of both calls under its path. Attribute reads sit where they were first made
+        # (a buffer read by the trunk and passed on, NOTE [ Meta constants ]): not a call.
+        call = _lca([module_calls(n) for n in r.members if n.op != "get_attr"])
         if not call:
             continue
         path = next(p for n in r.members for k, p in zip(module_calls(n), module_path(n),
