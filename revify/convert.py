@@ -1287,7 +1287,8 @@ def _build_plan(model: nn.Module, inputs: tuple[Any, ...], options: dict[str, An
             ]
         else:
             kind = "checkpointed" if step.run.checkpoint else "unchanged"
-            role = "stem" if step.run.name == "stem" else step.run.name == "tail" and "tail"
+            base = step.run.name.split(" [")[0]  # a part of a segment (NOTE [ Nested plans ])
+            role = "stem" if base == "stem" else base == "tail" and "tail"
             role = role or "transition"
             blocks += [Block(p, step.run.name, kind, role) for p in step.run.calls]
     placeholders = [n.name for n in coarse.nodes if n.op == "placeholder"]
@@ -1455,9 +1456,13 @@ def _make_steps(
     steps: list[_Step] = []
     segments: list[Segment] = []
     for i in range(len(found) + 1):
-        nodes = buckets[i]
-        if nodes:
-            step = _make_segment(model, graph, nodes, i, len(found), stage_list, options, report)
+        parts = _around_nested_plans(model, buckets[i])
+        for j, (nodes, nested) in enumerate(parts):
+            # one of several segments between two stages: named after the nested call
+            part = (f" [{nodes[0].target}]" if nested
+                    else f" [after {parts[j - 1][0][0].target}]" if j else "")
+            step = _make_segment(model, graph, nodes, i, len(found), stage_list, options, report,
+                                 nested, part)
             segments.append(step.run)
             steps.append(step)
         if i < len(found):
@@ -1481,6 +1486,39 @@ def _make_steps(
     return steps, segments
 
 
+# NOTE [ Nested plans ]
+# A module holding a stage of its parent's plan runs that stage when called directly
+# (``_install_containers``), and so does its parent when *it* is called directly: the plan of
+# MobileNetV3's ``blocks`` (built when torch.fx feature extraction calls it) calls ``blocks.1``,
+# which runs the stage ``blocks.1``. Inside a checkpointed segment that stage would run again in
+# the segment's recompute, reading the stand-ins the recompute puts in the parameters' slots
+# (NOTE [ Recompute leaves ] in _replay.py), and its own backward, run after the stand-ins are
+# gone, then refused: "parameters are not the ones the forward used". So each call of a module
+# that runs a plan of its own is a segment of its own, never checkpointed: its stage is
+# reversible and its plan checkpoints its own layers already. The layers around it are
+# segments as usual.
+
+
+def _runs_plan(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs a revify plan (its own or a stage of its parent's)."""
+    return _PLAN in module.__dict__ or isinstance(module.__dict__.get("forward"), _LazyContainer)
+
+
+def _around_nested_plans(
+    model: nn.Module, nodes: list[fx.Node]
+) -> list[tuple[list[fx.Node], bool]]:
+    """``nodes`` (one segment's, in order) cut into runs around each call of a module that runs
+    a plan of its own, with whether the run is such a call (NOTE [ Nested plans ])."""
+    out: list[tuple[list[fx.Node], bool]] = []
+    for n in nodes:
+        nested = n.op == "call_module" and _runs_plan(model.get_submodule(str(n.target)))
+        if nested or not out or out[-1][1]:
+            out.append(([n], nested))
+        else:
+            out[-1][0].append(n)
+    return out
+
+
 def _make_segment(
     model: nn.Module,
     graph: fx.Graph,
@@ -1490,7 +1528,11 @@ def _make_segment(
     stage_list: list[ReversibleStage],
     options: dict[str, Any],
     report: list[ReportLine],
+    nested: bool = False,
+    part: str = "",
 ) -> _Step:
+    """One segment of the plan; ``nested``: a call of a module running its own plan, left
+    unchanged (NOTE [ Nested plans ]), ``part`` then added to the segment's name."""
     # Attributes are fetched by the code that reads them, never passed between steps.
     attrs = [a for n in nodes for a in n.all_input_nodes if a.op == "get_attr"]
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -1513,12 +1555,13 @@ def _make_segment(
     else:
         name = f"{stage_list[index - 1].name} -> {stage_list[index].name}"
         wanted = options["checkpoint_transitions"]
+    name += part
     # the modules' parameters and buffers, and get_attr tensors
     has_params = bool(read_slots(_slots(reads.owners())))
     tensor_outputs = all(tensor_shape(o) is not None for o in outs)
     # The planner may checkpoint a segment the options left stored (not the tail: its
     # backward follows its forward at once, a recompute there saves nothing).
-    checkpointable = has_params and tensor_outputs and name != "tail"
+    checkpointable = has_params and tensor_outputs and index != n_chains and not nested
     checkpoint = wanted and checkpointable
     labels = sorted({str(n.target) for n in nodes if n.op == "call_module"}, key=_natural)
     detail = ", ".join(labels[:6]) + (", ..." if len(labels) > 6 else "")
@@ -1526,7 +1569,8 @@ def _make_segment(
         report.append(ReportLine(name, "checkpointed", detail))
     else:
         why = (
-            "tail after the last stage" if name == "tail" else
+            "tail after the last stage" if index == n_chains else
+            "runs its own converted plan" if nested else
             "disabled by option" if not wanted else
             "no parameters" if not has_params else "non-tensor outputs"
         )
