@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+import operator
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -34,11 +35,13 @@ class _Tracer(fx.Tracer):
     graph and dead-code elimination would delete them (FX_SURVEY.md, corner cases 5 and 6).
     """
 
-    def __init__(self, leaves: Iterable[nn.Module] = ()) -> None:
+    def __init__(self, leaves: Iterable[nn.Module] = (), proxy_buffers: bool = False) -> None:
         leaf_types, functions = _timm_leaves()
         super().__init__(autowrap_functions=functions)
         self._leaf_types = (_BatchNorm, *leaf_types)
         self._leaf_ids = {id(m) for m in leaves}
+        # NOTE [ Meta constants ]: buffers read as get_attr nodes, not as trace-time values.
+        self.proxy_buffer_attributes = proxy_buffers
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if id(m) in self._leaf_ids or isinstance(m, self._leaf_types):
@@ -69,30 +72,143 @@ def required_args(model: nn.Module, method: str) -> list[str]:
     return names
 
 
-def trace_method(model: nn.Module, method: str, leaves: Iterable[nn.Module] = ()) -> fx.Graph:
-    """Trace ``model.<method>`` called with its required arguments (optional ones at defaults).
+# NOTE [ Optional inputs ]
+# A trunk is traced with its required arguments, the optional ones at their defaults. A module
+# that holds a stage may be called with more (DLA's ``tree1(x, shortcut)``, ``tree2(x1, None,
+# children)`` with ``children`` a list of tensors): then each optional argument the call gives
+# as a tensor, or as a list or tuple of tensors, is traced as an input too (``bind_inputs``),
+# one placeholder per tensor; arguments given at their default stay constants of the trace.
+# The converted method then takes exactly that form: the same arguments given as tensors, the
+# others at their defaults, or it raises (``flatten_input``). A traced function that changes a
+# list it was given (``children.append(x)``) would not change the caller's: refused.
+
+_TENSOR = "tensor"
+
+
+def bind_inputs(
+    model: nn.Module, method: str, args: Sequence[Any], kwargs: dict[str, Any] | None = None
+) -> tuple[list[str], dict[str, Any], list[Any]]:
+    """The arguments of ``model.<method>(*args, **kwargs)`` to trace as inputs: their names, the
+    form of each optional one (``"tensor"``, or ``("list" | "tuple", n)`` for n tensors), and
+    the input values, one per placeholder (NOTE [ Optional inputs ]).
+
+    Raises:
+        TypeError: the call does not fit the signature, or gives an optional argument that is
+            neither its default nor tensors.
+    """
+    fn = getattr(type(model), method)
+    sig = inspect.signature(fn)
+    required = required_args(model, method)
+    try:
+        bound = sig.bind(model, *args, **(kwargs or {}))
+    except TypeError as e:
+        raise TypeError(
+            f"{type(model).__name__}.{method} takes the inputs ({', '.join(required)}) and "
+            f"optional ones, but example_input gave {len(args)} ({e})"
+        ) from None
+    names: list[str] = []
+    forms: dict[str, Any] = {}
+    values: list[Any] = []
+    for name, value in list(bound.arguments.items())[1:]:
+        param = sig.parameters[name]
+        if name in required:
+            names.append(name)
+            values.append(value)
+            continue
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            if value:
+                raise TypeError(f"{type(model).__name__}.{method} was given *{name}")
+            continue
+        if value is param.default:
+            continue
+        if isinstance(value, torch.Tensor):
+            form: Any = _TENSOR
+            values.append(value)
+        elif type(value) in (list, tuple) and all(isinstance(v, torch.Tensor) for v in value):
+            form = (type(value).__name__, len(value))
+            values.extend(value)
+        else:
+            raise TypeError(
+                f"{type(model).__name__}.{method} was given {name}={_short(value)}, neither "
+                f"its default ({_short(param.default)}) nor tensors"
+            )
+        names.append(name)
+        forms[name] = form
+    return names, forms, values
+
+
+def flatten_input(form: Any, value: Any) -> list[Any] | None:
+    """``value`` as the placeholders of an optional input traced in ``form``, or None when it
+    does not have that form (NOTE [ Optional inputs ])."""
+    if form == _TENSOR:
+        return [value] if isinstance(value, torch.Tensor) else None
+    kind, n = form
+    if type(value).__name__ != kind or len(value) != n:
+        return None
+    return list(value) if all(isinstance(v, torch.Tensor) for v in value) else None
+
+
+def _short(value: Any) -> str:
+    text = repr(value) if not isinstance(value, torch.Tensor) else "a tensor"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def trace_method(
+    model: nn.Module,
+    method: str,
+    leaves: Iterable[nn.Module] = (),
+    inputs: tuple[list[str], dict[str, Any]] | None = None,
+) -> fx.Graph:
+    """Trace ``model.<method>`` called with its required arguments, optional ones at defaults
+    or, with ``inputs`` (names and forms from :func:`bind_inputs`), as those say.
 
     Node targets and ``nn_module_stack`` paths are relative to ``model``.
     """
-    args = required_args(model, method)
+    names, forms = inputs if inputs is not None else (required_args(model, method), {})
+    params = inspect.signature(getattr(type(model), method)).parameters
+    placeholders, call = [], []
+    built: list[Any] = []  # the lists and tuples the wrapper builds, to see them changed
+    for name in names:
+        form = forms.get(name)
+        if form is None or form == _TENSOR:
+            placeholders.append(name)
+            expr = name
+        else:
+            kind, n = form
+            items = [f"{name}_{i}" for i in range(n)]
+            placeholders += items
+            expr = f"_keep([{', '.join(items)}{',' if kind == 'tuple' and n == 1 else ''}])"
+            expr = f"{kind}({expr})" if kind == "tuple" else expr
+        positional = params[name].kind == params[name].POSITIONAL_ONLY
+        call.append(expr if positional else f"{name}={expr}")
     src = (
-        f"def forward(self, {', '.join(args)}):\n"
-        f"    return type(self.root).{method}(self.root, {', '.join(args)})\n"
+        f"def forward(self, {', '.join(placeholders)}):\n"
+        f"    return type(self.root).{method}(self.root, {', '.join(call)})\n"
     )
-    ns: dict[str, Any] = {}
+    ns: dict[str, Any] = {"_keep": lambda v: built.append((v, list(v))) or v}
     exec(src, ns)  # noqa: S102 - a two-line wrapper with a fixed shape
     entry_cls = type("_Entry", (nn.Module,), {"forward": ns["forward"]})
     entry = entry_cls()
     entry.root = model
-    # Tracing runs Python code on real buffers (timm's BatchNormAct2d increments
-    # num_batches_tracked in its own forward): put every buffer back afterwards.
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
-    try:
-        graph = _Tracer(leaves).trace(entry)
-    finally:
-        with torch.no_grad():
-            for b, value in saved:
-                b.copy_(value)
+    graph = _trace_entry(entry, model, leaves, proxy_buffers=False)
+    if _meta_constants(entry, graph):  # NOTE [ Meta constants ]
+        graph = _trace_entry(entry, model, leaves, proxy_buffers=True)
+        left = _meta_constants(entry, graph)
+        if left:
+            raise TypeError(
+                f"revify: {type(model).__name__}.{method} computes {len(left)} tensor(s) of "
+                f"shape {tuple(left[0].shape)} at trace time from the meta device's "
+                "placeholders (not from a parameter or buffer the traced code could read "
+                "later), so a converted model would keep placeholders after to_empty(); "
+                "convert after materialising the model (to_empty() and initialising it)"
+            )
+    for value, before in built:
+        if len(value) != len(before) or any(map(operator.is_not, value, before)):
+            raise TypeError(
+                f"revify: {type(model).__name__}.{method} changes a list it is given (appends "
+                "to it, say), which a converted copy would not do to the caller's list "
+                "(NOTE [ Optional inputs ]); call it with that argument at its default"
+            )
     for node in graph.nodes:
         if node.op == "get_attr" and not node.target.startswith(_PREFIX):
             node.target = _PREFIX + _keep_constant(model, getattr(entry, node.target))
@@ -108,6 +224,43 @@ def trace_method(model: nn.Module, method: str, leaves: Iterable[nn.Module] = ()
                 if path != "root"
             }
     return graph
+
+
+def _trace_entry(entry: nn.Module, model: nn.Module, leaves: Iterable[nn.Module],
+                 proxy_buffers: bool) -> fx.Graph:
+    # Tracing runs Python code on real buffers (timm's BatchNormAct2d increments
+    # num_batches_tracked in its own forward): put every buffer back afterwards.
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        return _Tracer(leaves, proxy_buffers).trace(entry)
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
+
+
+# NOTE [ Meta constants ]
+# torch.fx reads a buffer as its value, not as a node: ``self.relative_position_index.view(-1)``
+# in Swin, BEiT and EVA's rotary embeddings runs at trace time, and the traced graph holds the
+# result as a constant (``_keep_constant``). On a model built on the meta device that constant
+# is a placeholder without data; after ``to_empty()`` and timm's
+# ``reinit_non_persistent_buffers`` the buffer holds the right values but a copy taken at trace
+# time would hold garbage. So where a traced constant is meta, the trunk is traced again with
+# buffers recorded as get_attr nodes (``proxy_buffer_attributes``): the converted code then
+# derives those values from the buffers at every call. A meta constant that is still left
+# (computed from no buffer) has no value to recover later: conversion is refused. Models on
+# real devices keep the constants, as traced (the graph patterns the pass was built on).
+
+
+def _meta_constants(entry: nn.Module, graph: fx.Graph) -> list[torch.Tensor]:
+    """Trace-time tensor constants of ``graph`` (not the model's own tensors) on meta."""
+    out = []
+    for node in graph.nodes:
+        if node.op == "get_attr" and not node.target.startswith(_PREFIX):
+            value = getattr(entry, node.target)
+            if isinstance(value, torch.Tensor) and value.is_meta:
+                out.append(value)
+    return out
 
 
 def _keep_constant(model: nn.Module, value: Any) -> str:

@@ -39,8 +39,10 @@ from ._match import Residual, Unit, chains, find_residuals, is_add
 from ._replay import _EPOCH, _slots, read_slots, slots_of
 from ._trace import (
     GraphCode,
+    bind_inputs,
     entry_method,
     extract,
+    flatten_input,
     module_calls,
     module_path,
     propagate_shapes,
@@ -112,6 +114,8 @@ class Plan:
     anchors: list[tuple[str, nn.Module]] = field(default_factory=list)
     checked_epoch: int = -1
     memory_plan: Any = None  # the planner.MemoryPlan chosen by convert(memory_budget=...)
+    # The form of each optional argument in ``args`` (NOTE [ Optional inputs ] in _trace.py).
+    arg_forms: dict[str, Any] = field(default_factory=dict)
 
 
 # NOTE [ torch.compile ]
@@ -162,8 +166,19 @@ class _Rewritten:
         bound.apply_defaults()
         values = dict(list(bound.arguments.items())[1:])
         params = inspect.signature(original).parameters
+        inputs: list[Any] = []
         for name, value in values.items():
             if name in plan.args:
+                form = plan.arg_forms.get(name)
+                flat = [value] if form is None else flatten_input(form, value)
+                if flat is None:  # NOTE [ Optional inputs ] in _trace.py
+                    given = form if isinstance(form, str) else "{} of {} tensors".format(*form)
+                    raise TypeError(
+                        f"revify: the converted {type(model).__name__}.{plan.method} was traced "
+                        f"with {name} given as {given} and cannot take {name}={_short(value)}; "
+                        "call revify.revert(model) first, or convert with that form"
+                    )
+                inputs += flat
                 continue
             default = params[name].default
             if value is not default and not _same(value, default):
@@ -175,7 +190,7 @@ class _Rewritten:
         if plan.checked_epoch != _EPOCH[0]:
             _check_structure(model, plan)
         run = _run_plan if _run_plan_eagerly is None else _run_plan_eagerly
-        return run(plan, [values[a] for a in plan.args])
+        return run(plan, inputs)
 
 
 # NOTE [ Structure changed after convert ]
@@ -384,6 +399,11 @@ class _TracedThrough:
             "function; pass concrete_args for such arguments (e.g. attn_mask=None), or trace "
             "the model before revify.convert"
         )
+
+
+def _short(value: Any) -> str:
+    text = "a tensor" if isinstance(value, Tensor) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -950,22 +970,28 @@ def _install_containers(
         except AttributeError:
             continue
         if container is not model and _PLAN not in container.__dict__:
-            container.__dict__["forward"] = _LazyContainer(container, st, options)
+            container.__dict__["forward"] = _LazyContainer(
+                container, st, options, holder, plan.stages)
             container.__dict__["__prepare_scriptable__"] = _NotScriptable(container)
 
 
 class _LazyContainer:
     """``forward`` of a module holding a stage until its first call builds its plan.
 
-    The plan shares the trunk's :class:`ReversibleStage` (so ``alpha``/``beta`` changes reach
-    both). If the module cannot be planned around exactly that stage, calling it raises: it
-    would otherwise silently compute the unconverted function.
+    The plan shares the trunk's :class:`ReversibleStage` objects (so ``alpha``/``beta``
+    changes reach both): its own stage, and any other stage of the trunk's found inside it (a
+    DLA tree holding an inline unit before its own stage). If the module cannot be planned
+    into exactly such stages, calling it raises: it would otherwise silently compute the
+    unconverted function.
     """
 
-    def __init__(self, container: nn.Module, stage: ReversibleStage, options: dict[str, Any]):
+    def __init__(self, container: nn.Module, stage: ReversibleStage, options: dict[str, Any],
+                 path: str = "", stages: Sequence[ReversibleStage] = ()) -> None:
         self.container = container
         self.stage = stage
         self.options = options
+        self.path = path  # the container's path in the trunk's module
+        self.stages = list(stages) or [stage]  # the trunk's stages
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         container = self.container
@@ -980,26 +1006,45 @@ class _LazyContainer:
             # Under torch.inference_mode the inputs are inference tensors, which planning's
             # shape propagation cannot use: plan on ordinary copies of them.
             with torch.inference_mode(False), torch.no_grad(), _no_autocast():
-                examples = tuple(a.detach().clone() if isinstance(a, Tensor) else a
-                                 for a in args)
-                sub = _build_plan(container, examples, self.options)
+                sub = _build_plan(container, _copies(args), self.options,
+                                  {k: _copies(v) for k, v in kwargs.items()})
         finally:
             _mode.current_step.reset(token)
-        mine = sub.stages[0] if len(sub.stages) == 1 else None
-        if mine is None or [getattr(u, "module", u) for u in mine.units] != [
-            getattr(u, "module", u) for u in self.stage.units
-        ]:
+        shared = self._shared(sub)
+        if shared is None:
             raise ConversionError(
                 f"revify: {type(container).__name__} holding stage {self.stage.name} was "
                 "called directly but cannot be converted on its own; call the model's trunk "
                 "instead, or revify.revert(model) first"
             )
-        sub.stages = [self.stage]
+        sub.stages = [shared[id(st)] for st in sub.stages]
         for step in sub.steps:
-            if step.run is mine:
-                step.run = self.stage
+            if isinstance(step.run, ReversibleStage):
+                step.run = shared[id(step.run)]
         _install(container, sub, container=True)
         return container.__dict__[sub.method](*args, **kwargs)
+
+    def _shared(self, sub: Plan) -> dict[int, ReversibleStage] | None:
+        """The trunk's stage for each stage of ``sub`` (the same units, by name), if each has
+        one and this container's own stage is among them; else None."""
+        prefix = f"{self.path}." if self.path else ""
+        trunk = {tuple(u.name for u in st.units): st for st in self.stages}
+        out: dict[int, ReversibleStage] = {}
+        for st in sub.stages:
+            match = trunk.get(tuple(prefix + u.name for u in st.units))
+            if match is None:
+                return None
+            out[id(st)] = match
+        return out if any(st is self.stage for st in out.values()) else None
+
+
+def _copies(value: Any) -> Any:
+    """``value`` with each tensor (also in a list or tuple) replaced by a detached copy."""
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if type(value) in (list, tuple):
+        return type(value)(map(_copies, value))
+    return value
 
 
 @contextlib.contextmanager
@@ -1011,20 +1056,22 @@ def _no_autocast() -> Iterator[None]:
         yield
 
 
-def _child_inputs(model: nn.Module, inputs: tuple[Any, ...]) -> dict[str, tuple[Any, ...]]:
-    """Inputs of each direct child called exactly once with positional tensors, recorded by
-    running ``model`` eagerly in eval mode without grad (no state changes)."""
-    seen: dict[str, list[tuple[Any, ...]]] = {}
+def _child_inputs(model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any] | None = None
+                  ) -> dict[str, tuple[tuple[Any, ...], dict[str, Any]]]:
+    """Inputs (args, kwargs) of each direct child called exactly once with tensors (or lists of
+    them, or None: NOTE [ Optional inputs ] in _trace.py), recorded by running ``model``
+    eagerly in eval mode without grad (no state changes)."""
+    seen: dict[str, list[tuple[tuple[Any, ...], dict[str, Any]]]] = {}
     handles = []
     for name, child in model.named_children():
         def hook(_m, args, kwargs, name=name):
-            seen.setdefault(name, []).append(args if not kwargs else ())
+            seen.setdefault(name, []).append((args, dict(kwargs)))
         handles.append(child.register_forward_pre_hook(hook, with_kwargs=True))
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
         with torch.no_grad():
-            model(*inputs)
+            model(*inputs, **(kwargs or {}))
     finally:
         for h in handles:
             h.remove()
@@ -1033,21 +1080,29 @@ def _child_inputs(model: nn.Module, inputs: tuple[Any, ...]) -> dict[str, tuple[
     return {
         name: calls[0]
         for name, calls in seen.items()
-        if len(calls) == 1 and calls[0] and all(isinstance(a, Tensor) for a in calls[0])
+        if len(calls) == 1 and calls[0][0] and isinstance(calls[0][0][0], Tensor)
+        and all(_tensors_or_none(a) for a in (*calls[0][0], *calls[0][1].values()))
     }
 
 
-def _convert_submodules(model: nn.Module, inputs: tuple[Any, ...], options: dict[str, Any]
-                        ) -> list[str]:
+def _tensors_or_none(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(isinstance(v, Tensor) for v in value)
+    return value is None or isinstance(value, Tensor)
+
+
+def _convert_submodules(model: nn.Module, inputs: tuple[Any, ...], options: dict[str, Any],
+                        kwargs: dict[str, Any] | None = None) -> list[str]:
     """The submodule fallback: convert each child that traces, recursing into those that do
     not. Returns the paths converted."""
     done: list[str] = []
-    for name, args in _child_inputs(model, inputs).items():
+    for name, (args, named) in _child_inputs(model, inputs, kwargs).items():
         child = model.get_submodule(name)
         try:
-            plan = _build_plan(child, args, options)
+            plan = _build_plan(child, args, options, named)
         except _Untraceable:
-            done += [f"{name}.{p}" for p in _convert_submodules(child, args, options)]
+            done += [f"{name}.{p}"
+                     for p in _convert_submodules(child, args, options, named)]
             continue
         except (ConversionError, TypeError):
             continue
@@ -1061,9 +1116,10 @@ def _convert_submodules(model: nn.Module, inputs: tuple[Any, ...], options: dict
 # The pass
 
 
-def _trace(model: nn.Module, method: str, leaves: Sequence[nn.Module] = ()) -> fx.Graph:
+def _trace(model: nn.Module, method: str, leaves: Sequence[nn.Module] = (),
+           inputs: tuple[list[str], dict[str, Any]] | None = None) -> fx.Graph:
     try:
-        return trace_method(model, method, leaves)
+        return trace_method(model, method, leaves, inputs)
     except Exception as e:  # torch.fx raises many exception types
         raise _Untraceable(
             f"revify.convert: torch.fx cannot trace {type(model).__name__}.{method}: "
@@ -1108,7 +1164,8 @@ def _residual_body(scope: set[fx.Node], identity: list[Residual]) -> list[Residu
     Such a map is ``h -> h + (sum of branches)`` up to reshapes, so ``U(h) - h`` is a proper
     residual branch for the coupling.
     """
-    inside = [q for q in identity if q.members <= scope]
+    # (attribute reads may lie outside: each reader fetches them itself)
+    inside = [q for q in identity if all(n in scope or n.op == "get_attr" for n in q.members)]
     nested = {n for q in inside for n in q.region}
     top = [q for q in inside if q.add not in nested]
     if not top:
@@ -1135,8 +1192,9 @@ def _unit_modules(graph: fx.Graph, identity: list[Residual]) -> dict[str, list[R
     tried: set[str] = set()
     for r in identity:
         # One call of the module: a module called twice (``self.body(self.body(x))``) has the
-        # nodes of both calls under its path.
-        call = _lca([module_calls(n) for n in r.members])
+        # nodes of both calls under its path. Attribute reads sit where they were first made
+        # (a buffer read by the trunk and passed on, NOTE [ Meta constants ]): not a call.
+        call = _lca([module_calls(n) for n in r.members if n.op != "get_attr"])
         if not call:
             continue
         path = next(p for n in r.members for k, p in zip(module_calls(n), module_path(n),
@@ -1198,14 +1256,19 @@ def _params_of(model: nn.Module, nodes: Sequence[fx.Node]) -> tuple[list[nn.Modu
     return list(modules.values()), _Reads(model, paths, attrs)
 
 
-def _build_plan(model: nn.Module, inputs: tuple[Any, ...], options: dict[str, Any]) -> Plan:
+def _build_plan(model: nn.Module, inputs: tuple[Any, ...], options: dict[str, Any],
+                kwargs: dict[str, Any] | None = None) -> Plan:
+    """The plan for ``model``'s trunk method called with ``inputs`` (and ``kwargs``): optional
+    arguments given as tensors are traced as inputs (NOTE [ Optional inputs ] in _trace.py)."""
     method = entry_method(model)
-    args = required_args(model, method)
-    if len(args) != len(inputs):
+    try:
+        args, forms, flat = bind_inputs(model, method, inputs, kwargs)
+    except TypeError as e:
         raise ConversionError(
-            f"revify.convert: {type(model).__name__}.{method} takes {len(args)} input(s) "
-            f"({', '.join(args)}) but example_input gave {len(inputs)}"
-        )
+            f"revify.convert: {e}; pass example_input= as the arguments the trunk takes"
+        ) from e
+    spec = (args, forms)
+    inputs = tuple(flat)
     for a in inputs:
         if isinstance(a, Tensor) and not a.is_floating_point():
             raise TypeError(
@@ -1213,7 +1276,7 @@ def _build_plan(model: nn.Module, inputs: tuple[Any, ...], options: dict[str, An
             )
 
     # 1-2. Fine graph: find units and the modules that are whole units.
-    fine = _trace(model, method)
+    fine = _trace(model, method, (), spec)
     _propagate(model, fine, inputs, method)
     residuals = find_residuals(fine)
     identity = [r for r in residuals if r.kind == "identity"]
@@ -1225,8 +1288,8 @@ def _build_plan(model: nn.Module, inputs: tuple[Any, ...], options: dict[str, An
     leaves = [m for p, m in model.named_modules() if p and (p in unit_modules or p not in holding)]
 
     # 3. Coarse graph: units are module calls or inline regions.
-    coarse = _trace(model, method, leaves)
-    _check_training_independent(model, method, leaves, coarse)
+    coarse = _trace(model, method, leaves, spec)
+    _check_training_independent(model, method, leaves, coarse, spec)
     _propagate(model, coarse, inputs, method)
     units: list[Unit] = []
     rejected: dict[str, str] = {}  # unit modules whose other call arguments cannot be side inputs
@@ -1285,13 +1348,14 @@ def _build_plan(model: nn.Module, inputs: tuple[Any, ...], options: dict[str, An
             ]
         else:
             kind = "checkpointed" if step.run.checkpoint else "unchanged"
-            role = "stem" if step.run.name == "stem" else step.run.name == "tail" and "tail"
+            base = step.run.name.split(" [")[0]  # a part of a segment (NOTE [ Nested plans ])
+            role = "stem" if base == "stem" else base == "tail" and "tail"
             role = role or "transition"
             blocks += [Block(p, step.run.name, kind, role) for p in step.run.calls]
     placeholders = [n.name for n in coarse.nodes if n.op == "placeholder"]
     return Plan(
         method, args, steps, output, stage_list, segments, report, options, blocks, placeholders,
-        holders=[holder for _, holder in made],
+        holders=[holder for _, holder in made], arg_forms=forms,
     )
 
 
@@ -1317,13 +1381,14 @@ def _propagate(model: nn.Module, graph: fx.Graph, inputs: tuple[Any, ...], metho
 
 
 def _check_training_independent(
-    model: nn.Module, method: str, leaves: Sequence[nn.Module], graph: fx.Graph
+    model: nn.Module, method: str, leaves: Sequence[nn.Module], graph: fx.Graph,
+    spec: tuple[list[str], dict[str, Any]] | None = None,
 ) -> None:
     """Tracing freezes Python branches on ``self.training``: refuse if train and eval differ."""
     modes = {m: m.training for m in model.modules()}
     try:
         model.train(not model.training)
-        other = _trace(model, method, leaves)
+        other = _trace(model, method, leaves, spec)
     finally:
         for m, t in modes.items():
             m.training = t
@@ -1453,9 +1518,13 @@ def _make_steps(
     steps: list[_Step] = []
     segments: list[Segment] = []
     for i in range(len(found) + 1):
-        nodes = buckets[i]
-        if nodes:
-            step = _make_segment(model, graph, nodes, i, len(found), stage_list, options, report)
+        parts = _around_nested_plans(model, buckets[i])
+        for j, (nodes, nested) in enumerate(parts):
+            # one of several segments between two stages: named after the nested call
+            part = (f" [{nodes[0].target}]" if nested
+                    else f" [after {parts[j - 1][0][0].target}]" if j else "")
+            step = _make_segment(model, graph, nodes, i, len(found), stage_list, options, report,
+                                 nested, part)
             segments.append(step.run)
             steps.append(step)
         if i < len(found):
@@ -1479,6 +1548,39 @@ def _make_steps(
     return steps, segments
 
 
+# NOTE [ Nested plans ]
+# A module holding a stage of its parent's plan runs that stage when called directly
+# (``_install_containers``), and so does its parent when *it* is called directly: the plan of
+# MobileNetV3's ``blocks`` (built when torch.fx feature extraction calls it) calls ``blocks.1``,
+# which runs the stage ``blocks.1``. Inside a checkpointed segment that stage would run again in
+# the segment's recompute, reading the stand-ins the recompute puts in the parameters' slots
+# (NOTE [ Recompute leaves ] in _replay.py), and its own backward, run after the stand-ins are
+# gone, then refused: "parameters are not the ones the forward used". So each call of a module
+# that runs a plan of its own is a segment of its own, never checkpointed: its stage is
+# reversible and its plan checkpoints its own layers already. The layers around it are
+# segments as usual.
+
+
+def _runs_plan(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs a revify plan (its own or a stage of its parent's)."""
+    return _PLAN in module.__dict__ or isinstance(module.__dict__.get("forward"), _LazyContainer)
+
+
+def _around_nested_plans(
+    model: nn.Module, nodes: list[fx.Node]
+) -> list[tuple[list[fx.Node], bool]]:
+    """``nodes`` (one segment's, in order) cut into runs around each call of a module that runs
+    a plan of its own, with whether the run is such a call (NOTE [ Nested plans ])."""
+    out: list[tuple[list[fx.Node], bool]] = []
+    for n in nodes:
+        nested = n.op == "call_module" and _runs_plan(model.get_submodule(str(n.target)))
+        if nested or not out or out[-1][1]:
+            out.append(([n], nested))
+        else:
+            out[-1][0].append(n)
+    return out
+
+
 def _make_segment(
     model: nn.Module,
     graph: fx.Graph,
@@ -1488,7 +1590,11 @@ def _make_segment(
     stage_list: list[ReversibleStage],
     options: dict[str, Any],
     report: list[ReportLine],
+    nested: bool = False,
+    part: str = "",
 ) -> _Step:
+    """One segment of the plan; ``nested``: a call of a module running its own plan, left
+    unchanged (NOTE [ Nested plans ]), ``part`` then added to the segment's name."""
     # Attributes are fetched by the code that reads them, never passed between steps.
     attrs = [a for n in nodes for a in n.all_input_nodes if a.op == "get_attr"]
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -1511,12 +1617,13 @@ def _make_segment(
     else:
         name = f"{stage_list[index - 1].name} -> {stage_list[index].name}"
         wanted = options["checkpoint_transitions"]
+    name += part
     # the modules' parameters and buffers, and get_attr tensors
     has_params = bool(read_slots(_slots(reads.owners())))
     tensor_outputs = all(tensor_shape(o) is not None for o in outs)
     # The planner may checkpoint a segment the options left stored (not the tail: its
     # backward follows its forward at once, a recompute there saves nothing).
-    checkpointable = has_params and tensor_outputs and name != "tail"
+    checkpointable = has_params and tensor_outputs and index != n_chains and not nested
     checkpoint = wanted and checkpointable
     labels = sorted({str(n.target) for n in nodes if n.op == "call_module"}, key=_natural)
     detail = ", ".join(labels[:6]) + (", ..." if len(labels) > 6 else "")
@@ -1524,7 +1631,8 @@ def _make_segment(
         report.append(ReportLine(name, "checkpointed", detail))
     else:
         why = (
-            "tail after the last stage" if name == "tail" else
+            "tail after the last stage" if index == n_chains else
+            "runs its own converted plan" if nested else
             "disabled by option" if not wanted else
             "no parameters" if not has_params else "non-tensor outputs"
         )

@@ -174,6 +174,69 @@ def test_dla_shared_branch_points():
     _check_family(timm.create_model("dla34"), 64, [1] * 8)
 
 
+class _Intermediates(nn.Module):
+    """``forward_intermediates`` as a forward: its feature maps, flattened and joined."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        maps = self.model.forward_intermediates(x, intermediates_only=True)
+        return torch.cat([m.flatten(1) for m in maps], 1)
+
+
+def test_dla_trees_called_with_optional_arguments():
+    # forward_intermediates calls each level, whose trees call their sub-trees as
+    # tree1(x, shortcut) and tree2(x1, None, children): the trees holding stages are planned
+    # with those optional arguments as inputs (NOTE [ Optional inputs ] in revify/_trace.py),
+    # and a tree holding an inline unit before its own stage shares both trunk stages. They
+    # raised "DlaTree.forward takes 1 input(s) (x) but example_input gave 2" (issue 15).
+    torch.manual_seed(0)
+    model = timm.create_model("dla34", num_classes=4).double().train()
+    x = torch.randn(2, 3, 64, 64, dtype=F64, generator=_gen(1))
+    revify.convert(model, x)
+    net = _Intermediates(model)
+    y_ref, g_ref = step_grads(net, x, plain=True)
+    y, g = step_grads(net, x, plain=False)
+    assert torch.equal(y, y_ref) and max_rel_err(g, g_ref) <= 1e-10
+    plan = model.level3.tree2.__dict__["_revify_plan"]
+    assert plan.args == ["x", "children"]  # shortcut given at its default, None
+    assert all(any(st is t for t in revify.stages(model)) for st in plan.stages)
+    with pytest.raises(TypeError, match="traced with children given as list of 2 tensors"):
+        model.level3.tree2(y_ref.new_zeros(2, 128, 16, 16), None, None)
+
+
+class _NotTraceable(nn.Module):
+    """Calls a DLA tree as ``tree(x, shortcut)`` after a data-dependent branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.models.dla import DlaBasic, DlaTree
+
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.tree = DlaTree(1, DlaBasic, 8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        if x.sum() > 0:  # torch.fx cannot trace this
+            x = x * 1.0
+        return self.tree(x, x)
+
+
+def test_submodule_fallback_with_an_optional_positional_argument():
+    torch.manual_seed(0)
+    model = _NotTraceable().double().train()
+    x = torch.randn(2, 3, 16, 16, dtype=F64, generator=_gen(1))
+    with pytest.warns(UserWarning, match="converted traceable submodules instead: tree"):
+        revify.convert(model, x)
+    assert model.tree.__dict__["_revify_plan"].args == ["x", "shortcut"]
+    assert [len(st.units) for st in revify.stages(model)] == [1, 1]
+    y_ref, g_ref = step_grads(model, x, plain=True)
+    y, g = step_grads(model, x, plain=False)
+    assert torch.equal(y, y_ref) and max_rel_err(g, g_ref) <= 1e-10
+
+
 def test_poolformer_layer_scale():
     # poolformer_s12: MetaFormer depths (2, 2, 6, 2), each block two residuals (pooling token
     # mixer, MLP) with layer scale; downsampling sits between stages. The layer scales start at

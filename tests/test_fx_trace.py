@@ -56,3 +56,36 @@ def test_tracing_that_would_record_the_unconverted_function_is_refused():
     revify.convert(net, torch.zeros(2, 3, 16, 16))
     with pytest.raises(ConversionError, match="Sequential, a unit of a converted model"):
         fx.symbolic_trace(net)
+
+
+def test_feature_extraction_calling_nested_stage_holders_has_true_gradients():
+    # MobileNetV3's `blocks` holds a stage and calls blocks.1, which holds another: the plan
+    # built for `blocks` must not run blocks.1's stage inside a checkpointed segment, whose
+    # recompute reads stand-ins for the parameters (a tensor hook makes it use them): the
+    # stage's backward refused "parameters are not the ones the forward used" (issue 15;
+    # NOTE [ Nested plans ] in revify/convert.py).
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv3_small_050", num_classes=4).double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    revify.convert(model, x)
+    calls = []
+    model.blocks[0][0].conv_dw.weight.register_hook(lambda g: calls.append(1))
+    features = create_feature_extractor(model, return_nodes=["blocks"])
+
+    class Blocks(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = features
+
+        def forward(self, x):
+            return self.features(x)["blocks"]
+
+    net = Blocks().train()
+    _, ref = step_grads(net, x, plain=True)
+    assert len(calls) == 1
+    _, got = step_grads(net, x, plain=False)
+    assert len(calls) == 2  # the hook ran once in each
+    assert max_rel_err(got, ref) < 1e-10
+    sub = model.blocks.__dict__["_revify_plan"]
+    nested = [seg for seg in sub.segments if seg.calls == ["1"]]
+    assert len(nested) == 1 and not nested[0].checkpoint
