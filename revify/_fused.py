@@ -105,11 +105,6 @@ def _fusable(d: int, inner: float, x: Tensor) -> bool:
     return not inner and x.dtype == torch.float32 and d & (d - 1) == 0 and _enabled(x)
 
 
-def accumulator(like: Tensor) -> Tensor:
-    """A 0-dim fp32 zero on ``like``'s device: the running max |state| the fused steps keep."""
-    return torch.zeros((), dtype=torch.float32, device=like.device)
-
-
 def entry(x: Tensor, dtype: torch.dtype, half: bool) -> tuple[_exact.Grid, Tensor, Tensor,
                                                               Tensor | None] | None:
     """A stage forward's first entry, fused: ``(grid, x_0, max |x_0|, x_0 in bf16 or None)``

@@ -33,7 +33,8 @@ def _autocast_types(device_type: str) -> tuple[str, ...]:
 
 
 class _ForwardState:
-    """RNG and autocast state captured just before a forward call, replayed by :meth:`replay`.
+    """RNG and autocast state captured just before a forward call, put back for the recompute
+    by :meth:`enter` and :meth:`exit` (:class:`Recompute`).
 
     Only the default generators are captured (CPU, and the tensor's accelerator when it has one),
     as ``torch.utils.checkpoint`` does. Capturing copies a few kilobytes; it is skipped when the

@@ -39,6 +39,7 @@ from ._match import Residual, Unit, chains, find_residuals, is_add
 from ._replay import _EPOCH, _slots, read_slots, slots_of
 from ._trace import (
     GraphCode,
+    _short,
     bind_inputs,
     entry_method,
     extract,
@@ -399,11 +400,6 @@ class _TracedThrough:
             "function; pass concrete_args for such arguments (e.g. attn_mask=None), or trace "
             "the model before revify.convert"
         )
-
-
-def _short(value: Any) -> str:
-    text = "a tensor" if isinstance(value, Tensor) else repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -50,7 +50,7 @@ def _case(d, shape, has_m, first, outer, finite=False, channels_last=False,
                                for t in (x_prev, x_cur, u, m))
     if finite:
         u.view(-1)[3] = float("nan")  # a redo on finite maxima: the NaN stays in its element
-    top = _fused.accumulator(x_cur)
+    top = torch.zeros((), device=x_cur.device)  # the walk's running max |state|
     fused = _fused.next_state(grid, d, outer, 0.0, u, m, x_prev.clone(), x_cur, True, first,
                               top, half=True)
     assert fused is not None, "a step the op covers"
@@ -95,7 +95,7 @@ def test_op_covers_only_its_steps(monkeypatch):
     """Other steps return None (the caller runs them op by op); off by default on the CPU."""
     x = torch.zeros(2, 4, 3, 3)
     grid = _exact.first_grid(x + 1, torch.float32)
-    top = _fused.accumulator(x)
+    top = torch.zeros((), device=x.device)
     args = (x, None, x.clone(), x, True, False, top)
     assert _fused.next_state(grid, 64, 1.0, 0.0, *args) is None  # CPU, auto: op by op
     monkeypatch.setenv("REVIFY_FUSED_STREAMS", "1")
