@@ -465,6 +465,31 @@ def _swap_back(kept: list[tuple[dict[str, Any], str, Tensor]]) -> None:
         d[k] = now
 
 
+# NOTE [ Uncached casts ]
+# Under autocast, torch caches the bf16 copy of every fp32 leaf parameter it casts until the
+# outermost autocast region ends, so that a weight read twice is cast once. A stage or segment
+# forward runs without grad and stores nothing, yet the cache kept every conv weight's copy of
+# the whole forward alive: 115 MiB at ResNet-152's simulated bf16 peak (the end of the forward,
+# issue 12). Inside those forwards the cache is off: each copy is freed after its op, a weight
+# read twice is cast twice (the same values), and the forward's state records it off, so the
+# recompute casts as the forward did.
+
+
+class UncachedCasts:
+    """While entered, autocast caches no casts (NOTE [ Uncached casts ])."""
+
+    __slots__ = ("was",)
+
+    def __enter__(self) -> None:
+        self.was = torch.is_autocast_cache_enabled()
+        if self.was:
+            torch.set_autocast_cache_enabled(False)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.was:
+            torch.set_autocast_cache_enabled(True)
+
+
 class Recompute:
     """The context one recompute runs in, entered and left as one object: grad mode ``grad``
     (None: as it is), the forward's RNG and autocast ``state`` (:class:`_ForwardState`), the

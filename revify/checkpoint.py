@@ -24,6 +24,7 @@ from ._replay import (
     Owners,
     Recompute,
     RecomputeCheck,
+    UncachedCasts,
     _ForwardState,
     check_same_tensors,
     read_slots,
@@ -142,12 +143,13 @@ class _CheckpointFunction(torch.autograd.Function):
         ctx.states, ctx.written = [], []
         slots = slots_of(seg).state
         outs: tuple[Any, ...] = inputs
-        for p, piece in enumerate(seg.pieces):
-            ctx.states.append(_ForwardState(device))
-            watch = BufferWatch(slots, seg.written[p])
-            outs = _tuple(piece(seg.root, *outs))
-            written, seg.written[p] = watch.written()
-            ctx.written.append(written)
+        with UncachedCasts():  # NOTE [ Uncached casts ] in _replay.py
+            for p, piece in enumerate(seg.pieces):
+                ctx.states.append(_ForwardState(device))
+                watch = BufferWatch(slots, seg.written[p])
+                outs = _tuple(piece(seg.root, *outs))
+                written, seg.written[p] = watch.written()
+                ctx.written.append(written)
         # An output that is a buffer itself must not become a node of this graph: give an alias.
         outs = tuple(o.detach() if id(o) in buffers else o for o in outs)
         floats = [i for i, o in enumerate(outs) if isinstance(o, Tensor) and o.is_floating_point()]

@@ -284,3 +284,24 @@ def test_second_backward_through_a_final_stage_says_so():
     y.sum().backward()
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
         y.sum().backward()
+
+
+def test_retain_graph_keeps_every_saved_state_of_a_long_stage():
+    """A stage of five units: its first backward must not write into the saved x_{n-1}
+    (NOTE [ Saved states ]), or the second backward rebuilds from overwritten states."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), *(ReluBlock(8) for _ in range(5)),
+        torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 8, 3),
+    ).double()
+    revify.convert(m, torch.zeros(2, 3, 8, 8, dtype=torch.float64))
+    assert [len(s.units) for s in revify.stages(m)] == [5]
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    params = list(m.parameters())
+    with revify.plain_autograd():
+        ref = torch.autograd.grad(m(x).square().sum(), params)
+    y = m(x).square().sum()
+    first = torch.autograd.grad(y, params, retain_graph=True)
+    second = torch.autograd.grad(y, params)
+    assert max_rel_err(first, ref) < 1e-10
+    assert max_rel_err(second, ref) < 1e-10

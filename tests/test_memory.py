@@ -7,6 +7,7 @@ states whatever its depth, and its backward works on one unit at a time.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 
@@ -145,3 +146,54 @@ def test_segment_pieces_are_chosen_by_simulated_peak(monkeypatch) -> None:
     timm_ckpt = copy.deepcopy(model)
     timm_ckpt.set_grad_checkpointing(True)
     assert peak(chosen) < peak(coarse) and peak(chosen) < peak(timm_ckpt)
+
+
+def test_saved_state_is_reused_by_the_backward_unless_the_graph_is_kept(monkeypatch):
+    """NOTE [ Saved states ]: under bf16 autocast step n-2 rebuilds x_{n-3} into the saved
+    x_{n-1}'s memory, so the walk holds two fp32 states through its vjp, not three; where the
+    graph is kept (torch cannot say otherwise here) a fresh state is made, a state's more."""
+    model = _revify(5)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(_BATCH, 3, _SIDE, _SIDE, generator=gen)
+    target = torch.randint(0, 10, (_BATCH,), generator=gen)
+
+    def backward_peak() -> int:  # the backward's, above what the forward left alive
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), target)
+        del logits
+        return _peak_live_bytes(loss.backward)
+
+    backward_peak()
+    reused = backward_peak()
+    monkeypatch.setattr(sys.modules["revify.coupling"], "_keeps_graph", lambda: True)
+    fresh = backward_peak()
+    assert fresh - reused >= 0.9 * _STATE
+
+
+def test_stage_forward_keeps_no_autocast_weight_copies(monkeypatch):
+    """NOTE [ Uncached casts ]: under bf16 autocast a stage's forward frees each unit's bf16
+    weight copy after use, instead of leaving every copy in autocast's cache until the outer
+    region ends. Wide units on a tiny image, so that the weights dominate the forward's peak."""
+    torch.manual_seed(0)
+    width, depth = 64, 6
+    model = nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1), *(_Block(width) for _ in range(depth)),
+        nn.Flatten(), nn.Linear(width * 4 * 4, 10),
+    )
+    revify.convert(model, torch.zeros(2, 3, 4, 4))
+    assert [len(s.units) for s in revify.stages(model)] == [depth]
+    x = torch.randn(2, 3, 4, 4)
+
+    def forward_peak() -> int:
+        def run() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                model(x).float().sum()
+
+        return _peak_live_bytes(run)
+
+    uncached = forward_peak()
+    monkeypatch.setattr(sys.modules["revify.coupling"], "UncachedCasts", contextlib.nullcontext)
+    cached = forward_peak()
+    copies = sum(b.conv1.weight.numel() + b.conv2.weight.numel() for b in model[1:-2]) * 2
+    assert cached - uncached >= 0.8 * copies
