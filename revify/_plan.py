@@ -13,7 +13,7 @@
    where a segment must clone a value before writing it (``_inplace.py``).
 
 The plan lists those stages and segments as steps in execution order, with the report of what
-was decided for every residual; ``convert.py`` then makes the model run it.
+was decided for every residual; ``_install.py`` then makes the model run it.
 """
 
 from __future__ import annotations
@@ -98,11 +98,11 @@ class Plan:
     blocks: list[Block] = field(default_factory=list)
     placeholders: list[str] = field(default_factory=list)  # graph names of ``args``
     # Per stage, the module holding its whole chain as the units' parent ("" if none): only
-    # such a module runs the stage when called directly (``_install_containers``, convert.py).
+    # such a module runs the stage when called directly (``_install_containers``, _install.py).
     holders: list[str] = field(default_factory=list)
     # (path, module) of every unit module the stages call directly, and the registration epoch
     # at which they were last found there (NOTE [ Structure changed after convert ] in
-    # convert.py).
+    # _install.py).
     anchors: list[tuple[str, nn.Module]] = field(default_factory=list)
     checked_epoch: int = -1
     memory_plan: Any = None  # the planner.MemoryPlan chosen by convert(memory_budget=...)
@@ -565,7 +565,7 @@ def _make_steps(
 
 def _runs_plan(module: nn.Module) -> bool:
     """Whether calling ``module`` runs a revify plan (its own or a stage of its parent's)."""
-    from .convert import _LazyContainer  # convert imports this module
+    from ._install import _LazyContainer  # _install imports this module
 
     return _PLAN in module.__dict__ or isinstance(module.__dict__.get("forward"), _LazyContainer)
 
