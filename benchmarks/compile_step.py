@@ -2,7 +2,7 @@
 graph breaks and recompiles, beside plain and timm checkpointing in the same process.
 
 A converted trunk runs eagerly inside ``torch.compile`` (NOTE [ torch.compile ] in
-revify/convert.py): dynamo breaks the graph at the trunk's plan and compiles what surrounds it
+revify/_install.py): dynamo breaks the graph at the trunk's plan and compiles what surrounds it
 (timm's ``forward_head``), so the compiled step is the eager trunk plus a compiled head. The
 steady steps of each method are interleaved (one of each in turn) and the median is reported.
 

@@ -376,7 +376,7 @@ def _unconverted_report(model: nn.Module, example: Tensor) -> list[Any]:
     """The report the pass computed for a model it left unchanged (``convert`` keeps no plan
     then). Uses the private ``_build_plan``; empty if that is unavailable."""
     try:
-        module = importlib.import_module("revify.convert")
+        module = importlib.import_module("revify._plan")
         plan = module._build_plan(model, (example,), dict(
             alpha=0.0, beta=1.0, checkpoint_stem=True, checkpoint_transitions=True, min_units=1))
         return list(plan.report)

@@ -5,12 +5,12 @@ that rebuild their activations in backward, and checkpoints the layers in betwee
 """
 
 from ._mode import plain_autograd as plain_autograd
+from ._plan import ConversionError as ConversionError
 from .audit import AuditReport as AuditReport
 from .audit import AuditRow as AuditRow
 from .audit import audit as audit
 from .check import CheckReport as CheckReport
 from .check import check as check
-from .convert import ConversionError as ConversionError
 from .convert import convert as convert
 from .convert import load_state_dict as load_state_dict
 from .convert import revert as revert

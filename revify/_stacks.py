@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from . import _fsdp, _mode
 from . import _record as _checkpoint_record
 from ._match import find_residuals
+from ._plan import ConversionError, _is_layout
 from ._trace import _Tracer, propagate_shapes, tensor_shape
 from .coupling import ReversibleStage, _ModuleUnit
 
@@ -108,8 +109,6 @@ def default_inputs(model: nn.Module) -> dict[str, Any]:
 
 
 def _error(msg: str) -> Exception:
-    from .convert import ConversionError  # convert imports this module
-
     return ConversionError(msg)
 
 
@@ -343,8 +342,6 @@ def _residual_problem(call: _Call) -> tuple[str | None, bool]:
     if not top:
         return "no identity residual add h + F(h) found in its forward", False
     covered = set().union(*(q.members for q in top))
-    from .convert import _is_layout  # the glue a block may hold around its residuals
-
     other = [n for n in scope - covered if not _is_layout(n)]
     if other:
         return f"it computes more than its residuals ({other[0].name})", False

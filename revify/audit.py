@@ -57,9 +57,10 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
 from . import _mode
+from ._plan import Block, Plan, ReportLine
 from ._simulate import LiveBytes, fake_model
 from ._stacks import refuse_stacks
-from .convert import Block, Plan, ReportLine, convert
+from .convert import convert
 from .coupling import ReversibleStage
 
 __all__ = ["audit", "AuditReport", "AuditRow"]

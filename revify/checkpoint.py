@@ -76,7 +76,7 @@ class Segment(MismatchOptions):
         self.modules = list(modules)
         self._reads = reads
         self.checkpoint = checkpoint
-        self.checkpointable = checkpoint  # whether the planner may checkpoint it (convert.py)
+        self.checkpointable = checkpoint  # whether the planner may checkpoint it (_plan.py)
         self.calls = list(calls)
         self.pieces = list(pieces) if pieces else [code]
         # Per piece, the positions of the buffers its forward was seen to write (NOTE [ Buffers

@@ -39,9 +39,10 @@ import torch
 from torch import nn
 
 from . import _costs
+from ._plan import Block, ConversionError, Plan, ReportLine
 from .audit import _treatment as treatment_of
 from .checkpoint import Segment
-from .convert import Block, ConversionError, Plan, ReportLine, convert, plans
+from .convert import convert, plans
 from .coupling import ReversibleStage, _checkpointed_units
 
 __all__ = ["MemoryPlan", "plan_memory", "memory_plan", "fit", "FitRow"]

@@ -63,7 +63,7 @@ def test_feature_extraction_calling_nested_stage_holders_has_true_gradients():
     # built for `blocks` must not run blocks.1's stage inside a checkpointed segment, whose
     # recompute reads stand-ins for the parameters (a tensor hook makes it use them): the
     # stage's backward refused "parameters are not the ones the forward used" (issue 15;
-    # NOTE [ Nested plans ] in revify/convert.py).
+    # NOTE [ Nested plans ] in revify/_plan.py).
     torch.manual_seed(0)
     model = timm.create_model("mobilenetv3_small_050", num_classes=4).double()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)

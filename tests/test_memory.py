@@ -139,8 +139,7 @@ def test_segment_pieces_are_chosen_by_simulated_peak(monkeypatch) -> None:
     chosen = revify.convert(copy.deepcopy(model), torch.zeros(2, 3, 96, 96))
     stem = plans(chosen)[0][1].segments[0]
     assert stem.calls[:3] == ["stem", "s1", "s2"] and len(stem.pieces) == 4
-    # the module, not revify.convert the function
-    monkeypatch.setattr(sys.modules["revify.convert"], "_segment_peak", lambda *args: None)
+    monkeypatch.setattr(sys.modules["revify._plan"], "_segment_peak", lambda *args: None)
     coarse = revify.convert(copy.deepcopy(model), torch.zeros(2, 3, 96, 96))
     assert len(plans(coarse)[0][1].segments[0].pieces) < 4
     timm_ckpt = copy.deepcopy(model)
