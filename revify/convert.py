@@ -19,8 +19,31 @@ import torch
 from torch import Tensor, nn
 
 from . import _fsdp, _record, _stacks
-from ._install import _guard_units, _install, _install_containers, _LazyContainer, _NotScriptable
-from ._plan import _PLAN, ConversionError, Plan, _build_plan, _Untraceable
+
+# Beside what this module uses, the imports below name the classes that whole-model pickles
+# (``torch.save(model)``) made before planning and installing moved out of this module look
+# for here, so that those pickles load (hence F401).
+from ._install import (  # noqa: F401
+    _GradCheckpointingIgnored,
+    _guard_units,
+    _install,
+    _install_containers,
+    _Intermediates,
+    _LazyContainer,
+    _NotScriptable,
+    _Rewritten,
+)
+from ._plan import (  # noqa: F401
+    _PLAN,
+    Block,
+    ConversionError,
+    Plan,
+    ReportLine,
+    _build_plan,
+    _Ref,
+    _Step,
+    _Untraceable,
+)
 from ._trace import entry_method, required_args
 from .coupling import ReversibleStage
 
