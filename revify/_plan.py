@@ -26,7 +26,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._pytree import tree_leaves
 
 from ._inplace import InplaceError, check_units, clone_foreign_writes, storage, written_from
 from ._match import Residual, Unit, chains, find_residuals, is_add
@@ -39,6 +41,7 @@ from ._trace import (
     module_calls,
     module_path,
     propagate_shapes,
+    run_method,
     tensor_shape,
     trace_method,
 )
@@ -293,6 +296,7 @@ def _build_plan(model: nn.Module, inputs: tuple[Any, ...], options: dict[str, An
     coarse = _trace(model, method, leaves, spec)
     _check_training_independent(model, method, leaves, coarse, spec)
     _propagate(model, coarse, inputs, method)
+    _check_trace_computes_method(model, method, coarse, spec, inputs)
     units: list[Unit] = []
     rejected: dict[str, str] = {}  # unit modules whose other call arguments cannot be side inputs
     for n in coarse.nodes:
@@ -400,6 +404,87 @@ def _check_training_independent(
             "train and eval mode outside its submodules; a traced copy would freeze one of "
             "them. Move the mode-dependent code into a module (e.g. nn.Dropout)"
         )
+
+
+# NOTE [ Trace check ]
+# Everything revify installs is generated from the traced graph, so a trace that computes
+# something else than the model's own code is a silent change of the model. torch.fx can record
+# such a graph without complaint: ``x += f(x)`` is recorded as ``x = x + f(x)``, so another name
+# for the old ``x`` (``y = x`` before it) reads the value before the add in the graph and the
+# value after it in eager PyTorch (max output difference 0.05 on a small net, no error). So
+# the coarse graph is run once at conversion beside ``model.<method>`` on a random input of the
+# example's shapes (eval mode, no grad, the model's buffers and the global RNG put back), and a
+# difference refuses the trace: convert falls back to the submodules, each checked the same way.
+# The method runs twice first: a model whose value changes between two calls on one input
+# (Python state such as a call counter; the runtime mismatch check watches its units) gives no
+# reference, and is not checked. Models on the meta device have no values and are not checked.
+# Python state the forward changes (counters) changes at conversion, as tracing changes it.
+
+
+def _check_trace_computes_method(
+    model: nn.Module, method: str, graph: fx.Graph, spec: tuple[list[str], dict[str, Any]],
+    inputs: tuple[Any, ...],
+) -> None:
+    """Refuse ``graph`` if it computes another value than ``model.<method>`` (NOTE
+    [ Trace check ])."""
+    state = [*model.parameters(), *model.buffers()]
+    tensors = [a for a in inputs if isinstance(a, Tensor)]
+    if any(t.is_meta or is_fake(t) for t in state + tensors):
+        return
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(a.shape, generator=gen, dtype=a.dtype).to(a.device)
+          if isinstance(a, Tensor) and a.is_floating_point() else a for a in inputs]
+    devices = sorted({t.device.index or 0 for t in state + tensors if t.device.type == "cuda"})
+    modes = {m: m.training for m in model.modules()}
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        model.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            want = tree_leaves(run_method(model, method, spec, xs))
+            again = tree_leaves(run_method(model, method, spec, xs))
+            got = None if _difference(want, again) else tree_leaves(
+                fx.GraphModule(model, graph)(*xs))
+    finally:
+        for m, t in modes.items():
+            m.training = t
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
+    if got is None:  # the method itself gives another value when called again: no reference
+        return
+    worst = _difference(want, got)
+    if worst:
+        raise _Untraceable(
+            f"revify.convert: the torch.fx trace of {type(model).__name__}.{method} computes "
+            f"another value than the method itself on a random input ({worst}); most often an "
+            "in-place op on a tensor that has another name (y = x; x += f(x)), which torch.fx "
+            "records out of place. Write it out of place (x = x + f(x)) or convert a submodule"
+        )
+
+
+def _difference(want: list[Any], got: list[Any]) -> str:
+    """How outputs ``got`` differ from ``want`` beyond rounding, or "" where they agree."""
+    if len(want) != len(got):
+        return f"{len(got)} outputs instead of {len(want)}"
+    for i, (w, g) in enumerate(zip(want, got, strict=True)):
+        if not isinstance(w, Tensor) or not isinstance(g, Tensor):
+            if type(w) is not type(g) or (not isinstance(w, Tensor) and w != g):
+                return f"output {i}: {g!r} instead of {w!r}"
+            continue
+        if w.shape != g.shape or w.dtype != g.dtype:
+            return f"output {i}: {tuple(g.shape)} {g.dtype} instead of {tuple(w.shape)} {w.dtype}"
+        if not w.is_floating_point():
+            if not torch.equal(w, g):
+                return f"output {i} differs"
+            continue
+        if not torch.equal(w.isnan(), g.isnan()):
+            return f"output {i}: NaN in other places"
+        w, g = w.nan_to_num(), g.nan_to_num()
+        scale = w.abs().max().item() if w.numel() else 0.0
+        err = (w - g).abs().max().item() if w.numel() else 0.0
+        if err > 1e-4 * scale + 1e-30:
+            return f"output {i}: max difference {err:.3g} at scale {scale:.3g}"
+    return ""
 
 
 def _pattern(residuals: list[Residual]) -> str:

@@ -164,32 +164,8 @@ def trace_method(
 
     Node targets and ``nn_module_stack`` paths are relative to ``model``.
     """
-    names, forms = inputs if inputs is not None else (required_args(model, method), {})
-    params = inspect.signature(getattr(type(model), method)).parameters
-    placeholders, call = [], []
     built: list[Any] = []  # the lists and tuples the wrapper builds, to see them changed
-    for name in names:
-        form = forms.get(name)
-        if form is None or form == _TENSOR:
-            placeholders.append(name)
-            expr = name
-        else:
-            kind, n = form
-            items = [f"{name}_{i}" for i in range(n)]
-            placeholders += items
-            expr = f"_keep([{', '.join(items)}{',' if kind == 'tuple' and n == 1 else ''}])"
-            expr = f"{kind}({expr})" if kind == "tuple" else expr
-        positional = params[name].kind == params[name].POSITIONAL_ONLY
-        call.append(expr if positional else f"{name}={expr}")
-    src = (
-        f"def forward(self, {', '.join(placeholders)}):\n"
-        f"    return type(self.root).{method}(self.root, {', '.join(call)})\n"
-    )
-    ns: dict[str, Any] = {"_keep": lambda v: built.append((v, list(v))) or v}
-    exec(src, ns)  # noqa: S102 - a two-line wrapper with a fixed shape
-    entry_cls = type("_Entry", (nn.Module,), {"forward": ns["forward"]})
-    entry = entry_cls()
-    entry.root = model
+    entry = _entry(model, method, inputs, built)
     graph = _trace_entry(entry, model, leaves, proxy_buffers=False)
     if _meta_constants(entry, graph):  # NOTE [ Meta constants ]
         graph = _trace_entry(entry, model, leaves, proxy_buffers=True)
@@ -224,6 +200,45 @@ def trace_method(
                 if path != "root"
             }
     return graph
+
+
+
+def _entry(model: nn.Module, method: str, inputs: tuple[list[str], dict[str, Any]] | None,
+           built: list[Any]) -> nn.Module:
+    """A module whose ``forward`` takes the flat inputs (one per tensor of :func:`bind_inputs`'s
+    forms) and calls ``model.<method>`` with them: what :func:`trace_method` traces, and what
+    :func:`run_method` runs eagerly."""
+    names, forms = inputs if inputs is not None else (required_args(model, method), {})
+    params = inspect.signature(getattr(type(model), method)).parameters
+    placeholders, call = [], []
+    for name in names:
+        form = forms.get(name)
+        if form is None or form == _TENSOR:
+            placeholders.append(name)
+            expr = name
+        else:
+            kind, n = form
+            items = [f"{name}_{i}" for i in range(n)]
+            placeholders += items
+            expr = f"_keep([{', '.join(items)}{',' if kind == 'tuple' and n == 1 else ''}])"
+            expr = f"{kind}({expr})" if kind == "tuple" else expr
+        positional = params[name].kind == params[name].POSITIONAL_ONLY
+        call.append(expr if positional else f"{name}={expr}")
+    src = (
+        f"def forward(self, {', '.join(placeholders)}):\n"
+        f"    return type(self.root).{method}(self.root, {', '.join(call)})\n"
+    )
+    ns: dict[str, Any] = {"_keep": lambda v: built.append((v, list(v))) or v}
+    exec(src, ns)  # noqa: S102 - a two-line wrapper with a fixed shape
+    entry = type("_Entry", (nn.Module,), {"forward": ns["forward"]})()
+    entry.root = model
+    return entry
+
+
+def run_method(model: nn.Module, method: str, inputs: tuple[list[str], dict[str, Any]] | None,
+               flat: Sequence[Any]) -> Any:
+    """``model.<method>`` called eagerly with the flat inputs a traced graph takes."""
+    return _entry(model, method, inputs, [])(*flat)
 
 
 def _trace_entry(entry: nn.Module, model: nn.Module, leaves: Iterable[nn.Module],

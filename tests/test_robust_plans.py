@@ -553,3 +553,54 @@ def test_scripting_a_converted_model_is_refused_and_inference_mode_plans_contain
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.jit.script(model)  # the unconverted model scripts again
+
+
+class _AliasedInplace(nn.Module):
+    """``y = x; x += f(x)``: eager PyTorch changes ``y`` too, torch.fx records ``x = x + f(x)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, W, 3, padding=1)
+        self.f = nn.Conv2d(W, W, 3, padding=1)
+        self.g = nn.Conv2d(W, W, 3, padding=1)
+        self.bn = nn.BatchNorm2d(W)
+        self.head = nn.Linear(W, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = x
+        x += self.f(x)
+        x = x + self.bn(self.g(x))
+        return self.head((x + y).mean((2, 3)))
+
+
+def test_a_trace_that_computes_another_function_is_refused():
+    """NOTE [ Trace check ]: the trace of the aliased in-place add reads the old value; convert
+    refuses it instead of installing another function, and leaves the model as it was."""
+    torch.manual_seed(0)
+    model = _AliasedInplace().double()
+    original = copy.deepcopy(model)
+    rng = torch.get_rng_state()
+    with pytest.raises(ConversionError, match="another value than the method itself"):
+        revify.convert(model, X, strict=True)
+    with pytest.warns(UserWarning, match="another value than the method itself"):
+        revify.convert(model, X)
+    assert not revify.stages(model)
+    assert torch.equal(torch.get_rng_state(), rng)  # the check ran on its own generator
+    for (name, a), (_, b) in zip(model.state_dict().items(), original.state_dict().items(),
+                                 strict=True):
+        assert torch.equal(a, b), name  # BatchNorm statistics untouched by the check
+    torch.testing.assert_close(model(X), original(X), rtol=0, atol=0)
+
+
+def test_the_same_net_written_out_of_place_converts():
+    class OutOfPlace(_AliasedInplace):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.stem(x)
+            y = x
+            x = x + self.f(x)
+            x = x + self.bn(self.g(x))
+            return self.head((x + y).mean((2, 3)))
+
+    torch.manual_seed(0)
+    _converted(OutOfPlace())
