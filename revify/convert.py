@@ -243,13 +243,15 @@ def _default_example(model: nn.Module) -> Tensor:
 
     The spatial size is the one the model was configured with where it says (a timm ViT or
     Swin built with ``img_size=32`` has ``patch_embed.img_size == (32, 32)``, while its
-    ``pretrained_cfg['input_size']`` still says 224), else timm's ``pretrained_cfg``, else
+    ``pretrained_cfg['input_size']`` still says 224; torchvision's ViT has ``image_size``),
+    else timm's ``pretrained_cfg``, else
     224x224; the channels are the first convolution's input channels (``in_chans=1``)."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     size = cfg.get("input_size") if isinstance(cfg, dict) else None
     channels, *spatial = size if size is not None else (3, 224, 224)
     configured = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    configured = configured if configured is not None else getattr(model, "img_size", None)
+    for name in ("img_size", "image_size"):  # timm's, torchvision ViT's
+        configured = configured if configured is not None else getattr(model, name, None)
     if isinstance(configured, int):
         configured = (configured, configured)
     if isinstance(configured, (tuple, list)) and all(isinstance(v, int) for v in configured):

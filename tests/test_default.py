@@ -7,6 +7,7 @@ import json
 import pytest
 import timm
 import torch
+import torchvision
 from conftest import timm_model
 
 import revify
@@ -65,6 +66,11 @@ def test_default_example_has_the_size_the_model_was_built_for():
     revify.convert(gray)
     assert revify.stages(gray)
     gray(torch.randn(2, 1, 32, 32)).sum().backward()
+    tv = torchvision.models.VisionTransformer(  # asserts its input size in forward
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64)
+    revify.convert(tv)
+    assert revify.stages(tv)
+    assert tv(torch.randn(2, 3, 32, 32)).shape == (2, 1000)
 
 
 def test_default_example_follows_the_model_dtype_and_device():
