@@ -36,12 +36,13 @@ from ._replay import _slots, read_slots
 from ._trace import (
     GraphCode,
     bind_inputs,
+    buffers_kept,
     entry_method,
     extract,
+    method_entry,
     module_calls,
     module_path,
     propagate_shapes,
-    run_method,
     tensor_shape,
     trace_method,
 )
@@ -436,23 +437,26 @@ def _check_trace_computes_method(
           if isinstance(a, Tensor) and a.is_floating_point() else a for a in inputs]
     devices = sorted({t.device.index or 0 for t in state + tensors if t.device.type == "cuda"})
     modes = {m: m.training for m in model.modules()}
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    entry = method_entry(model, method, spec)
+    failed = None
     try:
         model.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            want = tree_leaves(run_method(model, method, spec, xs))
-            again = tree_leaves(run_method(model, method, spec, xs))
-            got = None if _difference(want, again) else tree_leaves(
-                fx.GraphModule(model, graph)(*xs))
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), buffers_kept(model):
+            try:
+                want = tree_leaves(entry(*xs))
+                again = tree_leaves(entry(*xs))
+            except Exception:  # the method itself fails on a random input: no reference
+                return
+            if _difference(want, again):  # it gives another value when called again: neither
+                return
+            try:
+                got = tree_leaves(fx.GraphModule(model, graph)(*xs))
+            except Exception as e:
+                failed = f"{type(e).__name__}: {e}"
     finally:
         for m, t in modes.items():
             m.training = t
-        with torch.no_grad():
-            for b, value in saved:
-                b.copy_(value)
-    if got is None:  # the method itself gives another value when called again: no reference
-        return
-    worst = _difference(want, got)
+    worst = f"the traced copy raised {failed}" if failed else _difference(want, got)
     if worst:
         raise _Untraceable(
             f"revify.convert: the torch.fx trace of {type(model).__name__}.{method} computes "

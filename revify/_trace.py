@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import inspect
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -202,12 +203,11 @@ def trace_method(
     return graph
 
 
-
 def _entry(model: nn.Module, method: str, inputs: tuple[list[str], dict[str, Any]] | None,
            built: list[Any]) -> nn.Module:
     """A module whose ``forward`` takes the flat inputs (one per tensor of :func:`bind_inputs`'s
     forms) and calls ``model.<method>`` with them: what :func:`trace_method` traces, and what
-    :func:`run_method` runs eagerly."""
+    :func:`method_entry` calls eagerly."""
     names, forms = inputs if inputs is not None else (required_args(model, method), {})
     params = inspect.signature(getattr(type(model), method)).parameters
     placeholders, call = [], []
@@ -235,19 +235,27 @@ def _entry(model: nn.Module, method: str, inputs: tuple[list[str], dict[str, Any
     return entry
 
 
-def run_method(model: nn.Module, method: str, inputs: tuple[list[str], dict[str, Any]] | None,
-               flat: Sequence[Any]) -> Any:
-    """``model.<method>`` called eagerly with the flat inputs a traced graph takes."""
-    return _entry(model, method, inputs, [])(*flat)
+def method_entry(model: nn.Module, method: str,
+                 inputs: tuple[list[str], dict[str, Any]] | None) -> nn.Module:
+    """A module that calls ``model.<method>`` eagerly with the flat inputs a traced graph
+    takes."""
+    return _entry(model, method, inputs, [])
 
 
 def _trace_entry(entry: nn.Module, model: nn.Module, leaves: Iterable[nn.Module],
                  proxy_buffers: bool) -> fx.Graph:
     # Tracing runs Python code on real buffers (timm's BatchNormAct2d increments
     # num_batches_tracked in its own forward): put every buffer back afterwards.
+    with buffers_kept(model):
+        return _Tracer(leaves, proxy_buffers).trace(entry)
+
+
+@contextlib.contextmanager
+def buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Every buffer of ``model`` holds after the body what it held before (copied back)."""
     saved = [(b, b.detach().clone()) for b in model.buffers()]
     try:
-        return _Tracer(leaves, proxy_buffers).trace(entry)
+        yield
     finally:
         with torch.no_grad():
             for b, value in saved:

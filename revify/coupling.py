@@ -831,7 +831,8 @@ class _StageEnd(torch.autograd.Function):
 # second is safe only when nothing else can read x_{n-1} afterwards: a backward that keeps the
 # graph (retain_graph=True) reads the saved x_{n-1} again, so there a fresh tensor is made, as
 # it always was before (three stage-sized states alive through step n-2's vjp: the simulated
-# bf16 ResNet-50 peak, in layer2, was 1036 MiB with the third and 938 MiB without). x_{n-1} is
+# bf16 ResNet-50 peak was 1036 MiB, in layer2, with the third, and is 1017 MiB without, now in
+# layer1's backward). x_{n-1} is
 # never the stage input or output: a stage of one unit keeps x_0 as x_{n-1}, and it is not
 # written.
 
