@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from . import _mode, _record
+from . import _direct, _mode, _record
 from ._plan import _PLAN, ConversionError, Plan, _build_plan, _Ref
 from ._replay import _EPOCH, slots_of
 from ._trace import _short, flatten_input
@@ -353,9 +353,11 @@ def _install(model: nn.Module, plan: Plan, record: bool = False, container: bool
     model.__dict__[plan.method] = _Rewritten(model, plan, container)
     if callable(getattr(model, "set_grad_checkpointing", None)):
         model.__dict__["set_grad_checkpointing"] = _GradCheckpointingIgnored()
-    # The first step finds every unit's and segment's slots ready (NOTE [ Slot cache ]).
+    # The first step finds every unit's and segment's slots ready (NOTE [ Slot cache ]), and
+    # the modules their code calls directly (NOTE [ Direct calls ] in _direct.py).
     for holder in [*(u for st in plan.stages for u in st.units), *plan.segments]:
         slots_of(holder)
+        _direct.prime(holder)
 
 
 class _NotScriptable:

@@ -30,6 +30,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_leaves
 
+from ._direct import UnitProgram
 from ._inplace import InplaceError, check_units, clone_foreign_writes, storage, written_from
 from ._match import Residual, Unit, chains, find_residuals, is_add
 from ._replay import _slots, read_slots
@@ -43,6 +44,7 @@ from ._trace import (
     module_calls,
     module_path,
     propagate_shapes,
+    required_args,
     tensor_shape,
     trace_method,
 )
@@ -428,10 +430,27 @@ def _check_trace_computes_method(
 ) -> None:
     """Refuse ``graph`` if it computes another value than ``model.<method>`` (NOTE
     [ Trace check ])."""
+    worst = _trace_difference(model, method, graph, spec, inputs)
+    if worst:
+        raise _Untraceable(
+            f"revify.convert: the torch.fx trace of {type(model).__name__}.{method} computes "
+            f"another value than the method itself on a random input ({worst}); most often an "
+            "in-place op on a tensor that has another name (y = x; x += f(x)), which torch.fx "
+            "records out of place. Write it out of place (x = x + f(x)) or convert a submodule"
+        )
+
+
+def _trace_difference(
+    model: nn.Module, method: str, graph: fx.Graph, spec: tuple[list[str], dict[str, Any]] | None,
+    inputs: tuple[Any, ...],
+) -> str | None:
+    """How ``graph`` computes another value than ``model.<method>`` on a random input of the
+    shapes of ``inputs`` ("" where it agrees), or None where that cannot be checked: meta or
+    fake tensors, or a method that raises or gives two values on the same input."""
     state = [*model.parameters(), *model.buffers()]
     tensors = [a for a in inputs if isinstance(a, Tensor)]
     if any(t.is_meta or is_fake(t) for t in state + tensors):
-        return
+        return None
     gen = torch.Generator().manual_seed(0)
     xs = [torch.randn(a.shape, generator=gen, dtype=a.dtype).to(a.device)
           if isinstance(a, Tensor) and a.is_floating_point() else a for a in inputs]
@@ -446,9 +465,9 @@ def _check_trace_computes_method(
                 want = tree_leaves(entry(*xs))
                 again = tree_leaves(entry(*xs))
             except Exception:  # the method itself fails on a random input: no reference
-                return
+                return None
             if _difference(want, again):  # it gives another value when called again: neither
-                return
+                return None
             try:
                 got = tree_leaves(fx.GraphModule(model, graph)(*xs))
             except Exception as e:
@@ -456,14 +475,27 @@ def _check_trace_computes_method(
     finally:
         for m, t in modes.items():
             m.training = t
-    worst = f"the traced copy raised {failed}" if failed else _difference(want, got)
-    if worst:
-        raise _Untraceable(
-            f"revify.convert: the torch.fx trace of {type(model).__name__}.{method} computes "
-            f"another value than the method itself on a random input ({worst}); most often an "
-            "in-place op on a tensor that has another name (y = x; x += f(x)), which torch.fx "
-            "records out of place. Write it out of place (x = x + f(x)) or convert a submodule"
-        )
+    return f"the traced copy raised {failed}" if failed else _difference(want, got)
+
+
+def _unit_program(module: nn.Module, h: Any) -> UnitProgram | None:
+    """``module``'s forward as code with direct submodule calls (NOTE [ Direct calls ] in
+    _direct.py), where its trace takes one code path in train and eval mode and computes what
+    the forward computes on a random input of ``h``'s shape (the unit's input node); else
+    None, and the unit calls the module."""
+    meta = h.meta.get("tensor_meta") if isinstance(h, fx.Node) else None
+    if meta is None or "forward" in module.__dict__ or len(required_args(module, "forward")) != 1:
+        return None
+    device = next(iter([*module.parameters(), *module.buffers()]), torch.empty(0)).device
+    example = torch.empty(meta.shape, dtype=meta.dtype, device=device)
+    try:
+        graph = _trace(module, "forward")
+        _check_training_independent(module, "forward", (), graph)
+    except _Untraceable:
+        return None
+    if _trace_difference(module, "forward", graph, None, (example,)) != "":
+        return None
+    return UnitProgram(module, GraphCode(graph))
 
 
 def _difference(want: list[Any], got: list[Any]) -> str:
@@ -534,7 +566,10 @@ def _make_stage(
             args, kwargs = fx.node.map_arg(
                 (u.side_args, u.side_kwargs), lambda n: _Attr(model, str(n.target))
             )
-            made.append(_ModuleUnit(path, model.get_submodule(path), args, kwargs))
+            module = model.get_submodule(path)
+            made.append(_ModuleUnit(path, module, args, kwargs))
+            if not args and not kwargs:
+                made[-1].program = _unit_program(module, u.entry)
             made[-1].pattern = _pattern(unit_modules[path])
             made[-1].copy_input = u.writes_input
             if u.writes_input:

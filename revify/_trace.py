@@ -16,6 +16,8 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import _direct
+
 __all__: list[str] = []
 
 _PREFIX = "root."
@@ -400,28 +402,53 @@ class GraphCode:
     """Python source generated from an fx graph, run as ``code(root, *inputs)``.
 
     Unlike an ``fx.GraphModule`` it registers no submodule (so ``state_dict`` keys stay as
-    they were) and it pickles: modules in the code's globals are stored by name.
+    they were) and it pickles: modules in the code's globals are stored by name. Where no hook
+    or compilation stands in the way, its module calls are direct ``forward`` calls (NOTE
+    [ Direct calls ] in _direct.py).
     """
 
     def __init__(self, graph: fx.Graph) -> None:
         code = graph.python_code(root_module="self")
         self.src = code.src
         self.globals = dict(code.globals)
-        self._fn = None
+        direct, paths = _direct.direct_graph(graph)
+        self.direct_src = direct.python_code(root_module="self").src if paths else None
+        self.callees = _direct.Callees(paths)
+        self._fn = self._direct = None
+
+    def _compile(self) -> None:
+        scope = dict(self.globals)
+        exec(compile(self.src, "<revify-generated>", "exec"), scope)  # noqa: S102
+        self._fn = scope["forward"]
+        if self.direct_src is not None:
+            scope = dict(self.globals)
+            exec(compile(self.direct_src, "<revify-generated>", "exec"), scope)  # noqa: S102
+            self._direct = scope["forward"]
 
     def __call__(self, root: nn.Module, *args: Any) -> Any:
         if self._fn is None:
-            scope = dict(self.globals)
-            exec(compile(self.src, "<revify-generated>", "exec"), scope)  # noqa: S102
-            self._fn = scope["forward"]
+            self._compile()
+        if self._direct is not None:
+            callees = self.callees.of(root)
+            if callees is not None:
+                return self._direct(root, *callees, *args)
         return self._fn(root, *args)
+
+    def run_direct(self, root: nn.Module, callees: Sequence[nn.Module], *args: Any) -> Any:
+        """The code with its module calls made on ``callees`` directly (``Callees.of``)."""
+        if self._fn is None:
+            self._compile()
+        if self._direct is None:
+            return self._fn(root, *args)
+        return self._direct(root, *callees, *args)
 
     def __getstate__(self) -> dict[str, Any]:
         globs = {
             k: ("__module__", v.__name__) if inspect.ismodule(v) else v
             for k, v in self.globals.items()
         }
-        return {"src": self.src, "globals": globs}
+        return {"src": self.src, "globals": globs, "direct_src": self.direct_src,
+                "callees": self.callees}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.src = state["src"]
@@ -431,4 +458,7 @@ class GraphCode:
             else v
             for k, v in state["globals"].items()
         }
-        self._fn = None
+        # pickled before direct calls: the ordinary code only
+        self.direct_src = state.get("direct_src")
+        self.callees = state.get("callees") or _direct.Callees([])
+        self._fn = self._direct = None

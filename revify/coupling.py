@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
 from . import _exact, _fsdp, _fused, _mode
+from ._direct import UnitProgram
 from ._replay import (
     MISMATCH_CAUSES,
     BufferSnapshot,
@@ -146,6 +147,9 @@ class _ModuleUnit(_BranchUnit):
     """
 
     subtract_input = True
+    # the module's forward as code with direct submodule calls, where conversion could check
+    # it (NOTE [ Direct calls ] in _direct.py); it calls the module itself where it must
+    program: UnitProgram | None = None
 
     def __init__(
         self, name: str, module: nn.Module, args: tuple = (), kwargs: dict | None = None
@@ -162,6 +166,8 @@ class _ModuleUnit(_BranchUnit):
 
     def raw(self, h: Tensor) -> Tensor:
         h = h.clone() if self.copy_input else h
+        if self.program is not None:
+            return self.program(self.module, h)
         if self._fixed is not None:
             args, kwargs = self._fixed
             return self.module(h, *args, **kwargs)
