@@ -488,10 +488,17 @@ def _unit_program(module: nn.Module, h: Any) -> UnitProgram | None:
         return None
     device = next(iter([*module.parameters(), *module.buffers()]), torch.empty(0)).device
     example = torch.empty(meta.shape, dtype=meta.dtype, device=device)
+    buffers = set(module._buffers)
     try:
         graph = _trace(module, "forward")
         _check_training_independent(module, "forward", (), graph)
     except _Untraceable:
+        return None
+    finally:
+        added = set(module._buffers) - buffers
+    if added:  # tensor constants the trace would keep as buffers: leave the module as it was
+        for name in added:
+            del module._buffers[name]
         return None
     if _trace_difference(module, "forward", graph, None, (example,)) != "":
         return None

@@ -223,3 +223,16 @@ def test_programs_survive_pickling_and_deepcopy(resnet):
         y2, g2 = step_grads(other, X, plain=False)
         torch.testing.assert_close(y2, y, rtol=0, atol=0)
         assert max_rel_err(g2, g) == 0.0
+
+
+class _ConstantBlock(_Block):
+    def forward(self, x):
+        return x + torch.tanh(self.conv(x)) * torch.tensor(0.5)
+
+
+def test_a_unit_with_a_tensor_constant_keeps_its_buffers():
+    torch.manual_seed(0)
+    model = revify.convert(_Net(_ConstantBlock, n=2).double(), X)
+    for unit in _units(model):
+        assert unit.program is None
+        assert not list(unit.module.buffers(recurse=False))
