@@ -70,33 +70,142 @@ def plain_calls(modules: Sequence[nn.Module]) -> bool:
     )
 
 
-def direct_graph(graph: fx.Graph) -> tuple[fx.Graph, list[str]]:
-    """A copy of ``graph`` whose module calls are ``forward`` calls on modules passed as its
-    first inputs, and the module paths, one per such input."""
+def direct_graph(
+    graph: fx.Graph, root: nn.Module | None = None, programs: dict[str, Any] | None = None,
+) -> tuple[fx.Graph, list[str], frozenset[int], list[Any]]:
+    """A copy of ``graph`` whose module calls are direct, on modules passed as its first
+    inputs: ``forward`` calls, a function of ours for torch.nn BatchNorms, Conv2d and Linear
+    (``_FUNCTIONS``, found on ``root``), and for a module with one of ``programs`` (by path),
+    that :class:`UnitProgram`, passed in after the modules. Returns the graph, the module paths
+    (one per module input), the functions by position among them, and ``(path, program)`` per
+    program input."""
+    programs = programs or {}
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     calls = [n for n in graph.nodes if n.op == "call_module"]
     paths = list(dict.fromkeys(str(n.target) for n in calls))
     module_inputs = {p: g.placeholder(f"m{i}_{p.replace('.', '_')}") for i, p in enumerate(paths)}
+    used = [p for p in paths if p in programs]
+    program_inputs = {p: g.placeholder(f"p{i}_{p.replace('.', '_')}") for i, p in enumerate(used)}
+    functions = {
+        i: _FUNCTIONS[type(m)] for i, p in enumerate(paths)
+        if root is not None and type(m := root.get_submodule(p)) in _FUNCTIONS
+    }
+    called: dict[int, Any] = {}
     for n in graph.nodes:
         if n.op == "call_module":
+            path = str(n.target)
             args = fx.node.map_arg(n.args, env.__getitem__)
             kwargs = fx.node.map_arg(n.kwargs, env.__getitem__)
-            env[n] = g.call_method("forward", (module_inputs[str(n.target)], *args), kwargs)
+            m = module_inputs[path]
+            one_input = len(args) == 1 and not kwargs
+            i = paths.index(path)
+            if i in functions and one_input:
+                env[n] = g.call_function(functions[i], (m, *args))
+                called[i] = functions[i]
+            elif path in program_inputs and one_input:
+                env[n] = g.call_method("__call__", (program_inputs[path], m, *args))
+            else:
+                env[n] = g.call_method("forward", (m, *args), kwargs)
             env[n].meta = dict(n.meta)
         else:
             env[n] = g.node_copy(n, env.__getitem__)
-    return g, paths
+    return g, paths, called, [(p, programs[p]) for p in used]
+
+
+# NOTE [ Direct BatchNorm ]
+# BatchNorm is a third of a ResNet's module calls, and its Python is the longest: forward,
+# F.batch_norm, _verify_batch_size and eight nn.Module.__getattr__ lookups, ~150 bytecodes a
+# call (ResNet-50: ~16k a step, half of them in recomputes). batch_norm below is what
+# _BatchNorm.forward and F.batch_norm do (torch 2.14) for torch.nn's own BatchNorm1d/2d/3d,
+# reading the module's tables directly (~50 bytecodes). Everything unusual goes to the module's
+# own forward before anything is written: an instance-level forward, a wrong input rank, tensors
+# with __torch_function__ (F.batch_norm hands those on), a batch of one value per channel or an
+# eps <= 0 (the errors F.batch_norm raises). tests/test_direct.py compares it with the module's
+# forward, output and buffers bit for bit, over train/eval, tracked or not, momentum or
+# cumulative averages, affine or not, and running statistics or none.
+
+_BATCH_NORM_DIMS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
+_has_torch_function = torch._C._has_torch_function_variadic
+_cudnn_enabled = torch._C._get_cudnn_enabled
+
+
+def batch_norm(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``m.forward(x)`` for a torch.nn BatchNorm1d/2d/3d ``m`` (NOTE [ Direct BatchNorm ])."""
+    d = m.__dict__
+    buffers, params = d["_buffers"], d["_parameters"]
+    try:  # a tensor moved out of its table (functional_call, weight surgery): as the module
+        mean, var, weight, bias = (
+            buffers["running_mean"], buffers["running_var"], params["weight"], params["bias"]
+        )
+    except KeyError:
+        return m.forward(x)
+    training, eps = d["training"], d["eps"]
+    use_batch = training or (mean is None and var is None)
+    if (
+        "forward" in d
+        or eps <= 0.0
+        or x.ndim not in _BATCH_NORM_DIMS[type(m)]
+        or _has_torch_function(x, mean, var, weight, bias)
+        or use_batch and x.numel() == x.shape[1]
+    ):
+        return m.forward(x)
+    momentum = d["momentum"]
+    factor = 0.0 if momentum is None else momentum
+    if training:
+        if d["track_running_stats"]:
+            count = buffers["num_batches_tracked"]
+            if count is not None:
+                count.add_(1)
+                if momentum is None:  # cumulative moving average
+                    factor = 1.0 / float(count)
+        else:  # statistics not tracked: none updated
+            mean = var = None
+    return torch.batch_norm(x, weight, bias, mean, var, use_batch, factor, eps, _cudnn_enabled())
+
+
+def conv2d(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``m.forward(x)`` for a torch.nn Conv2d ``m``: ``F.conv2d`` (``torch.conv2d``) on its
+    tables' tensors, as ``Conv2d._conv_forward`` calls it with zero padding; any other padding
+    mode, an instance-level forward or a weight outside its table goes to ``m.forward``."""
+    d = m.__dict__
+    p = d["_parameters"]
+    if "forward" in d or d["padding_mode"] != "zeros" or "weight" not in p or "bias" not in p:
+        return m.forward(x)
+    return torch.conv2d(x, p["weight"], p["bias"], d["stride"], d["padding"], d["dilation"],
+                        d["groups"])
+
+
+def linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``m.forward(x)`` for a torch.nn Linear ``m``: ``F.linear`` on its tables' tensors."""
+    d = m.__dict__
+    p = d["_parameters"]
+    if "forward" in d or "weight" not in p or "bias" not in p:
+        return m.forward(x)
+    return _linear(x, p["weight"], p["bias"])
+
+
+_linear = torch._C._nn.linear  # F.linear itself
+# the torch.nn classes whose calls are made by a function of ours (exact classes: a subclass
+# may override forward)
+_FUNCTIONS = {
+    nn.BatchNorm1d: batch_norm, nn.BatchNorm2d: batch_norm, nn.BatchNorm3d: batch_norm,
+    nn.Conv2d: conv2d, nn.Linear: linear,
+}
 
 
 class Callees:
     """The modules a direct graph calls, found by path from its root and kept until a module,
     parameter or buffer is registered anywhere (NOTE [ Direct calls ])."""
 
-    __slots__ = ("paths", "called_root", "_found")
+    __slots__ = ("paths", "functions", "programs", "called_root", "_found")
 
-    def __init__(self, paths: Sequence[str], called_root: bool = False) -> None:
+    def __init__(self, paths: Sequence[str], functions: dict[int, Any] | None = None,
+                 programs: Sequence[Any] = (), called_root: bool = False) -> None:
         self.paths = list(paths)
+        # positions called by a function of ours (_FUNCTIONS): their classes must still be its
+        self.functions = dict(functions or {})
+        self.programs = list(programs)  # (path, program), passed after the modules
         self.called_root = called_root  # the root is called too (checked, not passed)
         # (epoch, root, the modules, the modules checked at each call) when last found
         self._found: tuple[int, nn.Module, list[nn.Module] | None, list[nn.Module]] | None = None
@@ -109,6 +218,12 @@ class Callees:
         modules = found[2]
         return modules if modules is not None and plain_calls(found[3]) else None
 
+    def found(self, root: nn.Module) -> tuple[list[nn.Module] | None, list[nn.Module]]:
+        """The modules to pass (None: they cannot be called directly) and those to check at each
+        call, found by path on ``root`` now."""
+        found = self._find(root)
+        return found[2], found[3]
+
     def _find(self, root: nn.Module) -> tuple[int, nn.Module, list[nn.Module] | None, list]:
         _replay._install_hooks()  # before caching: a hit then implies the epoch moves
         try:
@@ -116,20 +231,30 @@ class Callees:
         except AttributeError:  # a path gone: the ordinary code raises as it would have
             modules = None
         checked = [root, *(modules or [])] if self.called_root else list(modules or [])
-        if any(type(m).__call__ is not _MODULE_CALL for m in checked):
+        if any(type(m).__call__ is not _MODULE_CALL for m in checked) or (
+            modules is not None
+            and any(_FUNCTIONS.get(type(modules[i])) is not f for i, f in self.functions.items())
+        ):
             modules = None
-        self._found = (_replay._EPOCH[0], root, modules, checked)
+        passed = None if modules is None else [*modules, *(p for _, p in self.programs)]
+        self._found = (_replay._EPOCH[0], root, passed, checked)
         return self._found
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"paths": self.paths, "called_root": self.called_root}
+        return {"paths": self.paths, "functions": self.functions, "programs": self.programs,
+                "called_root": self.called_root}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.paths, self.called_root = state["paths"], state.get("called_root", False)
+        self.paths, self.functions = state["paths"], state.get("functions", {})
+        self.programs = state.get("programs", [])
+        self.called_root = state.get("called_root", False)
         self._found = None
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Callees:
-        return Callees(self.paths, self.called_root)
+        import copy
+
+        programs = copy.deepcopy(self.programs, memo)
+        return Callees(self.paths, self.functions, programs, self.called_root)
 
 
 def _structure(module: nn.Module) -> list[tuple[str, type | None]]:
@@ -158,28 +283,33 @@ class UnitProgram:
         code.callees.called_root = True  # the program stands for the module's own call
         self.forward = type(module).forward
         self.structure = _structure(module)
-        # (epoch, module, whether its structure is the traced one), for the last module checked
-        self._checked: tuple[int, Any, bool] = (-1, None, False)
+        # for the last module seen: (epoch, module, the code's function and the modules to
+        # pass it, or None where the structure is not the traced one, the modules to check)
+        self._checked: tuple[int, Any, Any, list[nn.Module] | None, list[nn.Module]] = (
+            -1, None, None, None, [])
 
     def __call__(self, module: nn.Module, h: torch.Tensor) -> Any:
         checked = self._checked
         if checked[0] != _replay._EPOCH[0] or checked[1] is not module:
             checked = self._check(module)
-        if checked[2] and "forward" not in module.__dict__:
-            callees = self.code.callees.of(module)
-            if callees is not None:
-                return self.code.run_direct(module, callees, h)
+        passed = checked[3]
+        if passed is not None and "forward" not in module.__dict__ and plain_calls(checked[4]):
+            return checked[2](module, *passed, h)
         return _MODULE_CALL(module, h)
 
     def prime(self, module: nn.Module) -> None:
-        """Check ``module`` and find its callees now, not at the next call."""
+        """Check ``module`` and find its callees now, not at the next call (and so for the
+        programs of its submodules)."""
         self._check(module)
-        self.code.callees.of(module)
+        for path, program in self.code.callees.programs:
+            program.prime(module.get_submodule(path))
 
-    def _check(self, module: nn.Module) -> tuple[int, Any, bool]:
+    def _check(self, module: nn.Module) -> tuple[int, Any, Any, list[nn.Module] | None, list]:
         _replay._install_hooks()  # before caching: a hit then implies the epoch moves
-        same = type(module).forward is self.forward and _structure(module) == self.structure
-        self._checked = (_replay._EPOCH[0], module, same)
+        fn, passed, checked = self.code.direct(module)
+        if type(module).forward is not self.forward or _structure(module) != self.structure:
+            passed = None
+        self._checked = (_replay._EPOCH[0], module, fn, passed, checked)
         return self._checked
 
     def __getstate__(self) -> dict[str, Any]:
@@ -187,7 +317,7 @@ class UnitProgram:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._checked = (-1, None, False)
+        self._checked = (-1, None, None, None, [])
 
     def __deepcopy__(self, memo: dict[int, Any]) -> UnitProgram:
         import copy
@@ -207,3 +337,5 @@ def prime(holder: Any) -> None:
         callees = getattr(code, "callees", None)
         if callees is not None and root is not None:
             callees.of(root)
+            for path, program in callees.programs:
+                program.prime(root.get_submodule(path))

@@ -358,6 +358,8 @@ def _install(model: nn.Module, plan: Plan, record: bool = False, container: bool
     for holder in [*(u for st in plan.stages for u in st.units), *plan.segments]:
         slots_of(holder)
         _direct.prime(holder)
+    # the anchors are where they were just found (NOTE [ Structure changed after convert ])
+    plan.checked_epoch = _EPOCH[0]
 
 
 class _NotScriptable:

@@ -480,18 +480,24 @@ def _trace_difference(
 
 def _unit_program(module: nn.Module, h: Any) -> UnitProgram | None:
     """``module``'s forward as code with direct submodule calls (NOTE [ Direct calls ] in
-    _direct.py), where its trace takes one code path in train and eval mode and computes what
-    the forward computes on a random input of ``h``'s shape (the unit's input node); else
-    None, and the unit calls the module."""
-    meta = h.meta.get("tensor_meta") if isinstance(h, fx.Node) else None
-    if meta is None or "forward" in module.__dict__ or len(required_args(module, "forward")) != 1:
+    _direct.py), where its trace takes one code path in train and eval mode, computes what the
+    forward computes on a random input of ``h``'s shape (the unit's input node, or a tensor) and
+    the forward sets none of the module's own attributes or buffers; else None, and the unit
+    calls the module. Its submodules with submodules of their own get programs the same way."""
+    if isinstance(h, fx.Node):
+        meta = h.meta.get("tensor_meta")
+        if meta is None:
+            return None
+        device = next(iter([*module.parameters(), *module.buffers()]), torch.empty(0)).device
+        h = torch.empty(meta.shape, dtype=meta.dtype, device=device)
+    if (not isinstance(h, Tensor) or not h.is_floating_point() or "forward" in module.__dict__
+            or len(required_args(module, "forward")) != 1 or _changes_itself(module, h)):
         return None
-    device = next(iter([*module.parameters(), *module.buffers()]), torch.empty(0)).device
-    example = torch.empty(meta.shape, dtype=meta.dtype, device=device)
     buffers = set(module._buffers)
+    children = list(module.modules())[1:]  # each runs its own forward, as called
     try:
-        graph = _trace(module, "forward")
-        _check_training_independent(module, "forward", (), graph)
+        graph = _trace(module, "forward", children)
+        _check_training_independent(module, "forward", children, graph)
     except _Untraceable:
         return None
     finally:
@@ -500,9 +506,96 @@ def _unit_program(module: nn.Module, h: Any) -> UnitProgram | None:
         for name in added:
             del module._buffers[name]
         return None
-    if _trace_difference(module, "forward", graph, None, (example,)) != "":
+    if _trace_difference(module, "forward", graph, None, (h,)) != "":
         return None
-    return UnitProgram(module, GraphCode(graph))
+    programs = {}
+    for path, x in _inputs_of_calls(module, graph, h).items():
+        child = module.get_submodule(path)
+        if child._modules:
+            program = _unit_program(child, x)
+            if program is not None:
+                programs[path] = program
+    return UnitProgram(module, GraphCode(graph, module, programs))
+
+
+def _inputs_of_calls(module: nn.Module, graph: fx.Graph, example: Tensor) -> dict[str, Tensor]:
+    """By path, an empty tensor like the input of each submodule that ``graph`` calls with one
+    argument, seen in one eager call of ``module`` on a random input like ``example``."""
+    paths = {str(n.target) for n in graph.nodes
+             if n.op == "call_module" and len(n.args) == 1 and not n.kwargs}
+    seen: dict[str, Tensor] = {}
+
+    def hook(path: str) -> Any:
+        def record(_: nn.Module, args: tuple[Any, ...]) -> None:
+            if len(args) == 1 and isinstance(args[0], Tensor):
+                seen.setdefault(path, torch.empty_like(args[0]))
+        return record
+
+    handles = [module.get_submodule(p).register_forward_pre_hook(hook(p)) for p in paths]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(example.shape, generator=gen, dtype=example.dtype).to(example.device)
+    modes = {m: m.training for m in module.modules()}
+    devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    try:
+        module.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), buffers_kept(module):
+            module(x)
+    except Exception:  # noqa: BLE001 - checked before: nothing seen, no programs
+        return {}
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, t in modes.items():
+            m.training = t
+    return seen
+
+
+def _changes_itself(module: nn.Module, example: Tensor) -> bool:
+    """Whether ``module``'s forward, on a random input like ``example`` in train or eval mode,
+    sets one of its own attributes or writes one of its own buffers (its submodules' are theirs):
+    a trace of it would do that once, when traced, not at every call. Everything is put back."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(example.shape, generator=gen, dtype=example.dtype).to(example.device)
+    modes = {m: m.training for m in module.modules()}
+    attrs = dict(module.__dict__)
+    own = [(k, b, b._version) for k, b in module._buffers.items() if b is not None]
+    devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), buffers_kept(module):
+            for train in (True, False):
+                module.train(train)
+                try:
+                    module(x)
+                except Exception:  # noqa: BLE001 - not checkable: no program
+                    return True
+                now = module.__dict__
+                if now.keys() != attrs.keys() or any(
+                    now[k] is not v for k, v in attrs.items() if k != "training"
+                ) or any(module._buffers.get(k) is not b or b._version != v for k, b, v in own):
+                    return True
+        return False
+    finally:
+        for k in [k for k in module.__dict__ if k not in attrs]:
+            del module.__dict__[k]
+        module.__dict__.update(attrs)
+        for m, t in modes.items():
+            m.training = t
+
+
+def _programs(model: nn.Module, nodes: Sequence[fx.Node]) -> dict[str, UnitProgram]:
+    """By path, the :func:`_unit_program` of each module with submodules that ``nodes`` call
+    with one input (a segment's transition blocks)."""
+    out: dict[str, UnitProgram] = {}
+    for n in nodes:
+        path = str(n.target)
+        if n.op != "call_module" or path in out or len(n.args) != 1 or n.kwargs:
+            continue
+        module = model.get_submodule(path)
+        if module._modules:
+            program = _unit_program(module, n.args[0])
+            if program is not None:
+                out[path] = program
+    return out
 
 
 def _difference(want: list[Any], got: list[Any]) -> str:
@@ -604,7 +697,7 @@ def _make_stage(
             nodes = r.region + (r.skip[::-1] + [r.add] if whole else [])
             nodes += [r.post] if r.post is not None else []
             out = r.exit if whole else r.branch
-            code = GraphCode(extract(nodes, [r.entry], [out]))
+            code = GraphCode(extract(nodes, [r.entry], [out]), model)
             modules, reads = _params_of(model, nodes)
             made.append(_GraphUnit(name, code, model, modules, reads, subtract_input=whole))
             made[-1].copy_input = u.writes_input
@@ -773,14 +866,18 @@ def _make_segment(
         )
         report.append(ReportLine(name, "unchanged", f"{detail} ({why})"))
     calls = [str(n.target) for n in nodes if n.op == "call_module"]
-    code = GraphCode(extract(nodes, ins, outs))
+    programs = _programs(model, nodes)
+    code = GraphCode(extract(nodes, ins, outs), model, programs)
     pieces: list[Any] | None = None
     if checkpointable:
         # NOTE [ Segment pieces ]: of the cuts at blocks and those also at whole blocks called
         # from the traced module, the ones whose simulated backward peak is lower
         options = [_piece_cuts(model, nodes, ins, outs, whole_blocks=w) for w in (False, True)]
-        made = [[GraphCode(extract(*cut)) for cut in cuts] if len(cuts) > 1 else None
-                for cuts in options]
+        made = [
+            [GraphCode(extract(*cut), model, programs) for cut in cuts] if len(cuts) > 1
+            else None
+            for cuts in options
+        ]
         pieces = made[0]
         if len(options[1]) > len(options[0]):
             peaks = [_segment_peak(model, code, p, modules, reads, ins) for p in made]

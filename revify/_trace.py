@@ -407,13 +407,19 @@ class GraphCode:
     [ Direct calls ] in _direct.py).
     """
 
-    def __init__(self, graph: fx.Graph) -> None:
+    def __init__(self, graph: fx.Graph, root: nn.Module | None = None,
+                 programs: dict[str, Any] | None = None) -> None:
         code = graph.python_code(root_module="self")
         self.src = code.src
         self.globals = dict(code.globals)
-        direct, paths = _direct.direct_graph(graph)
-        self.direct_src = direct.python_code(root_module="self").src if paths else None
-        self.callees = _direct.Callees(paths)
+        # ``root``: the module the code will run on, to find its BatchNorms; ``programs``: the
+        # UnitPrograms of modules it calls, by path (_direct.py)
+        direct, paths, functions, used = _direct.direct_graph(graph, root, programs)
+        self.direct_src = self.direct_globals = None
+        if paths:
+            direct_code = direct.python_code(root_module="self")
+            self.direct_src, self.direct_globals = direct_code.src, dict(direct_code.globals)
+        self.callees = _direct.Callees(paths, functions, used)
         self._fn = self._direct = None
 
     def _compile(self) -> None:
@@ -421,7 +427,7 @@ class GraphCode:
         exec(compile(self.src, "<revify-generated>", "exec"), scope)  # noqa: S102
         self._fn = scope["forward"]
         if self.direct_src is not None:
-            scope = dict(self.globals)
+            scope = dict(self.direct_globals)
             exec(compile(self.direct_src, "<revify-generated>", "exec"), scope)  # noqa: S102
             self._direct = scope["forward"]
 
@@ -434,31 +440,42 @@ class GraphCode:
                 return self._direct(root, *callees, *args)
         return self._fn(root, *args)
 
-    def run_direct(self, root: nn.Module, callees: Sequence[nn.Module], *args: Any) -> Any:
-        """The code with its module calls made on ``callees`` directly (``Callees.of``)."""
+    def direct(self, root: nn.Module) -> tuple[Any, list[Any] | None, list[nn.Module]]:
+        """For running on ``root`` with direct module calls: the function, what to pass it
+        before the inputs (None: the calls cannot be direct) and the modules whose calls
+        ``_direct.plain_calls`` must allow at each call."""
         if self._fn is None:
             self._compile()
         if self._direct is None:
-            return self._fn(root, *args)
-        return self._direct(root, *callees, *args)
+            return (lambda root, *args: self._fn(root, *args)), [], [root]
+        passed, checked = self.callees.found(root)
+        return self._direct, passed, checked
 
     def __getstate__(self) -> dict[str, Any]:
-        globs = {
-            k: ("__module__", v.__name__) if inspect.ismodule(v) else v
-            for k, v in self.globals.items()
-        }
-        return {"src": self.src, "globals": globs, "direct_src": self.direct_src,
+        return {"src": self.src, "globals": _by_name(self.globals),
+                "direct_src": self.direct_src,
+                "direct_globals": _by_name(self.direct_globals or {}),
                 "callees": self.callees}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.src = state["src"]
-        self.globals = {
-            k: importlib.import_module(v[1])
-            if isinstance(v, tuple) and len(v) == 2 and v[0] == "__module__"
-            else v
-            for k, v in state["globals"].items()
-        }
+        self.globals = _from_names(state["globals"])
         # pickled before direct calls: the ordinary code only
         self.direct_src = state.get("direct_src")
+        self.direct_globals = _from_names(state.get("direct_globals") or {})
         self.callees = state.get("callees") or _direct.Callees([])
         self._fn = self._direct = None
+
+
+def _by_name(globs: dict[str, Any]) -> dict[str, Any]:
+    """Generated code's globals with Python modules replaced by their names (for pickling)."""
+    return {k: ("__module__", v.__name__) if inspect.ismodule(v) else v for k, v in globs.items()}
+
+
+def _from_names(globs: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: importlib.import_module(v[1])
+        if isinstance(v, tuple) and len(v) == 2 and v[0] == "__module__"
+        else v
+        for k, v in globs.items()
+    }

@@ -63,6 +63,10 @@ def test_units_run_as_programs_with_the_modules_values_and_gradients(resnet):
     original, model = resnet
     units = _units(model)
     assert units and all(u.program is not None for u in units)
+    # the transition block layer2.0 runs in a checkpointed segment, as a program too
+    plan = model.__dict__["_revify_plan"]
+    transition = [seg for seg in plan.segments if seg.name.startswith("layer1 -> layer2")]
+    assert transition and [p for p, _ in transition[0].code.callees.programs] == ["layer2.0"]
     y, g = step_grads(model, X, plain=False)
     y_ref, g_ref = step_grads(_without_programs(model), X, plain=False)
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
@@ -84,7 +88,7 @@ def test_direct_calls_skip_module_call_machinery(resnet):
     assert fewer < more - 10 * len(_units(model))
 
 
-@pytest.mark.parametrize("where", ["submodule", "unit", "global"])
+@pytest.mark.parametrize("where", ["submodule", "unit", "transition", "global"])
 def test_hooks_run_as_they_would_without_direct_calls(resnet, where):
     _, converted = resnet
     counts = []
@@ -98,6 +102,8 @@ def test_hooks_run_as_they_would_without_direct_calls(resnet, where):
             handle = unit.conv1.register_forward_hook(hook)
         elif where == "unit":
             handle = unit.register_forward_hook(hook)
+        elif where == "transition":  # in a checkpointed segment, run as a program
+            handle = model.layer2[0].conv2.register_forward_hook(hook)
         else:
             handle = nn.modules.module.register_module_forward_hook(hook)
         try:
@@ -236,3 +242,50 @@ def test_a_unit_with_a_tensor_constant_keeps_its_buffers():
     for unit in _units(model):
         assert unit.program is None
         assert not list(unit.module.buffers(recurse=False))
+
+
+@pytest.mark.parametrize("kind", [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("track", [True, False, "frozen", "dropped"])
+def test_direct_batch_norm_is_the_modules_forward(kind, training, momentum, affine, track):
+    """NOTE [ Direct BatchNorm ]: output and every buffer bit for bit, over the options."""
+    from revify._direct import batch_norm
+
+    torch.manual_seed(0)
+    m = kind(3, momentum=momentum, affine=affine, track_running_stats=track is not False)
+    if affine:
+        with torch.no_grad():
+            m.weight.normal_()
+            m.bias.normal_()
+    if track == "frozen":  # revify's recompute: running statistics switched off
+        object.__setattr__(m, "track_running_stats", False)
+    if track == "dropped":  # statistics removed after construction (eval uses batch stats)
+        m.running_mean = m.running_var = None
+    m.train(training)
+    shape = {nn.BatchNorm1d: (4, 3, 5), nn.BatchNorm2d: (4, 3, 5, 5),
+             nn.BatchNorm3d: (2, 3, 2, 3, 3)}[kind]
+    x = torch.randn(shape, dtype=torch.float64).requires_grad_()
+    m = m.double()
+    other = copy.deepcopy(m)
+    for _ in range(2):  # twice: the cumulative average reads the count the first call wrote
+        got, want = batch_norm(m, x), other.forward(x)
+        assert torch.equal(got, want)
+        for (name, a), (_, b) in zip(m.named_buffers(), other.named_buffers(), strict=True):
+            assert torch.equal(a, b), name
+    g = torch.randn_like(got)
+    assert torch.equal(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0])
+
+
+def test_direct_batch_norm_raises_as_the_module_does():
+    from revify._direct import batch_norm
+
+    m, other = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+    for x, match in ((torch.randn(1, 3, 1, 1), "Expected more than 1 value per channel"),
+                     (torch.randn(2, 3, 4), "expected 4D input")):
+        with pytest.raises(ValueError, match=match):
+            batch_norm(m, x)
+        with pytest.raises(ValueError, match=match):
+            other(x)
+        assert int(m.num_batches_tracked) == int(other.num_batches_tracked)  # written once
