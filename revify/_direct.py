@@ -38,13 +38,19 @@ __all__: list[str] = []
 # anywhere (NOTE [ Slot cache ] in _replay.py), so one replaced after conversion is called, as
 # the traced code's attribute lookups would call it.
 #
-# A whole-module unit (a timm Bottleneck) is traced on its own for this (UnitProgram): its
-# forward becomes generated code whose submodule calls are direct. That trace freezes what the
+# A whole-module unit (a timm Bottleneck), a compound module a segment calls (a transition
+# block) and, inside those, each submodule that has submodules, are traced on their own for this
+# (UnitProgram), one level deep: the module's own forward becomes generated code, and every
+# submodule it calls runs its own forward (or its own program). That trace freezes what the
 # trunk's trace freezes (Python branches on attributes, which submodules are None), so it is
-# made only where the eager forward can be checked against it at conversion (_plan.py:
-# the same value on a random input, the same code in train and eval mode), and the modules it
-# calls must keep their classes and the submodules that were None stay None: else the unit runs
-# its own forward, as before.
+# made only where conversion can check it (_plan._unit_program): the same value as the eager
+# forward on a random input, the same code in train and eval mode, no tensor constant kept, and
+# a forward that sets none of the module's own attributes or buffers (a trace would do that
+# once, at tracing). At every call the program also needs the module's class, its forward and
+# every submodule slot (class, or None) as traced: else the module is called, as before. torch.nn
+# BatchNorm, Conv2d and Linear are called by functions of ours (NOTE [ Direct BatchNorm ]).
+# Measured (the shared tool, bf16, batch 64): ResNet-50 168.7k -> 115.0k bytecodes a step,
+# 48.0 -> 44.5 ms; ResNet-152 139.0 -> 128.4 ms.
 
 _HOOK_STATE = operator.attrgetter(
     "_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks",
