@@ -224,6 +224,12 @@ class Callees:
         modules = found[2]
         return modules if modules is not None and plain_calls(found[3]) else None
 
+    def prime(self, root: nn.Module) -> None:
+        """Find the modules on ``root`` now, and prime the programs among them."""
+        self._find(root)
+        for path, program in self.programs:
+            program.prime(root.get_submodule(path))
+
     def found(self, root: nn.Module) -> tuple[list[nn.Module] | None, list[nn.Module]]:
         """The modules to pass (None: they cannot be called directly) and those to check at each
         call, found by path on ``root`` now."""
@@ -307,8 +313,7 @@ class UnitProgram:
         """Check ``module`` and find its callees now, not at the next call (and so for the
         programs of its submodules)."""
         self._check(module)
-        for path, program in self.code.callees.programs:
-            program.prime(module.get_submodule(path))
+        self.code.callees.prime(module)
 
     def _check(self, module: nn.Module) -> tuple[int, Any, Any, list[nn.Module] | None, list]:
         _replay._install_hooks()  # before caching: a hit then implies the epoch moves
@@ -342,6 +347,4 @@ def prime(holder: Any) -> None:
     for code in [getattr(holder, "code", None), *getattr(holder, "pieces", ())]:
         callees = getattr(code, "callees", None)
         if callees is not None and root is not None:
-            callees.of(root)
-            for path, program in callees.programs:
-                program.prime(root.get_submodule(path))
+            callees.prime(root)

@@ -18,8 +18,9 @@ was decided for every residual; ``_install.py`` then makes the model run it.
 
 from __future__ import annotations
 
+import contextlib
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,7 @@ from ._trace import (
     required_args,
     tensor_shape,
     trace_method,
+    training_kept,
 )
 from .checkpoint import Segment
 from .coupling import ReversibleStage, _Attr, _BranchUnit, _GraphUnit, _ModuleUnit, _Reads
@@ -394,13 +396,9 @@ def _check_training_independent(
     spec: tuple[list[str], dict[str, Any]] | None = None,
 ) -> None:
     """Tracing freezes Python branches on ``self.training``: refuse if train and eval differ."""
-    modes = {m: m.training for m in model.modules()}
-    try:
+    with training_kept(model):
         model.train(not model.training)
         other = _trace(model, method, leaves, spec)
-    finally:
-        for m, t in modes.items():
-            m.training = t
     if other.python_code("self").src != graph.python_code("self").src:
         raise _Untraceable(
             f"revify.convert: {type(model).__name__}.{method} takes different code paths in "
@@ -448,33 +446,23 @@ def _trace_difference(
     shapes of ``inputs`` ("" where it agrees), or None where that cannot be checked: meta or
     fake tensors, or a method that raises or gives two values on the same input."""
     state = [*model.parameters(), *model.buffers()]
-    tensors = [a for a in inputs if isinstance(a, Tensor)]
-    if any(t.is_meta or is_fake(t) for t in state + tensors):
+    if any(t.is_meta or is_fake(t) for t in state + [a for a in inputs if isinstance(a, Tensor)]):
         return None
-    gen = torch.Generator().manual_seed(0)
-    xs = [torch.randn(a.shape, generator=gen, dtype=a.dtype).to(a.device)
-          if isinstance(a, Tensor) and a.is_floating_point() else a for a in inputs]
-    devices = sorted({t.device.index or 0 for t in state + tensors if t.device.type == "cuda"})
-    modes = {m: m.training for m in model.modules()}
     entry = method_entry(model, method, spec)
     failed = None
-    try:
+    with _probing(model, inputs) as xs:
         model.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=devices), buffers_kept(model):
-            try:
-                want = tree_leaves(entry(*xs))
-                again = tree_leaves(entry(*xs))
-            except Exception:  # the method itself fails on a random input: no reference
-                return None
-            if _difference(want, again):  # it gives another value when called again: neither
-                return None
-            try:
-                got = tree_leaves(fx.GraphModule(model, graph)(*xs))
-            except Exception as e:
-                failed = f"{type(e).__name__}: {e}"
-    finally:
-        for m, t in modes.items():
-            m.training = t
+        try:
+            want = tree_leaves(entry(*xs))
+            again = tree_leaves(entry(*xs))
+        except Exception:  # the method itself fails on a random input: no reference
+            return None
+        if _difference(want, again):  # it gives another value when called again: neither
+            return None
+        try:
+            got = tree_leaves(fx.GraphModule(model, graph)(*xs))
+        except Exception as e:
+            failed = f"{type(e).__name__}: {e}"
     return f"the traced copy raised {failed}" if failed else _difference(want, got)
 
 
@@ -491,7 +479,10 @@ def _unit_program(module: nn.Module, h: Any) -> UnitProgram | None:
         device = next(iter([*module.parameters(), *module.buffers()]), torch.empty(0)).device
         h = torch.empty(meta.shape, dtype=meta.dtype, device=device)
     if (not isinstance(h, Tensor) or not h.is_floating_point() or "forward" in module.__dict__
-            or len(required_args(module, "forward")) != 1 or _changes_itself(module, h)):
+            or len(required_args(module, "forward")) != 1):
+        return None
+    inputs = _eager_inputs(module, h)  # of its children; None where it changes itself
+    if inputs is None:
         return None
     buffers = set(module._buffers)
     children = list(module.modules())[1:]  # each runs its own forward, as called
@@ -509,77 +500,70 @@ def _unit_program(module: nn.Module, h: Any) -> UnitProgram | None:
     if _trace_difference(module, "forward", graph, None, (h,)) != "":
         return None
     programs = {}
-    for path, x in _inputs_of_calls(module, graph, h).items():
-        child = module.get_submodule(path)
-        if child._modules:
-            program = _unit_program(child, x)
+    for n in graph.nodes:  # its children with children of their own, called with one input
+        path = str(n.target)
+        if (n.op == "call_module" and path in inputs and len(n.args) == 1 and not n.kwargs
+                and path not in programs and module.get_submodule(path)._modules):
+            program = _unit_program(module.get_submodule(path), inputs[path])
             if program is not None:
                 programs[path] = program
     return UnitProgram(module, GraphCode(graph, module, programs))
 
 
-def _inputs_of_calls(module: nn.Module, graph: fx.Graph, example: Tensor) -> dict[str, Tensor]:
-    """By path, an empty tensor like the input of each submodule that ``graph`` calls with one
-    argument, seen in one eager call of ``module`` on a random input like ``example``."""
-    paths = {str(n.target) for n in graph.nodes
-             if n.op == "call_module" and len(n.args) == 1 and not n.kwargs}
-    seen: dict[str, Tensor] = {}
-
-    def hook(path: str) -> Any:
-        def record(_: nn.Module, args: tuple[Any, ...]) -> None:
-            if len(args) == 1 and isinstance(args[0], Tensor):
-                seen.setdefault(path, torch.empty_like(args[0]))
-        return record
-
-    handles = [module.get_submodule(p).register_forward_pre_hook(hook(p)) for p in paths]
+@contextlib.contextmanager
+def _probing(model: nn.Module, inputs: Sequence[Any]) -> Iterator[list[Any]]:
+    """Random inputs like ``inputs`` (seeded normal values for floating-point tensors, the rest
+    as given), for calls of ``model`` that leave nothing changed: no grad, and the global RNG,
+    the buffers and every training flag put back afterwards."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(example.shape, generator=gen, dtype=example.dtype).to(example.device)
-    modes = {m: m.training for m in module.modules()}
-    devices = [x.device.index or 0] if x.device.type == "cuda" else []
-    try:
-        module.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=devices), buffers_kept(module):
-            module(x)
-    except Exception:  # noqa: BLE001 - checked before: nothing seen, no programs
-        return {}
-    finally:
-        for handle in handles:
-            handle.remove()
-        for m, t in modes.items():
-            m.training = t
-    return seen
+    xs = [torch.randn(a.shape, generator=gen, dtype=a.dtype).to(a.device)
+          if isinstance(a, Tensor) and a.is_floating_point() else a for a in inputs]
+    tensors = [*model.parameters(), *model.buffers(), *(a for a in xs if isinstance(a, Tensor))]
+    devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+    with training_kept(model), torch.no_grad(), torch.random.fork_rng(devices=devices), \
+            buffers_kept(model):
+        yield xs
 
 
-def _changes_itself(module: nn.Module, example: Tensor) -> bool:
-    """Whether ``module``'s forward, on a random input like ``example`` in train or eval mode,
-    sets one of its own attributes or writes one of its own buffers (its submodules' are theirs):
-    a trace of it would do that once, when traced, not at every call. Everything is put back."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(example.shape, generator=gen, dtype=example.dtype).to(example.device)
-    modes = {m: m.training for m in module.modules()}
+def _eager_inputs(module: nn.Module, example: Tensor) -> dict[str, Tensor] | None:
+    """Call ``module`` in train and then eval mode on a random input like ``example``
+    (:func:`_probing`): None if a call raises or sets one of the module's own attributes or
+    writes one of its own buffers (a trace of it would do that once, when traced, not at every
+    call; its submodules' are theirs); else, by name, an empty tensor like the one input each
+    child was called with (children called otherwise are left out). Everything is put back."""
     attrs = dict(module.__dict__)
     own = [(k, b, b._version) for k, b in module._buffers.items() if b is not None]
-    devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    seen: dict[str, Tensor] = {}
+
+    def hook(name: str) -> Any:
+        def record(_: nn.Module, args: tuple[Any, ...]) -> None:
+            if len(args) == 1 and isinstance(args[0], Tensor):
+                seen.setdefault(name, torch.empty_like(args[0]))
+        return record
+
+    handles = [child.register_forward_pre_hook(hook(name))
+               for name, child in module.named_children()]
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=devices), buffers_kept(module):
+        with _probing(module, [example]) as (x,):
             for train in (True, False):
                 module.train(train)
+                seen.clear()
                 try:
                     module(x)
                 except Exception:  # noqa: BLE001 - not checkable: no program
-                    return True
+                    return None
                 now = module.__dict__
                 if now.keys() != attrs.keys() or any(
                     now[k] is not v for k, v in attrs.items() if k != "training"
                 ) or any(module._buffers.get(k) is not b or b._version != v for k, b, v in own):
-                    return True
-        return False
+                    return None
+        return seen
     finally:
+        for handle in handles:
+            handle.remove()
         for k in [k for k in module.__dict__ if k not in attrs]:
             del module.__dict__[k]
         module.__dict__.update(attrs)
-        for m, t in modes.items():
-            m.training = t
 
 
 def _programs(model: nn.Module, nodes: Sequence[fx.Node]) -> dict[str, UnitProgram]:

@@ -253,6 +253,17 @@ def _trace_entry(entry: nn.Module, model: nn.Module, leaves: Iterable[nn.Module]
 
 
 @contextlib.contextmanager
+def training_kept(model: nn.Module) -> Iterator[None]:
+    """Every module of ``model`` has after the body the training flag it had before."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        yield
+    finally:
+        for m, t in modes.items():
+            m.training = t
+
+
+@contextlib.contextmanager
 def buffers_kept(model: nn.Module) -> Iterator[None]:
     """Every buffer of ``model`` holds after the body what it held before (copied back)."""
     saved = [(b, b.detach().clone()) for b in model.buffers()]
@@ -362,17 +373,13 @@ def propagate_shapes(model: nn.Module, graph: fx.Graph, example_inputs: Sequence
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     gm = fx.GraphModule(model, graph)
-    modes = {m: m.training for m in model.modules()}
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake = [fake_mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in example_inputs]
-    try:
+    with training_kept(model):
         model.eval()
         gm.eval()
         with torch.no_grad():
             _ShapeProp(gm, fake_mode=fake_mode).propagate(*fake)
-    finally:
-        for m, t in modes.items():
-            m.training = t
 
 
 def tensor_shape(node: Any) -> torch.Size | None:
@@ -446,8 +453,8 @@ class GraphCode:
         ``_direct.plain_calls`` must allow at each call."""
         if self._fn is None:
             self._compile()
-        if self._direct is None:
-            return (lambda root, *args: self._fn(root, *args)), [], [root]
+        if self._direct is None:  # no module calls: the code itself
+            return self._fn, [], [root]
         passed, checked = self.callees.found(root)
         return self._direct, passed, checked
 
