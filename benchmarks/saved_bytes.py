@@ -13,6 +13,7 @@ keeps alive, are invisible to the hooks; ``peak_rss.py`` measures the whole proc
 Run::
 
     .venv/bin/python benchmarks/saved_bytes.py --models resnet50,resnet152 --json saved.json
+    .venv/bin/python benchmarks/saved_bytes.py --models vit_base_patch16_224 --call intermediates
 """
 
 from __future__ import annotations
@@ -38,24 +39,34 @@ from rich.table import Table
 from torch import Tensor, nn
 
 
-def count_saved_bytes(model: nn.Module, x: Tensor, target: Tensor) -> tuple[int, int]:
+def count_saved_bytes(model: nn.Module, x: Tensor, target: Tensor, call: str = "forward"
+                      ) -> tuple[int, int]:
     """Distinct non-parameter storage bytes saved for backward by ``loss(model(x))``.
 
     Args:
         model: a model in train mode whose parameters require grad.
         x: input batch (B, 3, H, W).
         target: class indices (B,).
+        call: ``"forward"``, or ``"intermediates"``: a dense-task backbone's loss on every
+            output of timm's ``forward_intermediates(x)`` (the final features and each
+            block's).
 
     Returns:
         ``(bytes, n_saved)``: total bytes of distinct storages, and the number of pack calls.
     """
     with SavedBytes(model.parameters()) as counter:
-        loss = F.cross_entropy(model(x), target)
+        if call == "intermediates":
+            final, maps = model.forward_intermediates(x)
+            loss = final.float().square().mean() + sum(m.float().square().mean() for m in maps)
+            del final, maps
+        else:
+            loss = F.cross_entropy(model(x), target)
     del loss  # frees the graph and, with it, the saved tensors
     return counter.total, len(counter.packed)
 
 
-def measure(name: str, batch: int, size: int, seed: int) -> list[dict[str, Any]]:
+def measure(name: str, batch: int, size: int, seed: int, call: str = "forward"
+            ) -> list[dict[str, Any]]:
     """One row per method for model ``name``: saved bytes on a real (B, 3, size, size) batch."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, size, size, generator=gen)
@@ -63,7 +74,7 @@ def measure(name: str, batch: int, size: int, seed: int) -> list[dict[str, Any]]
     for method in (*METHODS, REVNET_METHOD):
         model = build_model(name, method, size=size, seed=seed)
         target = torch.randint(0, model.num_classes, (batch,), generator=gen)
-        n_bytes, n_saved = count_saved_bytes(model, x, target)
+        n_bytes, n_saved = count_saved_bytes(model, x, target, call)
         rows.append(dict(model=name, method=method, bytes=n_bytes, mib=mib(n_bytes),
                          saved_tensors=n_saved, batch=batch, size=size))
         del model
@@ -74,9 +85,9 @@ def measure(name: str, batch: int, size: int, seed: int) -> list[dict[str, Any]]
     return rows
 
 
-def display(rows: list[dict[str, Any]], batch: int, size: int) -> None:
+def display(rows: list[dict[str, Any]], batch: int, size: int, call: str = "forward") -> None:
     """Print the results as a rich table (one row per model and method)."""
-    table = Table(title=f"Saved for backward, batch {batch}, {size}x{size}, train mode")
+    table = Table(title=f"Saved for backward ({call}), batch {batch}, {size}x{size}, train mode")
     for col in ("model", "method", "MiB", "saved tensors", "÷ plain", "÷ timm-ckpt"):
         table.add_column(col, justify="left" if col in ("model", "method") else "right")
     for r in rows:
@@ -92,6 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--call", choices=("forward", "intermediates"), default="forward",
+                        help="what the loss is taken on: the classifier's output, or every "
+                        "output of forward_intermediates (a dense-task backbone)")
     parser.add_argument("--json", help="write the results to this JSON file")
     args = parser.parse_args(argv)
 
@@ -101,8 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     # inputs with ctx.save_for_backward, which goes through our pack hook and is counted.
     timm.layers.set_reentrant_ckpt(True)
 
-    rows = [r for name in args.models for r in measure(name, args.batch, args.size, args.seed)]
-    display(rows, args.batch, args.size)
+    rows = [r for name in args.models
+            for r in measure(name, args.batch, args.size, args.seed, args.call)]
+    display(rows, args.batch, args.size, args.call)
     if args.json:
         write_json(args.json, rows, benchmark="saved_bytes")
 

@@ -20,6 +20,7 @@ state that must not change. Three cases follow:
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Sequence
 
 import torch.fx as fx
@@ -58,6 +59,13 @@ def written_from(nodes: Sequence[fx.Node]) -> list[set[fx.Node]]:
     for n in reversed(nodes):
         out.append(out[-1] | _written(n, by_name, set()))
     return out[::-1]
+
+
+def written_values(graph: fx.Graph, fresh: Iterable[fx.Node]) -> set[fx.Node]:
+    """The storages any node of ``graph`` writes in place, ``fresh`` values counting as memory
+    of their own."""
+    by_name, fresh = _nodes(graph), set(fresh)
+    return {s for n in graph.nodes for s in _written(n, by_name, fresh)}
 
 
 def _written(node: fx.Node, by_name: dict[str, fx.Node], fresh: set[fx.Node]) -> set[fx.Node]:
@@ -148,17 +156,34 @@ def clone_foreign_writes(graph: fx.Graph, found: Sequence[Sequence[Unit]]) -> li
     return cloned
 
 
+def chains_before(graph: fx.Graph, found: Sequence[Sequence[Unit]]) -> dict[fx.Node, int]:
+    """For each node, how many chains run before it: those ending before it in the trace and,
+    for a node outside the chains, every chain whose states it reads through a tap, even where
+    the trace put it inside that chain's span (NOTE [ Taps ] in coupling.py)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    ends = sorted(max(order[n] for u in chain for n in u.members) for chain in found)
+    chain_of = {n: ci for ci, chain in enumerate(found) for u in chain for n in u.members}
+    rank = {e: i for i, e in enumerate(ends)}
+    end_rank = {ci: rank[max(order[n] for u in chain for n in u.members)]
+                for ci, chain in enumerate(found)}
+    out: dict[fx.Node, int] = {}
+    for n in graph.nodes:
+        before = bisect.bisect_left(ends, order[n])
+        if n not in chain_of:
+            for a in n.all_input_nodes:
+                ci = chain_of.get(a)
+                before = max(before, out[a] if ci is None else end_rank[ci] + 1)
+        out[n] = before
+    return out
+
+
 def _steps(graph: fx.Graph, found: Sequence[Sequence[Unit]], members: set[fx.Node]
            ) -> dict[fx.Node, int]:
     """The step running each node: -1 for inputs, 2i for segment i, 2i+1 for stage i (a
-    segment is what runs between two chains' ends, as ``convert._make_steps`` splits it)."""
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    ends = [max(order[n] for u in chain for n in u.members) for chain in found]
-    out = {}
-    for n in graph.nodes:
-        before = sum(1 for e in ends if e < order[n])
-        out[n] = -1 if n.op == "placeholder" else 2 * before + (n in members)
-    return out
+    segment is what runs between two chains' ends, as ``_plan._make_steps`` splits it)."""
+    before = chains_before(graph, found)
+    return {n: -1 if n.op == "placeholder" else 2 * before[n] + (n in members)
+            for n in graph.nodes}
 
 
 def _foreign_write(

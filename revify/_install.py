@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from . import _direct, _mode, _record
 from ._plan import _PLAN, ConversionError, Plan, _build_plan, _Ref
 from ._replay import _EPOCH, slots_of
-from ._trace import _short, flatten_input
+from ._trace import Constant, _short, flatten_input
 from .coupling import ReversibleStage, _GraphUnit
 
 # NOTE [ torch.compile ]
@@ -89,7 +89,8 @@ class _Rewritten:
                     )
                 inputs += flat
                 continue
-            default = params[name].default
+            form = plan.arg_forms.get(name)
+            default = form.value if isinstance(form, Constant) else params[name].default
             if value is not default and not _same(value, default):
                 raise TypeError(
                     f"revify: the converted {type(model).__name__}.{plan.method} was traced with "
@@ -112,22 +113,54 @@ class _Rewritten:
 # conv of a block) are followed, as the slot cache re-reads them.
 
 
-class _Intermediates:
-    """``forward_intermediates`` of a converted timm model: the original method, watched.
+# NOTE [ Intermediates ]
+# timm's forward_intermediates of ResNet, ConvNeXt and Swin calls stage modules, which run the
+# converted stages. ViT's (and DeiT's, EVA's, BEiT's, ...) calls its blocks one by one and
+# keeps some of their outputs: run so, the blocks would run unconverted (no memory saved, and
+# the original function, not the converted forward's coupling). So at its first call with a
+# given set of non-tensor arguments (indices, norm, output_fmt, ...) the method is planned as a
+# trunk of its own, those arguments as constants of the trace and the kept block outputs as
+# taps of the stage (NOTE [ Taps ] in coupling.py). Its stages must be the trunk's (then they
+# are the trunk's objects), or a leading part of one (stop_early: a stage of its own that
+# follows the trunk stage's coefficients and treatment at every call); otherwise, or where the
+# method cannot be planned, it runs as written and warns once if it called units one by one.
 
-    ResNet's and ConvNeXt's call their stage modules, which run the converted stages; ViT's and
-    Swin's call the blocks one by one, which then run unconverted: no memory saved, and the
-    original network's function rather than the coupling's. That warns, once per model."""
+
+class _Intermediates:
+    """``forward_intermediates`` of a converted timm model: planned per set of non-tensor
+    arguments, or the original method, watched (NOTE [ Intermediates ])."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.warned = False
+        # per argument key: (the planned method, stages following trunk stages), or why not
+        self.plans: dict[Any, tuple[_Rewritten, list[tuple[Any, Any]]] | str] = {}
+
+    def __getstate__(self) -> dict[str, Any]:  # plans are rebuilt after a copy or a load
+        return {**self.__dict__, "plans": {}}
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         model = self.model
         plan = model.__dict__.get(_PLAN)
         method = type(model).forward_intermediates
-        if plan is None or self.warned or _mode.is_original():
+        if plan is None or _mode.is_original():
+            return method(model, *args, **kwargs)
+        why = "it is traced or compiled"
+        if _fx_tracer(args, kwargs) is None and not torch.compiler.is_compiling():
+            key = _argument_key(method, model, args, kwargs)
+            if key is None:
+                why = "its arguments cannot be told apart between calls"
+            else:
+                if key not in self.plans:
+                    self.plans[key] = self._plan(plan, args, kwargs)
+                got = self.plans[key]
+                if not isinstance(got, str):
+                    run, follow = got
+                    for own, trunk in follow:
+                        _follow(own, trunk)
+                    return run(*args, **kwargs)
+                why = got
+        if self.warned:
             return method(model, *args, **kwargs)
         outside: list[str] = []
         watched = {id(m): (m, _Watched(m, m.__dict__.get("forward"), path, outside))
@@ -140,11 +173,89 @@ class _Intermediates:
                 f"revify: {type(model).__name__}.forward_intermediates called the units "
                 f"{', '.join(outside[:3])}{' ...' if len(outside) > 3 else ''} one by one, "
                 "outside their reversible stage: they ran unconverted (activations stored, and "
-                "the original network's function, not the converted forward's coupling). "
-                "Use forward_features for memory savings (README, Limitations)",
+                "the original network's function, not the converted forward's coupling), "
+                f"since {why or 'it was planned into no stage'} (NOTE [ Intermediates ] in "
+                "revify/_install.py). Use forward_features for memory savings (README, "
+                "Limitations)",
                 stacklevel=2,
             )
         return out
+
+    def _plan(self, trunk: Plan, args: tuple[Any, ...], kwargs: dict[str, Any]
+              ) -> tuple[_Rewritten, list[tuple[Any, Any]]] | str:
+        model = self.model
+        token = _mode.current_step.set("revify: planning")  # not a unit call from outside
+        try:
+            # traced as the unconverted code: modules holding stages (layer1, Swin's blocks)
+            # traced through, not recorded as calls (NOTE [ Tracing a converted model ])
+            with torch.inference_mode(False), torch.no_grad(), _no_autocast(), _mode._original():
+                sub = _build_plan(model, _copies(args), trunk.options,
+                                  {k: _copies(v) for k, v in kwargs.items()},
+                                  method="forward_intermediates", constants=True)
+        except Exception as e:  # noqa: BLE001 - any failure: run the method as written
+            text = str(e).split("\n")[0]
+            return f"it could not be planned ({type(e).__name__}: {text[:200]})"
+        finally:
+            _mode.current_step.reset(token)
+        if not sub.stages:
+            return ""
+        trunk_stages = {tuple(u.name for u in st.units): st for st in trunk.stages}
+        follow = []
+        for i, st in enumerate(sub.stages):
+            names = tuple(u.name for u in st.units)
+            same = trunk_stages.get(names)
+            if same is not None:
+                for step in sub.steps:
+                    if step.run is st:
+                        step.run = same
+                sub.stages[i] = same
+                continue
+            lead = next((t for n, t in trunk_stages.items() if n[:len(names)] == names), None)
+            if lead is None:
+                return (f"its units {', '.join(names[:2])}{' ...' if len(names) > 2 else ''} "
+                        "form no stage of the converted forward")
+            follow.append((st, lead))
+        _ready(model, sub)
+        return _Rewritten(model, sub), follow
+
+
+def _argument_key(method: Any, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                  ) -> Any:
+    """What tells two calls' plans apart: each given argument's value, or its form where it is
+    tensors; None when a value cannot be compared (NOTE [ Intermediates ])."""
+    try:
+        bound = inspect.signature(method).bind(model, *args, **kwargs)
+    except TypeError:
+        return None
+
+    def frozen(v: Any) -> Any:
+        if isinstance(v, Tensor):
+            return ("tensor",)
+        if type(v) in (list, tuple):
+            return (type(v).__name__, *map(frozen, v))
+        if isinstance(v, dict):
+            return ("dict", *((k, frozen(x)) for k, x in sorted(v.items(), key=repr)))
+        return v
+
+    key = tuple((name, frozen(v)) for name, v in list(bound.arguments.items())[1:])
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _follow(own: Any, trunk: Any) -> None:
+    """Give stage ``own`` (a leading part of ``trunk``'s units) ``trunk``'s settings."""
+    own.exact = trunk.exact
+    own.alpha, own.beta = trunk.alpha, trunk.beta
+    treatment = trunk.treatment
+    if treatment.startswith("checkpoint:"):
+        treatment = f"checkpoint:{min(int(treatment.split(':')[1]), len(own.units))}"
+    if own.treatment != treatment:
+        own.treatment = treatment
+    own.on_mismatch, own.mismatch_tolerance = trunk.on_mismatch, trunk.mismatch_tolerance
+    own.record_input = trunk.record_input
 
 
 class _Watched:
@@ -322,11 +433,14 @@ def _run_plan(plan: Plan, args: Sequence[Any]) -> Any:
     for step in plan.steps:
         token = _mode.current_step.set(step.run.name)
         try:
-            outs = step.run(*(env[n] for n in step.inputs))
+            if step.taps:  # a stage handing out states as well (NOTE [ Taps ] in coupling.py)
+                outs = step.run(*(env[n] for n in step.inputs), taps=step.taps)
+            else:
+                outs = step.run(*(env[n] for n in step.inputs))
+                if isinstance(step.run, ReversibleStage):
+                    outs = (outs,)
         finally:
             _mode.current_step.reset(token)
-        if isinstance(step.run, ReversibleStage):
-            outs = (outs,)
         observer = _mode.step_observer.get()
         if observer is not None:  # the planner's cost measurement (_costs.py)
             observer(step.run, outs)
@@ -347,14 +461,19 @@ def _install(model: nn.Module, plan: Plan, record: bool = False, container: bool
             _guard_units(plan, install=True)
         if callable(getattr(type(model), "forward_intermediates", None)):
             model.__dict__["forward_intermediates"] = _Intermediates(model)
-    plan.anchors = _anchors(model, plan)
     model.__dict__["__prepare_scriptable__"] = _NotScriptable(model)
     model.__dict__[_PLAN] = plan
     model.__dict__[plan.method] = _Rewritten(model, plan, container)
     if callable(getattr(model, "set_grad_checkpointing", None)):
         model.__dict__["set_grad_checkpointing"] = _GradCheckpointingIgnored()
-    # The first step finds every unit's and segment's slots ready (NOTE [ Slot cache ]), and
-    # the modules their code calls directly (NOTE [ Direct calls ] in _direct.py).
+    _ready(model, plan)
+
+
+def _ready(model: nn.Module, plan: Plan) -> None:
+    """Find ``plan``'s unit modules (its anchors) on ``model``, and make the first step find
+    every unit's and segment's slots ready (NOTE [ Slot cache ]) and the modules their code
+    calls directly (NOTE [ Direct calls ] in _direct.py)."""
+    plan.anchors = _anchors(model, plan)
     for holder in [*(u for st in plan.stages for u in st.units), *plan.segments]:
         slots_of(holder)
         _direct.prime(holder)
@@ -400,8 +519,9 @@ def _install_containers(
     computes the same converted function as the trunk. Their plans are built on first call."""
     for st, holder in zip(plan.stages, plan.holders, strict=True):
         # Never a unit's own module (a one-unit chain is named after it): its forward is the
-        # unit, which the stage calls.
-        if not holder or any(isinstance(u, _GraphUnit) for u in st.units):
+        # unit, which the stage calls; nor the module whose own forward holds an inline unit.
+        if not holder or any(isinstance(u, _GraphUnit) and u.name.split(":")[0] == holder
+                             for u in st.units):
             continue
         try:
             container = model.get_submodule(holder)

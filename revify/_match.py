@@ -11,6 +11,7 @@ from a common value through layers of their own (a downsampling shortcut), else 
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -251,11 +252,12 @@ class Unit:
     writes_input: bool = False
 
 
-def chains(units: list[Unit]) -> list[list[Unit]]:
-    """Group units into maximal chains: unit k's output feeds only unit k+1.
+def chains(units: list[Unit], tappable: Callable[[fx.Node], bool] | None = None
+           ) -> list[list[Unit]]:
+    """Group units into maximal chains: unit k's output feeds unit k+1.
 
-    A unit whose output is read outside the next unit ends its chain: the coupled streams
-    differ from the original values, so nothing else may read an intermediate state.
+    A unit whose output is read outside the next unit ends its chain unless ``tappable`` says
+    the stage may hand that state out as well (NOTE [ Taps ] in coupling.py).
     """
     by_entry: dict[fx.Node, list[Unit]] = {}
     for u in units:
@@ -266,7 +268,8 @@ def chains(units: list[Unit]) -> list[list[Unit]]:
         followers = by_entry.get(u.exit, [])
         if len(followers) == 1:
             v = followers[0]
-            if all(user in v.members for user in u.exit.users):
+            if (all(user in v.members for user in u.exit.users)
+                    or (tappable is not None and tappable(u.exit))):
                 nxt[id(u)] = v
                 starts.discard(id(v))
     out = []

@@ -32,7 +32,15 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_leaves
 
 from ._direct import UnitProgram
-from ._inplace import InplaceError, check_units, clone_foreign_writes, storage, written_from
+from ._inplace import (
+    InplaceError,
+    chains_before,
+    check_units,
+    clone_foreign_writes,
+    storage,
+    written_from,
+    written_values,
+)
 from ._match import Residual, Unit, chains, find_residuals, is_add
 from ._replay import _slots, read_slots
 from ._trace import (
@@ -89,6 +97,7 @@ class _Step:
     inputs: list[str]
     outputs: list[str]
     release: list[str] = field(default_factory=list)
+    taps: list[int] = field(default_factory=list)  # a stage's states read outside it
 
 
 @dataclass(eq=False)
@@ -187,6 +196,8 @@ def _residual_body(scope: set[fx.Node], identity: list[Residual]) -> list[Residu
         a for n in scope for a in n.all_input_nodes if a not in scope and a.op != "get_attr"
     }
     exits = [n for n in scope if any(u not in scope for u in n.users)]
+    if not exits:  # a call whose output nothing reads (the last block of an unused branch)
+        exits = [n for n in scope if not n.users and tensor_shape(n) is not None]
     if len(entries) != 1 or len(exits) != 1:
         return None
     (entry,), (out,) = entries, exits
@@ -267,12 +278,14 @@ def _params_of(model: nn.Module, nodes: Sequence[fx.Node]) -> tuple[list[nn.Modu
 
 
 def _build_plan(model: nn.Module, inputs: tuple[Any, ...], options: dict[str, Any],
-                kwargs: dict[str, Any] | None = None) -> Plan:
-    """The plan for ``model``'s trunk method called with ``inputs`` (and ``kwargs``): optional
-    arguments given as tensors are traced as inputs (NOTE [ Optional inputs ] in _trace.py)."""
-    method = entry_method(model)
+                kwargs: dict[str, Any] | None = None, method: str | None = None,
+                constants: bool = False) -> Plan:
+    """The plan for ``model``'s trunk method (or ``method``) called with ``inputs`` (and
+    ``kwargs``): optional arguments given as tensors are traced as inputs (NOTE [ Optional
+    inputs ] in _trace.py); with ``constants``, those given as other values as constants."""
+    method = method or entry_method(model)
     try:
-        args, forms, flat = bind_inputs(model, method, inputs, kwargs)
+        args, forms, flat = bind_inputs(model, method, inputs, kwargs, constants)
     except TypeError as e:
         raise ConversionError(
             f"revify.convert: {e}; pass example_input= as the arguments the trunk takes"
@@ -330,7 +343,11 @@ def _build_plan(model: nn.Module, inputs: tuple[Any, ...], options: dict[str, An
     while True:  # the in-place check assumes every unit's output is a stage's: make it true
         units, why = check_units(coarse, units)
         refused.update(why)
-        found = [c for c in chains(units) if len(c) >= options["min_units"]]
+        # a state read outside its chain is handed out by the stage unless something writes
+        # into it (NOTE [ Taps ] in coupling.py)
+        written = written_values(coarse, {u.exit for u in units})
+        found = [c for c in chains(units, lambda e, w=written: e not in w)
+                 if len(c) >= options["min_units"]]
         kept = {id(u) for c in found for u in c}
         if len(kept) == len(units):
             break
@@ -710,20 +727,15 @@ def _make_steps(
     report: list[ReportLine],
 ) -> tuple[list[_Step], list[Segment]]:
     """Split the coarse graph into segments and stages in execution order."""
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    members: dict[fx.Node, int] = {}
-    for ci, chain in enumerate(found):
-        for u in chain:
-            for n in u.members:
-                members[n] = ci
-    ends = [max(order[n] for u in c for n in u.members) for c in found]
+    members = {n for chain in found for u in chain for n in u.members}
+    before = chains_before(graph, found)
     buckets: list[list[fx.Node]] = [[] for _ in range(len(found) + 1)]
     for n in graph.nodes:
         if n.op in ("placeholder", "output") or n in members:
             continue
         if n.op == "get_attr" and all(u.op != "output" for u in n.users):
             continue  # attributes are fetched by each step that reads them (_make_segment)
-        buckets[sum(1 for e in ends if e < order[n])].append(n)
+        buckets[before[n]].append(n)
 
     steps: list[_Step] = []
     segments: list[Segment] = []
@@ -739,9 +751,12 @@ def _make_steps(
             steps.append(step)
         if i < len(found):
             chain = found[i]
-            steps.append(
-                _Step(stage_list[i], [chain[0].entry.name], [chain[-1].exit.name])
-            )
+            taps = [k + 1 for k, u in enumerate(chain[:-1])
+                    if any(user not in chain[k + 1].members for user in u.exit.users)]
+            steps.append(_Step(
+                stage_list[i], [chain[0].entry.name],
+                [chain[-1].exit.name, *(chain[j - 1].exit.name for j in taps)], taps=taps,
+            ))
     # Release each value after its last use so the plan keeps nothing alive.
     last: dict[str, int] = {}
     for si, st in enumerate(steps):
@@ -1033,7 +1048,8 @@ def _report_residuals(
                 lines.append(ReportLine(
                     path, "unchanged",
                     f"identity residual outside any chain of >= {min_units} units "
-                    "(an intermediate value is read elsewhere, or it is nested)"))
+                    "(its output feeds two units or is written in place elsewhere, or it is "
+                    "nested)"))
         elif inside_unit:
             continue  # an add inside a unit that is reversible as a whole
         elif r.kind == "projection":

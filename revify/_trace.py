@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib
 import inspect
@@ -15,6 +16,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._pytree import tree_leaves
 
 from . import _direct
 
@@ -88,16 +90,27 @@ def required_args(model: nn.Module, method: str) -> list[str]:
 _TENSOR = "tensor"
 
 
+@dataclasses.dataclass(frozen=True)
+class Constant:
+    """The form of an optional argument traced at a value other than its default (``indices=
+    [2, 5]`` of timm's ``forward_intermediates``): a constant of the trace, not an input."""
+
+    value: Any
+
+
 def bind_inputs(
-    model: nn.Module, method: str, args: Sequence[Any], kwargs: dict[str, Any] | None = None
+    model: nn.Module, method: str, args: Sequence[Any], kwargs: dict[str, Any] | None = None,
+    constants: bool = False,
 ) -> tuple[list[str], dict[str, Any], list[Any]]:
     """The arguments of ``model.<method>(*args, **kwargs)`` to trace as inputs: their names, the
     form of each optional one (``"tensor"``, or ``("list" | "tuple", n)`` for n tensors), and
-    the input values, one per placeholder (NOTE [ Optional inputs ]).
+    the input values, one per placeholder (NOTE [ Optional inputs ]). With ``constants``, an
+    optional argument given as something else is traced as that value (form :class:`Constant`,
+    not among the names).
 
     Raises:
         TypeError: the call does not fit the signature, or gives an optional argument that is
-            neither its default nor tensors.
+            neither its default nor tensors (nor, with ``constants``, passed by keyword).
     """
     fn = getattr(type(model), method)
     sig = inspect.signature(fn)
@@ -130,6 +143,10 @@ def bind_inputs(
         elif type(value) in (list, tuple) and all(isinstance(v, torch.Tensor) for v in value):
             form = (type(value).__name__, len(value))
             values.extend(value)
+        elif constants and param.kind != param.POSITIONAL_ONLY and not any(
+                isinstance(v, torch.Tensor) for v in tree_leaves(value)):
+            forms[name] = Constant(value)
+            continue
         else:
             raise TypeError(
                 f"{type(model).__name__}.{method} was given {name}={_short(value)}, neither "
@@ -213,6 +230,7 @@ def _entry(model: nn.Module, method: str, inputs: tuple[list[str], dict[str, Any
     names, forms = inputs if inputs is not None else (required_args(model, method), {})
     params = inspect.signature(getattr(type(model), method)).parameters
     placeholders, call = [], []
+    fixed = {name: f.value for name, f in forms.items() if isinstance(f, Constant)}
     for name in names:
         form = forms.get(name)
         if form is None or form == _TENSOR:
@@ -226,11 +244,12 @@ def _entry(model: nn.Module, method: str, inputs: tuple[list[str], dict[str, Any
             expr = f"{kind}({expr})" if kind == "tuple" else expr
         positional = params[name].kind == params[name].POSITIONAL_ONLY
         call.append(expr if positional else f"{name}={expr}")
+    call += [f"{name}=_fixed[{name!r}]" for name in fixed]
     src = (
         f"def forward(self, {', '.join(placeholders)}):\n"
         f"    return type(self.root).{method}(self.root, {', '.join(call)})\n"
     )
-    ns: dict[str, Any] = {"_keep": lambda v: built.append((v, list(v))) or v}
+    ns: dict[str, Any] = {"_keep": lambda v: built.append((v, list(v))) or v, "_fixed": fixed}
     exec(src, ns)  # noqa: S102 - a two-line wrapper with a fixed shape
     entry = type("_Entry", (nn.Module,), {"forward": ns["forward"]})()
     entry.root = model

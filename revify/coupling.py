@@ -351,17 +351,34 @@ class ReversibleStage(MismatchOptions):
                 flat.setdefault(id(t), t)
         return list(flat.values())
 
-    def __call__(self, x: Tensor, side: Any = None) -> Tensor:
+    def __call__(self, x: Tensor, side: Any = None, taps: Sequence[int] = ()) -> Any:
         """``x_n`` from the stage input ``x``. ``side`` (units that take it: a Hugging Face
         layer's attention mask and position embeddings) is handed to every unit call, forward
-        and backward, as ``unit.raw(h, side)``; the walk keeps it for the backward."""
+        and backward, as ``unit.raw(h, side)``; the walk keeps it for the backward.
+
+        With ``taps`` (state indices ``0 < j < n``), returns ``(x_n, x_j, ...)``: the states
+        code outside the stage reads (NOTE [ Taps ])."""
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise TypeError(
                 f"revify: stage {self.name} expects a floating-point tensor, got "
                 f"{type(x).__name__ if not isinstance(x, Tensor) else x.dtype}"
             )
+        if taps:
+            n = len(self.units)
+            bad = [j for j in taps if not 0 < j < n]
+            if bad:
+                raise ValueError(
+                    f"revify: stage {self.name} has states x_1..x_{n - 1} to tap, not {bad}"
+                )
+            tapped: dict[int, Tensor] = {}
+            out = self._call(x, side, tapped, frozenset(taps))
+            return (out, *(tapped[j] for j in taps))
+        return self._call(x, side, None, frozenset())
+
+    def _call(self, x: Tensor, side: Any, tapped: dict[int, Tensor] | None,
+              taps: frozenset[int]) -> Tensor:
         if self._treatment != "reversible":  # NOTE [ Stage treatments ]
-            return _forward(self, x, None, side)
+            return _forward(self, x, None, side, None, tapped, taps)
         fsdp = []
         if _fsdp.active() and torch.is_grad_enabled() and not _mode.is_plain():  # NOTE [ FSDP2 ]
             fsdp = [_fsdp.driven(_fsdp.states_of(u, slots_of(u).slots), f"stage {self.name}")
@@ -370,13 +387,14 @@ class ReversibleStage(MismatchOptions):
             unit_tensors = self.unit_tensors()
             needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(unit_tensors))
             return _forward(
-                self, x, unit_tensors if needs_grad and not _mode.is_plain() else None, side
+                self, x, unit_tensors if needs_grad and not _mode.is_plain() else None, side,
+                None, tapped, taps,
             )
         states = list({id(s): s for ss in fsdp for s in ss}.values())
         _fsdp.unshard(states)
         try:
             with _fsdp.hooks_pass_through(states):
-                return _forward(self, x, self.unit_tensors(), side, fsdp)
+                return _forward(self, x, self.unit_tensors(), side, fsdp, tapped, taps)
         finally:
             _fsdp.reshard(states)
 
@@ -489,6 +507,7 @@ class _Walk:
         self.pair: tuple[Tensor, Tensor] | None = (x0, x0)
         self.owned = (False, False)  # backward: whether a step may write into each of pair
         self.reference: Tensor | None = None  # revify.check: the true input
+        self.tapped: dict[int, Tensor] = {}  # x_j read outside the stage (NOTE [ Taps ])
 
     @property
     def top(self) -> Tensor:
@@ -587,18 +606,22 @@ def _step_terms(alpha: float, unit: Any, x_cur: Tensor, h: Tensor) -> tuple[floa
 
 def _forward(
     stage: ReversibleStage, x: Tensor, unit_tensors: list[list[Tensor]] | None, side: Any = None,
-    fsdp: list[list[Any]] | None = None,
+    fsdp: list[list[Any]] | None = None, tapped: dict[int, Tensor] | None = None,
+    taps: frozenset[int] = frozenset(),
 ) -> Tensor:
     """The coupled recurrence, ``x_n``. Given each unit's tensors requiring grad it is run by
     step nodes that store nothing (the reversible path); without, by ordinary differentiable
-    ops (plain or no-grad)."""
+    ops (plain or no-grad). The states ``x_j``, ``j in taps``, are put in ``tapped``."""
     graph = unit_tensors is not None
     # A stage of one unit keeps both its states (x_0, x_1) and rebuilds nothing: it needs no
     # grid, and so computes x_0 + R_0(x_0) without rounding, as the original unit does.
     if stage.exact and len(stage.units) > 1:
-        walk, tokens = _run_exact(stage, x, unit_tensors, side, fsdp)
+        walk, tokens = _run_exact(stage, x, unit_tensors, side, fsdp, taps)
     else:
-        walk, tokens = _run(stage, x, None, unit_tensors, side, fsdp)
+        walk, tokens = _run(stage, x, None, unit_tensors, side, fsdp, taps=taps)
+    if tapped is not None:
+        tapped.update(walk.tapped)
+        walk.tapped = {}
     if not graph:
         return _output(walk.pair[1], x.dtype)
     if stage.record_input:  # exact streams start from the input rounded onto their grid
@@ -609,7 +632,7 @@ def _forward(
 
 def _run_exact(
     stage: ReversibleStage, x: Tensor, unit_tensors: list[list[Tensor]] | None, side: Any = None,
-    fsdp: list[list[Any]] | None = None,
+    fsdp: list[list[Any]] | None = None, taps: frozenset[int] = frozenset(),
 ) -> tuple[_Walk, tuple[Tensor, Tensor] | None]:
     """:func:`_run` on a grid chosen for this forward (NOTE [ Exact streams ]): redone, with the
     same random draws and BatchNorm statistics already updated, while the states outgrow it."""
@@ -629,7 +652,7 @@ def _run_exact(
             kept.restore()
         bns = [bn for u in stage.units for bn in slots_of(u).bns] if attempt else []
         with frozen_running_stats(bns):
-            walk, tokens = _run(stage, x, grid, unit_tensors, side, fsdp, entered)
+            walk, tokens = _run(stage, x, grid, unit_tensors, side, fsdp, entered, taps)
         entered = None
         top = walk.top
         grid = _exact.regrid(x.detach(), walk.grid, top)
@@ -650,11 +673,13 @@ def _run(
     side: Any = None,
     fsdp: list[list[Any]] | None = None,
     entered: tuple[Tensor, Tensor, Tensor | None] | None = None,
+    taps: frozenset[int] = frozenset(),
 ) -> tuple[_Walk, tuple[Tensor, Tensor] | None]:
     """One pass of the recurrence, on the fixed-point ``grid`` when given; with
     ``unit_tensors``, as a chain of step nodes whose last two outputs are returned. ``fsdp``:
     per unit, the FSDP states it drives (NOTE [ FSDP2 ] in _fsdp.py); ``entered``: x_0 on the
-    grid as the fused entry made it (:class:`_Walk`)."""
+    grid as the fused entry made it (:class:`_Walk`); ``taps``: the states to put in
+    ``walk.tapped`` (NOTE [ Taps ])."""
     if unit_tensors is None:
         walk = _Walk(stage, x, grid, side, entered)
         checkpointed = stage._checkpointed if torch.is_grad_enabled() and not _mode.is_plain() \
@@ -662,12 +687,14 @@ def _run(
         for k in range(len(stage.units)):
             if k >= checkpointed:
                 walk.advance(k)
-                continue
-            x_prev, x_cur = walk.pair  # NOTE [ Stage treatments ]
-            (x_next,) = stage.unit_segment(k)(walk, x_prev, x_cur)
-            if grid is not None:
-                walk.extrema.append(grid.extrema(x_next.detach()))
-            walk.pair, walk.half = (x_cur, x_next), None
+            else:
+                x_prev, x_cur = walk.pair  # NOTE [ Stage treatments ]
+                (x_next,) = stage.unit_segment(k)(walk, x_prev, x_cur)
+                if grid is not None:
+                    walk.extrema.append(grid.extrema(x_next.detach()))
+                walk.pair, walk.half = (x_cur, x_next), None
+            if k + 1 in taps:
+                walk.tapped[k + 1] = _tap_value(walk.pair[1], walk.in_dtype)
         return walk, None
     walk = _Walk(stage, x.detach(), grid, side, entered)
     walk.check = RecomputeCheck.due(stage, x)
@@ -681,7 +708,43 @@ def _run(
                 seen.update(map(id, first))
                 tokens = _fsdp.post_backward_on(first, tokens)
             tokens = _UnitStep.apply(walk, k, *tokens, *tensors)
+            if k + 1 in taps:
+                walk.tapped[k + 1] = _Tap.apply(tokens[1], walk)
     return walk, tokens
+
+
+# NOTE [ Taps ]
+# Code outside a stage may read one of its intermediate states x_j (timm's
+# forward_intermediates collects every block's output; a trunk returning a feature list): the
+# stage then returns a copy of x_j in the input's dtype beside x_n, made by the forward right
+# after step j-1, and the chain is not cut there (_match.chains). Read outside, x_j is the
+# coupled recurrence's state, as x_n is: the value the converted function gives that read.
+# The copy is the reader's, as the original activation was; the stage keeps nothing more. On the
+# reversible path the copy is the output of a _Tap node on step j-1's token for x_j, so its
+# gradient joins a_j before step j-1's backward runs (the engine waits for every output's
+# gradient); a tap no loss reaches adds nothing. A reader writing into x_j in place would
+# change the next unit's input in the original but not the copy: no tap then (_plan).
+
+
+def _tap_value(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """The state ``x`` as a tap: in ``dtype`` as the stage output is, and never ``x``'s memory
+    (later steps may write into it)."""
+    out = _output(x, dtype)
+    return out.clone() if out.untyped_storage()._cdata == x.untyped_storage()._cdata else out
+
+
+class _Tap(torch.autograd.Function):
+    """A copy of the state ``walk.pair[1]`` (x_j, just made by step j-1), read outside the
+    stage; its gradient goes to step j-1's token for x_j (NOTE [ Taps ])."""
+
+    @staticmethod
+    def forward(ctx: Any, token: Tensor, walk: _Walk) -> Tensor:
+        ctx.set_materialize_grads(False)
+        return _tap_value(walk.pair[1], walk.in_dtype)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor | None) -> tuple[Tensor | None, None]:
+        return g, None
 
 
 def _straight_through(value: Tensor, exact: Tensor) -> Tensor:

@@ -169,9 +169,10 @@ def test_res2net_nested_adds():
 def test_dla_shared_branch_points():
     # dla34: trees level2 (1 level), level3, level4 (2 levels), level5 (1 level). Identity
     # DlaBasic blocks: tree2 of each 1-level tree (4 of them) and tree1 of the stride-1
-    # sub-trees of level3/level4 (2). Every block output also feeds a Root concat, so no chain
-    # is longer than one unit.
-    _check_family(timm.create_model("dla34"), 64, [1] * 8)
+    # sub-trees of level3/level4 (2). Every block output also feeds a Root concat: where one
+    # block feeds the next as well, the two are one chain that hands the first one's output
+    # to the concat (NOTE [ Taps ] in revify/coupling.py).
+    _check_family(timm.create_model("dla34"), 64, [1, 1, 2, 1, 2, 1])
 
 
 class _Intermediates(nn.Module):
@@ -186,6 +187,22 @@ class _Intermediates(nn.Module):
         return torch.cat([m.flatten(1) for m in maps], 1)
 
 
+class _Levels(nn.Module):
+    """DLA's levels called one by one from outside the converted trunk."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m, maps = self.model, []
+        x = m.base_layer(x)
+        for i in range(6):
+            x = getattr(m, f"level{i}")(x)
+            maps.append(x.flatten(1))
+        return torch.cat(maps, 1)
+
+
 def test_dla_trees_called_with_optional_arguments():
     # forward_intermediates calls each level, whose trees call their sub-trees as
     # tree1(x, shortcut) and tree2(x1, None, children): the trees holding stages are planned
@@ -196,10 +213,10 @@ def test_dla_trees_called_with_optional_arguments():
     model = timm.create_model("dla34", num_classes=4).double().train()
     x = torch.randn(2, 3, 64, 64, dtype=F64, generator=_gen(1))
     revify.convert(model, x)
-    net = _Intermediates(model)
-    y_ref, g_ref = step_grads(net, x, plain=True)
-    y, g = step_grads(net, x, plain=False)
-    assert torch.equal(y, y_ref) and max_rel_err(g, g_ref) <= 1e-10
+    for net in (_Intermediates(model), _Levels(model)):  # planned as a method; level by level
+        y_ref, g_ref = step_grads(net, x, plain=True)
+        y, g = step_grads(net, x, plain=False)
+        assert torch.equal(y, y_ref) and max_rel_err(g, g_ref) <= 1e-10
     plan = model.level3.tree2.__dict__["_revify_plan"]
     assert plan.args == ["x", "children"]  # shortcut given at its default, None
     assert all(any(st is t for t in revify.stages(model)) for st in plan.stages)
@@ -231,7 +248,7 @@ def test_submodule_fallback_with_an_optional_positional_argument():
     with pytest.warns(UserWarning, match="converted traceable submodules instead: tree"):
         revify.convert(model, x)
     assert model.tree.__dict__["_revify_plan"].args == ["x", "shortcut"]
-    assert [len(st.units) for st in revify.stages(model)] == [1, 1]
+    assert [len(st.units) for st in revify.stages(model)] == [2]  # with a tap
     y_ref, g_ref = step_grads(model, x, plain=True)
     y, g = step_grads(model, x, plain=False)
     assert torch.equal(y, y_ref) and max_rel_err(g, g_ref) <= 1e-10
