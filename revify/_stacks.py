@@ -28,7 +28,7 @@ from . import _fsdp, _mode
 from . import _record as _checkpoint_record
 from ._match import find_residuals
 from ._plan import ConversionError, _is_layout
-from ._trace import _Tracer, propagate_shapes, tensor_shape
+from ._trace import _Tracer, buffers_kept, propagate_shapes, tensor_shape, training_kept
 from .coupling import ReversibleStage, _ModuleUnit
 
 __all__: list[str] = []
@@ -172,11 +172,9 @@ def _record(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
 
             handles.append(child.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(child.register_forward_hook(post, with_kwargs=True))
-    modes = {m: m.training for m in model.modules()}
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
     try:
-        model.eval()
-        with torch.enable_grad():
+        with training_kept(model), buffers_kept(model), torch.enable_grad():
+            model.eval()
             model(*args, **kwargs)
     except Exception as e:
         raise _error(
@@ -187,11 +185,6 @@ def _record(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     finally:
         for h in handles:
             h.remove()
-        for m, t in modes.items():
-            m.training = t
-        with torch.no_grad():
-            for b, value in saved:
-                b.copy_(value)
     return calls
 
 

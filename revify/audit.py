@@ -60,6 +60,7 @@ from . import _mode
 from ._plan import Block, Plan, ReportLine
 from ._simulate import LiveBytes, fake_model
 from ._stacks import refuse_stacks
+from ._trace import training_kept
 from .convert import convert
 from .coupling import ReversibleStage
 
@@ -674,13 +675,9 @@ def _stage_attributes(model: nn.Module) -> Iterator[None]:
 @contextlib.contextmanager
 def _train_mode(model: nn.Module) -> Iterator[None]:
     """Train mode for the pass; every module's own ``training`` flag is restored after."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.train()
-    try:
+    with training_kept(model):
+        model.train()
         yield
-    finally:
-        for m, t in flags:
-            m.training = t
 
 
 def _fake_pass(

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ._mode import _original, plain_autograd
 from ._stacks import refuse_stacks
+from ._trace import training_kept
 from .convert import is_converted, stages
 
 __all__ = ["check", "CheckReport", "StageCheck"]
@@ -221,16 +222,11 @@ def check(
 def _fidelity(model: nn.Module, x: Tensor) -> tuple[float, float]:
     """Relative output error and top-1 agreement of the converted model against its original
     code (classifier outputs ``(B, classes)``; agreement is ``nan`` for other shapes)."""
-    modes = {m: m.training for m in model.modules()}
-    try:
+    with training_kept(model), torch.no_grad():
         model.eval()
-        with torch.no_grad():
-            y = model(x)
-            with _original():
-                y0 = model(x)
-    finally:
-        for m, t in modes.items():
-            m.training = t
+        y = model(x)
+        with _original():
+            y0 = model(x)
     y = y[0] if isinstance(y, (tuple, list)) else y
     y0 = y0[0] if isinstance(y0, (tuple, list)) else y0
     y, y0 = y.double(), y0.double()

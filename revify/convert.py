@@ -44,7 +44,7 @@ from ._plan import (  # noqa: F401
     _Step,
     _Untraceable,
 )
-from ._trace import entry_method, required_args
+from ._trace import entry_method, required_args, training_kept
 from .coupling import ReversibleStage
 
 __all__ = [
@@ -528,16 +528,13 @@ def _child_inputs(model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, A
         def hook(_m, args, kwargs, name=name):
             seen.setdefault(name, []).append((args, dict(kwargs)))
         handles.append(child.register_forward_pre_hook(hook, with_kwargs=True))
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with training_kept(model), torch.no_grad():
+            model.eval()
             model(*inputs, **(kwargs or {}))
     finally:
         for h in handles:
             h.remove()
-        for m, t in modes.items():
-            m.training = t
     return {
         name: calls[0]
         for name, calls in seen.items()
