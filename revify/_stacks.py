@@ -52,11 +52,14 @@ _STACKS = "_revify_stacks"
 # walk keeps them, ``ReversibleStage.__call__(x, side)``), and returns a *pending* marker
 # instead of a tensor; each following layer checks it is given that marker, in order, with the
 # same other arguments, and the last returns the stage output. The marker is not a tensor:
-# code that reads an intermediate hidden state (a loop that stops early, an output-capturing
-# hook) raises instead of computing with a wrong value. Inputs the stage cannot replay raise a
-# clear error: a KV cache (written by every call, so the recompute would write it again), side
-# inputs that require grad, output_hidden_states / output_attentions, HF gradient
-# checkpointing. Nothing else between layers is checkpointed (embeddings, final norm, head).
+# code that reads an intermediate hidden state (a loop that stops early) raises instead of
+# computing with a wrong value. Where transformers' output capture records the hidden states
+# (output_hidden_states=True), the stage runs with every state tapped (NOTE [ Taps ] in
+# coupling.py) and each layer returns its state instead of the marker; the next layer must be
+# given that tensor back, unchanged (its version counter), or it raises. Inputs the stage cannot
+# replay raise a clear error: a KV cache (written by every call, so the recompute would write it
+# again), side inputs that require grad, output_attentions, HF gradient checkpointing. Nothing
+# else between layers is checkpointed (embeddings, final norm, head).
 
 # The layer whose original forward runs now (a unit call inside its stage).
 _INSIDE: contextvars.ContextVar[nn.Module | None] = contextvars.ContextVar(
@@ -396,6 +399,9 @@ class _Pending:
 
     def __init__(self, stack: _Stack, out: Tensor, side: Any) -> None:
         self.stack, self.out, self.side, self.next = stack, out, side, 1
+        # with output_hidden_states: the states the layers hand out instead of the marker
+        self.states: list[Tensor | None] | None = None
+        self.versions: list[int] = []
 
     def _refuse(self) -> RuntimeError:
         s = self.stack
@@ -411,7 +417,8 @@ class _Pending:
         raise pending._refuse()
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("stack", "out", "side", "next"):
+        if name.startswith("__") or name in ("stack", "out", "side", "next", "states",
+                                             "versions"):
             raise AttributeError(name)
         raise self._refuse()
 
@@ -427,8 +434,10 @@ class _Stack:
         self.wraps = [u.wrap for u in stage.units]
         self.pending: _Pending | None = None
 
-    def check_first(self, layer: nn.Module, side: Any) -> None:
-        """Refuse a call whose inputs the stage cannot replay (NOTE [ Layer stacks ])."""
+    def check_first(self, layer: nn.Module, side: Any) -> bool:
+        """Refuse a call whose inputs the stage cannot replay (NOTE [ Layer stacks ]); True
+        when the hidden states are captured (``output_hidden_states``): the layers then hand
+        out the stage's states (NOTE [ Taps ] in coupling.py)."""
         name = f"revify: {self.paths[0]} ({type(layer).__name__})"
         sharded = [p for p, m in zip(self.paths, self.layers, strict=True)
                    if _fsdp.sharded_modules(m)]
@@ -462,26 +471,43 @@ class _Stack:
             )
         capturing = sys.modules.get("transformers.utils.output_capturing")
         collector = getattr(capturing, "_active_collector", None)
-        if collector is not None and collector.get():
+        captured = collector.get() if collector is not None else None
+        if captured and set(captured) - {"hidden_states", "_hidden_states_layers"}:
             raise RuntimeError(
-                f"{name}: output_hidden_states / output_attentions are not supported by a "
-                "reversible stage (it does not materialise each layer's hidden states); call "
-                "without them, or revify.revert(model)"
+                f"{name}: output_attentions (or another output captured inside the layers) is "
+                "not supported by a reversible stage, which runs each layer's internals again "
+                "in backward; call without it, or revify.revert(model)"
             )
+        return bool(captured)
 
     def call(self, k: int, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
              ) -> Any:
         h, side = args[0], (args[1:], kwargs)
         n = len(self.layers)
         if k == 0:
-            self.check_first(layer, side)
+            handed = self.check_first(layer, side)
             # A marker left by a forward that stopped early (it raised when read) is dropped.
-            out = self.stage(h, side)
             if n == 1:
-                return out
-            self.pending = _Pending(self, out, side)
+                return self.stage(h, side)
+            if handed:  # each layer returns its state, read by the hidden-state capture
+                # the capture hooks record the loop's calls, not the stage's own unit calls
+                collector = sys.modules["transformers.utils.output_capturing"]._active_collector
+                token = collector.set(None)
+                try:
+                    out, *states = self.stage(h, side, taps=range(1, n))
+                finally:
+                    collector.reset(token)
+                self.pending = p = _Pending(self, out, side)
+                p.states, p.versions = states, [t._version for t in states]
+                return states[0]
+            self.pending = _Pending(self, self.stage(h, side), side)
             return self.pending
         p = self.pending
+        if p is not None and p.states is not None and p.next == k:
+            # a handed-out state: the next layer must get it back, unchanged
+            given, p.states[k - 1] = p.states[k - 1], None
+            if h is given and h._version == p.versions[k - 1]:
+                h = p
         if not isinstance(h, _Pending) or h is not p or p.next != k:
             raise RuntimeError(
                 f"revify: {self.paths[k]} was called out of order: it is unit {k} of the "
@@ -501,7 +527,7 @@ class _Stack:
             self.pending, out = None, p.out
             p.out = None
             return out
-        return p
+        return p if p.states is None else p.states[k]
 
 
 class _StackForward:

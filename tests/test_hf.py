@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+from conftest import max_rel_err
 
 import revify
 from revify.check import _branch_ratios
@@ -219,8 +220,8 @@ def test_unsupported_calls_raise():
     model = _tiny(_llama)
     revify.convert(model)
     inputs = _inputs(True)
-    with pytest.raises(RuntimeError, match="output_hidden_states"):
-        model(**inputs, output_hidden_states=True)
+    with pytest.raises(RuntimeError, match="output_attentions"):
+        model(**inputs, output_attentions=True)
     h = torch.randn(2, 16, 32, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="out of order"):
         model.layers[1](h)
@@ -230,6 +231,49 @@ def test_unsupported_calls_raise():
         torch.nn.functional.layer_norm(pending, (32,))
     with pytest.raises(RuntimeError, match="not materialised"):
         pending.shape  # noqa: B018
+
+
+@pytest.mark.parametrize("builder", [_vit, _llama])
+def test_output_hidden_states_hands_out_the_stage_states(builder):
+    """The layers return the stage's states (NOTE [ Taps ]) to the hidden-state capture:
+    float64 gradients through every hidden state equal plain autograd's, and they are the
+    states the converted forward computes, one per layer."""
+    model = _tiny(builder)
+    inputs = _inputs(builder is _llama)
+    revify.convert(model, example_input=inputs)
+    n = model.config.num_hidden_layers
+
+    def step(plain: bool):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        with revify.plain_autograd() if plain else contextlib.nullcontext():
+            out = model(**inputs, output_hidden_states=True)
+        states = out.hidden_states
+        loss = out.last_hidden_state.square().sum()
+        loss = loss + sum((h * (i + 1)).sum() for i, h in enumerate(states[:-1]))
+        loss.backward()
+        return [h.detach() for h in states], [p.grad for p in model.parameters()]
+
+    states, grads = step(plain=False)
+    ref_states, ref_grads = step(plain=True)
+    assert len(states) == n + 1
+    assert all(torch.equal(a, b) for a, b in zip(states, ref_states, strict=True))
+    assert max_rel_err(grads, ref_grads) < 1e-10
+    # a handed-out state changed between two layers is refused, not run on
+    h0 = torch.randn(2, 16 if builder is _llama else 17, 32, dtype=torch.float64)
+    first, second = (u.module for u in revify.stages(model)[0].units[:2])
+    side = ({"position_embeddings": model.rotary_emb(h0, torch.arange(16)[None])}
+            if builder is _llama else {})
+    capture = __import__("transformers.utils.output_capturing", fromlist=["x"])
+    token = capture._active_collector.set({"hidden_states": []})
+    try:
+        out = first(h0, **side)
+        state = out[0] if isinstance(out, tuple) else out
+        state.mul_(2)
+        with pytest.raises(RuntimeError, match="out of order"):
+            second(state, **side)
+    finally:
+        capture._active_collector.reset(token)
 
 
 def test_side_input_requiring_grad_is_refused():
