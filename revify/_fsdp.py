@@ -34,6 +34,7 @@ forward raises. All of it goes through FSDP2's private state objects (torch 2.14
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -175,14 +176,78 @@ def pre_backward(states: Sequence[Any]) -> None:
             s._pre_backward(None)
 
 
+# NOTE [ Sharded before convert ]
+# convert traces the model and runs it (and its blocks) eagerly on example inputs. On a model
+# already sharded by fully_shard that would start FSDP's lazy initialisation from whichever
+# module runs first, and its hooks would all-gather around every probe and trace with Proxies.
+# So convert first initialises the FSDP root as its first forward would (``_lazy_init``: the
+# model itself must be that root), all-gathers every state's parameters into the modules'
+# slots, and runs with the hooks passing through (PRE_BACKWARD, as for recomputes); after it,
+# every state is resharded. Every rank converts the same model in the same order, so the
+# collectives match. The converted model then runs as one converted before sharding. A
+# mixed-precision policy is refused there: its hooks cast the inputs of every call, which a
+# trace with Proxies cannot pass through, and without them the bf16 parameters would meet the
+# float32 example (convert first, then shard, for that).
+
+
+_CONVERTING = contextvars.ContextVar("revify_converting_sharded", default=False)
+
+
+def converting() -> bool:
+    """Whether :func:`unsharded` is running a conversion now."""
+    return _CONVERTING.get()
+
+
+def _state_of(module: Any) -> Any:
+    ref = _module_state_mapping.get(module) if _module_state_mapping else None
+    state = ref() if ref is not None else None
+    return state if FSDPState is not None and isinstance(state, FSDPState) else None
+
+
+def is_sharded_root(model: Any) -> bool:
+    """Whether ``fully_shard`` was applied to ``model`` itself."""
+    return _state_of(model) is not None
+
+
+def casting_modules(model: Any) -> list[str]:
+    """Paths of the modules under ``model`` sharded with a mixed-precision policy that casts
+    parameters or outputs (``MixedPrecisionPolicy(param_dtype=...)``)."""
+    out = []
+    for name, m in model.named_modules():
+        state = _state_of(m)
+        policy = getattr(state, "_mp_policy", None)
+        if policy is not None and (policy.param_dtype is not None
+                                   or policy.output_dtype is not None):
+            out.append(name or type(model).__name__)
+    return out
+
+
+@contextlib.contextmanager
+def unsharded(model: Any) -> Iterator[None]:
+    """Within the body, ``model`` (sharded by ``fully_shard`` itself) and every FSDP module
+    under it hold their unsharded parameters and FSDP's hooks pass through (NOTE [ Sharded
+    before convert ])."""
+    root = _state_of(model)
+    root._lazy_init()  # as the root's first forward would: no-op after one
+    states = list(root._state_ctx.all_states)
+    groups = [g for s in states for g in s._fsdp_param_groups]
+    for g in groups:
+        g.unshard()
+        g.wait_for_unshard()
+    token = _CONVERTING.set(True)
+    try:
+        with hooks_pass_through(states):
+            yield
+    finally:
+        _CONVERTING.reset(token)
+        for g in groups:
+            g.reshard()
+
+
 def sharded_modules(model: Any) -> list[str]:
     """Paths of the modules under ``model`` that ``fully_shard`` was applied to (``""``: the
     model itself, shown as its class name)."""
     if not _module_state_mapping:
         return []
-    out = []
-    for name, m in model.named_modules():
-        ref = _module_state_mapping.get(m)
-        if ref is not None and FSDPState is not None and isinstance(ref(), FSDPState):
-            out.append(name or type(model).__name__)
-    return out
+    return [name or type(model).__name__ for name, m in model.named_modules()
+            if _state_of(m) is not None]

@@ -18,7 +18,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_leaves
 
-from . import _direct
+from . import _direct, _fsdp
 
 __all__: list[str] = []
 
@@ -398,7 +398,14 @@ def propagate_shapes(model: nn.Module, graph: fx.Graph, example_inputs: Sequence
         model.eval()
         gm.eval()
         with torch.no_grad():
-            _ShapeProp(gm, fake_mode=fake_mode).propagate(*fake)
+            if _fsdp.converting():
+                # FSDP modules refuse the deepcopy to fake tensors ShapeProp makes; their
+                # (unsharded) parameters are read as fake ones on the fly instead
+                prop = _ShapeProp(gm)  # made outside the fake mode, which it would copy to
+                with fake_mode:
+                    prop.propagate(*fake)
+            else:
+                _ShapeProp(gm, fake_mode=fake_mode).propagate(*fake)
 
 
 def tensor_shape(node: Any) -> torch.Size | None:

@@ -422,14 +422,30 @@ def convert(
             "revify.plan_memory(model, (C, H, W), batch_size, memory_budget=...))"
         )
     sharded = _fsdp.sharded_modules(model)
-    if sharded:
-        raise ConversionError(
-            f"revify.convert: {', '.join(sharded[:3])}{' ...' if len(sharded) > 3 else ''} "
-            "already sharded by fully_shard (FSDP2): conversion traces and runs the model, "
-            "which starts FSDP's lazy initialisation from a submodule; call "
-            "revify.convert(model) first, then fully_shard each block and the root "
-            "(docs/distributed.md)"
-        )
+    if sharded and not _fsdp.converting():  # NOTE [ Sharded before convert ] in _fsdp.py
+        if not _fsdp.is_sharded_root(model):
+            raise ConversionError(
+                f"revify.convert: {', '.join(sharded[:3])}{' ...' if len(sharded) > 3 else ''} "
+                "already sharded by fully_shard (FSDP2), but not the model itself: conversion "
+                "runs the model, which must start FSDP's lazy initialisation at the root; "
+                "fully_shard(model) as well (torchtitan style), or revify.convert(model) "
+                "first, then fully_shard each block and the root (docs/distributed.md)"
+            )
+        casting = _fsdp.casting_modules(model)
+        if casting:
+            raise ConversionError(
+                f"revify.convert: {', '.join(casting[:3])}{' ...' if len(casting) > 3 else ''} "
+                "sharded by fully_shard with a mixed-precision policy (param_dtype / "
+                "output_dtype), whose casts conversion cannot run through; call "
+                "revify.convert(model) first, then fully_shard each block and the root with "
+                "that policy (docs/distributed.md)"
+            )
+        with _fsdp.unsharded(model):
+            return convert(
+                model, example_input, alpha=alpha, beta=beta, exact=exact, coupling=coupling,
+                checkpoint_stem=checkpoint_stem, checkpoint_transitions=checkpoint_transitions,
+                min_units=min_units, strict=strict, plan=plan, memory_budget=memory_budget,
+            )
     if _stacks.is_transformers_module(model):  # NOTE [ Layer stacks ] in _stacks.py
         if plan is not None or memory_budget is not None:
             raise ConversionError(
