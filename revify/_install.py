@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from . import _direct, _mode, _record
-from ._plan import _PLAN, ConversionError, Plan, _build_plan, _Ref
+from ._plan import _PLAN, ConversionError, Plan, _build_plan, _Ref, programs_known
 from ._replay import _EPOCH, slots_of
 from ._trace import Constant, _short, flatten_input
 from .coupling import ReversibleStage, _GraphUnit
@@ -188,7 +188,8 @@ class _Intermediates:
         try:
             # traced as the unconverted code: modules holding stages (layer1, Swin's blocks)
             # traced through, not recorded as calls (NOTE [ Tracing a converted model ])
-            with torch.inference_mode(False), torch.no_grad(), _no_autocast(), _mode._original():
+            with torch.inference_mode(False), torch.no_grad(), _no_autocast(), _mode._original(), \
+                    programs_known(trunk):
                 sub = _build_plan(model, _copies(args), trunk.options,
                                   {k: _copies(v) for k, v in kwargs.items()},
                                   method="forward_intermediates", constants=True)

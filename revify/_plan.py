@@ -19,6 +19,7 @@ was decided for every residual; ``_install.py`` then makes the model run it.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -483,12 +484,35 @@ def _trace_difference(
     return f"the traced copy raised {failed}" if failed else _difference(want, got)
 
 
+# Programs already made for modules (by id): a second plan of the same model (timm's
+# forward_intermediates, NOTE [ Intermediates ] in _install.py) reuses the trunk's instead of
+# tracing and checking each unit module again.
+_KNOWN_PROGRAMS: contextvars.ContextVar[dict[int, UnitProgram] | None] = contextvars.ContextVar(
+    "revify_known_programs", default=None)
+
+
+@contextlib.contextmanager
+def programs_known(plan: Plan) -> Iterator[None]:
+    """Within the body, :func:`_unit_program` returns ``plan``'s unit programs for their
+    modules (they depend on the module only: its forward, traced once and checked)."""
+    known = {id(u.module): u.program for st in plan.stages for u in st.units
+             if getattr(u, "program", None) is not None}
+    token = _KNOWN_PROGRAMS.set(known)
+    try:
+        yield
+    finally:
+        _KNOWN_PROGRAMS.reset(token)
+
+
 def _unit_program(module: nn.Module, h: Any) -> UnitProgram | None:
     """``module``'s forward as code with direct submodule calls (NOTE [ Direct calls ] in
     _direct.py), where its trace takes one code path in train and eval mode, computes what the
     forward computes on a random input of ``h``'s shape (the unit's input node, or a tensor) and
     the forward sets none of the module's own attributes or buffers; else None, and the unit
     calls the module. Its submodules with submodules of their own get programs the same way."""
+    known = _KNOWN_PROGRAMS.get()
+    if known is not None and id(module) in known:
+        return known[id(module)]
     if isinstance(h, fx.Node):
         meta = h.meta.get("tensor_meta")
         if meta is None:

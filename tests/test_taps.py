@@ -174,6 +174,11 @@ def test_vit_forward_intermediates_runs_the_converted_stage():
     pairs = zip(early, full, strict=True)
     assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in pairs)
     assert len(planned) == 3
+    (own, trunk), = next(f for _, f in planned.values() if f)  # the stop_early plan's stage
+    assert own.alpha == 0.5 and len(own.units) == 5
+    # the unit modules' programs are the trunk's, not traced and checked again
+    assert all(a.program is b.program is not None
+               for a, b in zip(own.units, trunk.units[:5], strict=True))
 
 
 def test_vit_forward_intermediates_saves_a_fraction_of_the_unconverted_activations():
