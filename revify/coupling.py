@@ -508,6 +508,7 @@ class _Walk:
         self.owned = (False, False)  # backward: whether a step may write into each of pair
         self.reference: Tensor | None = None  # revify.check: the true input
         self.tapped: dict[int, Tensor] = {}  # x_j read outside the stage (NOTE [ Taps ])
+        self.prev_tapped = False  # the tap of x_{n-1} is the memory _StageEnd saves
 
     @property
     def top(self) -> Tensor:
@@ -709,7 +710,7 @@ def _run(
                 tokens = _fsdp.post_backward_on(first, tokens)
             tokens = _UnitStep.apply(walk, k, *tokens, *tensors)
             if k + 1 in taps:
-                walk.tapped[k + 1] = _Tap.apply(tokens[1], walk)
+                walk.tapped[k + 1] = _Tap.apply(tokens[1], walk, k + 2 == len(unit_tensors))
     return walk, tokens
 
 
@@ -723,7 +724,10 @@ def _run(
 # reversible path the copy is the output of a _Tap node on step j-1's token for x_j, so its
 # gradient joins a_j before step j-1's backward runs (the engine waits for every output's
 # gradient); a tap no loss reaches adds nothing. A reader writing into x_j in place would
-# change the next unit's input in the original but not the copy: no tap then (_plan).
+# change the next unit's input in the original but not the copy: no tap then (_plan). x_{n-1}
+# is saved by _StageEnd anyway: where it already has the input's dtype, the tap is that memory
+# (no copy), and the backward then builds no other state in it (NOTE [ Saved states ]); a
+# reader writing into it makes the backward raise, as for the stage output.
 
 
 def _tap_value(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -738,13 +742,20 @@ class _Tap(torch.autograd.Function):
     stage; its gradient goes to step j-1's token for x_j (NOTE [ Taps ])."""
 
     @staticmethod
-    def forward(ctx: Any, token: Tensor, walk: _Walk) -> Tensor:
+    def forward(ctx: Any, token: Tensor, walk: _Walk, saved: bool) -> Tensor:
         ctx.set_materialize_grads(False)
-        return _tap_value(walk.pair[1], walk.in_dtype)
+        x = walk.pair[1]
+        out = _output(x, walk.in_dtype)
+        if out.untyped_storage()._cdata != x.untyped_storage()._cdata:
+            return out
+        if saved:  # x_{n-1}, kept by _StageEnd: hand out that memory, and keep it intact
+            walk.prev_tapped = True
+            return x.detach()
+        return out.clone()
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor | None) -> tuple[Tensor | None, None]:
-        return g, None
+    def backward(ctx: Any, g: Tensor | None) -> tuple[Tensor | None, None, None]:
+        return g, None, None
 
 
 def _straight_through(value: Tensor, exact: Tensor) -> Tensor:
@@ -878,14 +889,15 @@ class _StageEnd(torch.autograd.Function):
             if "modified by an inplace operation" not in str(e):
                 raise  # e.g. a second backward through a graph already freed
             raise RuntimeError(
-                f"revify: stage {walk.stage.name}: its output was modified in place after the "
-                "stage; the stage keeps that output as part of its state for the backward "
-                "(clone it before modifying it)"
+                f"revify: stage {walk.stage.name}: its output (or the state x_{{n-1}} it "
+                "handed out) was modified in place after the stage; the stage keeps it as part "
+                "of its state for the backward (clone it before modifying it)"
             ) from e
         # x_{n-1} is a state the walk made (a stage of two units or more), seen by no one else
         # once this graph is freed: step n-2 may then rebuild x_{n-3} in its memory, so the
-        # walk holds two states, not three (NOTE [ Saved states ])
-        own_prev = len(walk.stage.units) > 1 and not _keeps_graph()
+        # walk holds two states, not three (NOTE [ Saved states ]); not where it was handed
+        # out as a tap (NOTE [ Taps ])
+        own_prev = len(walk.stage.units) > 1 and not _keeps_graph() and not walk.prev_tapped
         if len(saved) == 3:  # x_n rebuilt from its halves: a tensor of ours
             x_prev, out, rest = saved
             walk.pair, walk.owned = (x_prev, _join_bf16(out, rest)), (own_prev, True)

@@ -94,6 +94,27 @@ def test_states_read_outside_a_chain_are_tapped_not_cut():
     assert all(torch.equal(a, b.detach()) for a, b in pairs)
 
 
+def test_the_tap_of_the_saved_state_is_that_memory_and_outlives_the_backward():
+    """x_{n-1} is saved by the stage anyway: handed out without a copy, and the backward builds
+    no other state in it (NOTE [ Saved states ]), so a caller holding it sees it unchanged."""
+    net = _net()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    revify.convert(net, x)
+    stage = revify.stages(net)[0]
+    h = net.stem(x)
+    out, t2, t4 = stage(h, taps=(2, 4))
+    saved = {t.untyped_storage().data_ptr() for t in out.grad_fn.saved_tensors}
+    assert t4.untyped_storage().data_ptr() in saved  # x_4 = x_{n-1}
+    assert t2.untyped_storage().data_ptr() not in saved
+    before = t4.detach().clone()
+    (out.square().sum() + t2.sum() + t4.sum()).backward()
+    assert torch.equal(t4.detach(), before)
+    out, _, t4 = stage(net.stem(x), taps=(2, 4))
+    t4.detach().mul_(2)  # bypasses the plan's check: the backward says so
+    with pytest.raises(RuntimeError, match=r"handed out\) was modified in place"):
+        out.sum().backward()
+
+
 @pytest.mark.parametrize("treatment", ["store", "checkpoint", "checkpoint:3"])
 def test_taps_under_every_treatment(treatment):
     net = _net()
