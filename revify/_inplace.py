@@ -161,18 +161,16 @@ def chains_before(graph: fx.Graph, found: Sequence[Sequence[Unit]]) -> dict[fx.N
     for a node outside the chains, every chain whose states it reads through a tap, even where
     the trace put it inside that chain's span (NOTE [ Taps ] in coupling.py)."""
     order = {n: i for i, n in enumerate(graph.nodes)}
-    ends = sorted(max(order[n] for u in chain for n in u.members) for chain in found)
+    end = [max(order[n] for u in chain for n in u.members) for chain in found]
+    ends = sorted(end)
     chain_of = {n: ci for ci, chain in enumerate(found) for u in chain for n in u.members}
-    rank = {e: i for i, e in enumerate(ends)}
-    end_rank = {ci: rank[max(order[n] for u in chain for n in u.members)]
-                for ci, chain in enumerate(found)}
     out: dict[fx.Node, int] = {}
     for n in graph.nodes:
         before = bisect.bisect_left(ends, order[n])
         if n not in chain_of:
             for a in n.all_input_nodes:
-                ci = chain_of.get(a)
-                before = max(before, out[a] if ci is None else end_rank[ci] + 1)
+                ci = chain_of.get(a)  # after chain ci, and every chain ending before it
+                before = max(before, out[a] if ci is None else bisect.bisect_right(ends, end[ci]))
         out[n] = before
     return out
 

@@ -184,20 +184,15 @@ class _Intermediates:
     def _plan(self, trunk: Plan, args: tuple[Any, ...], kwargs: dict[str, Any]
               ) -> tuple[_Rewritten, list[tuple[Any, Any]]] | str:
         model = self.model
-        token = _mode.current_step.set("revify: planning")  # not a unit call from outside
         try:
             # traced as the unconverted code: modules holding stages (layer1, Swin's blocks)
             # traced through, not recorded as calls (NOTE [ Tracing a converted model ])
-            with torch.inference_mode(False), torch.no_grad(), _no_autocast(), _mode._original(), \
-                    programs_known(trunk):
-                sub = _build_plan(model, _copies(args), trunk.options,
-                                  {k: _copies(v) for k, v in kwargs.items()},
-                                  method="forward_intermediates", constants=True)
+            with _mode._original(), programs_known(trunk):
+                sub = _plan_call(model, args, kwargs, trunk.options,
+                                 method="forward_intermediates", constants=True)
         except Exception as e:  # noqa: BLE001 - any failure: run the method as written
             text = str(e).split("\n")[0]
             return f"it could not be planned ({type(e).__name__}: {text[:200]})"
-        finally:
-            _mode.current_step.reset(token)
         if not sub.stages:
             return ""
         trunk_stages = {tuple(u.name for u in st.units): st for st in trunk.stages}
@@ -560,15 +555,7 @@ class _LazyContainer:
         if tracer is not None:  # NOTE [ Tracing a converted model ]
             return tracer.create_proxy(
                 "call_module", tracer.path_of_module(container), tuple(args), dict(kwargs))
-        token = _mode.current_step.set("revify: planning")  # not a unit call from outside
-        try:
-            # Under torch.inference_mode the inputs are inference tensors, which planning's
-            # shape propagation cannot use: plan on ordinary copies of them.
-            with torch.inference_mode(False), torch.no_grad(), _no_autocast():
-                sub = _build_plan(container, _copies(args), self.options,
-                                  {k: _copies(v) for k, v in kwargs.items()})
-        finally:
-            _mode.current_step.reset(token)
+        sub = _plan_call(container, args, kwargs, self.options)
         shared = self._shared(sub)
         if shared is None:
             raise ConversionError(
@@ -595,6 +582,21 @@ class _LazyContainer:
                 return None
             out[id(st)] = match
         return out if any(st is self.stage for st in out.values()) else None
+
+
+def _plan_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+               options: dict[str, Any], **build: Any) -> Plan:
+    """:func:`_build_plan` for ``module`` called with ``args``/``kwargs`` from inside a forward:
+    on copies of the inputs (under torch.inference_mode they are inference tensors, which
+    planning's shape propagation cannot use), without grad or autocast, and not seen as a unit
+    called from outside its stage."""
+    token = _mode.current_step.set("revify: planning")
+    try:
+        with torch.inference_mode(False), torch.no_grad(), _no_autocast():
+            return _build_plan(module, _copies(args), options,
+                               {k: _copies(v) for k, v in kwargs.items()}, **build)
+    finally:
+        _mode.current_step.reset(token)
 
 
 def _copies(value: Any) -> Any:

@@ -734,7 +734,7 @@ def _tap_value(x: Tensor, dtype: torch.dtype) -> Tensor:
     """The state ``x`` as a tap: in ``dtype`` as the stage output is, and never ``x``'s memory
     (later steps may write into it)."""
     out = _output(x, dtype)
-    return out.clone() if out.untyped_storage()._cdata == x.untyped_storage()._cdata else out
+    return out.clone() if _is_alias(out, x) else out
 
 
 class _Tap(torch.autograd.Function):
@@ -746,7 +746,7 @@ class _Tap(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         x = walk.pair[1]
         out = _output(x, walk.in_dtype)
-        if out.untyped_storage()._cdata != x.untyped_storage()._cdata:
+        if not _is_alias(out, x):
             return out
         if saved:  # x_{n-1}, kept by _StageEnd: hand out that memory, and keep it intact
             walk.prev_tapped = True
