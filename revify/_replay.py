@@ -325,11 +325,14 @@ def _install_hooks() -> None:
 
 class Slots(NamedTuple):
     """What :func:`slots_of` caches for a holder: its tensor ``slots``, the ``state`` slots a
-    forward may write (:func:`state_slots`) and its BatchNorms ``bns``."""
+    forward may write (:func:`state_slots`), its BatchNorms ``bns``, and every module it may call
+    (``modules``, for :func:`refuse_compiled`), of which ``wrappers`` are ``torch.compile``'s."""
 
     slots: list[Slot]
     state: list[Slot]
     bns: list[_BatchNorm]
+    modules: list[nn.Module]
+    wrappers: list[nn.Module]
 
 
 def slots_of(holder: Any) -> Slots:
@@ -340,9 +343,50 @@ def slots_of(holder: Any) -> Slots:
         return cached[1]
     _install_hooks()  # before the first cached value: a hit implies they are in place
     owners = holder.owners()
-    out = Slots(_slots(owners), state_slots(owners), batchnorms(owners.modules))
+    modules = _submodules(owners.modules)
+    out = Slots(_slots(owners), state_slots(owners), batchnorms(owners.modules), modules,
+                [m for m in modules if is_compiled_wrapper(m)])
     holder._slot_cache = (_EPOCH[0], out)
     return out
+
+
+def is_compiled_wrapper(module: nn.Module) -> bool:
+    """``torch.compile(module)``'s ``OptimizedModule`` (without importing torch._dynamo)."""
+    return type(module).__name__ == "OptimizedModule" and isinstance(
+        module.__dict__.get("_modules", {}).get("_orig_mod"), nn.Module
+    )
+
+
+# NOTE [ Compiled units ]
+# A module compiled after convert (``block.compile()``, ``torch.compile(block)`` put in its
+# place), inside a unit of a reversible stage or a checkpointed segment, runs its forward as one
+# compiled graph (no grad: an inference graph) and its recompute as another (a training graph,
+# with BatchNorm's update switched off, or eagerly once dynamo's recompile limit is hit). Those
+# differ in the last bits, and on CUDA eager and inductor draw different random numbers. A
+# reversible stage rebuilds x_{k-1} from x_{k+1} and R(x_k), dividing by the coupling's small
+# coefficient, so last-bit differences grow with every unit: the compiled blocks of ResNet-18
+# (fp32, batch 4, 64 px, DropPath 0.3) gave a recompute 1.6 % off its forward and parameter
+# gradients 30 % off (float64: 1e-14, which is why only a low-precision check shows it). Such a
+# unit or segment is refused at its first call with grad, naming it; under no_grad (inference)
+# it runs. Module.compile sets a plain attribute, seen by no registration hook, so the flag is
+# read at every call (a few attribute reads per module); wrappers are found with the slots.
+_COMPILED = operator.attrgetter("_compiled_call_impl")
+
+
+def refuse_compiled(what: str, slots: Slots) -> None:
+    """Raise if a module ``what`` calls is compiled (NOTE [ Compiled units ])."""
+    if not slots.wrappers and not any(map(_COMPILED, slots.modules)):
+        return
+    found = slots.wrappers or [m for m in slots.modules if m._compiled_call_impl is not None]
+    kinds = ", ".join(dict.fromkeys(type(m).__name__ for m in found))
+    raise RuntimeError(
+        f"revify: {what} runs a module compiled after convert ({kinds}; Module.compile or "
+        "torch.compile). Its recompute in backward must compute bitwise what its forward "
+        "computed, which a compiled module's two graphs do not (NOTE [ Compiled units ] in "
+        "revify/_replay.py). Compile the whole converted model instead, "
+        "torch.compile(model) (its converted trunk runs eagerly, the rest compiles), or "
+        "revify.revert(model) before compiling its blocks; under torch.no_grad it runs."
+    )
 
 
 def _slot_values(slots: Sequence[Slot]) -> list[Any]:

@@ -28,6 +28,7 @@ from ._replay import (
     _ForwardState,
     check_same_tensors,
     read_slots,
+    refuse_compiled,
     report_mismatch,
     slots_of,
     vjp,
@@ -100,6 +101,7 @@ class Segment(MismatchOptions):
         )
         if not self.checkpoint or not needs_grad or _mode.is_plain():
             return _tuple(self.code(self.root, *inputs))
+        refuse_compiled(f"segment {self.name}", slots_of(self))  # NOTE [ Compiled units ]
         states = (_fsdp.driven(_fsdp.states_of(self, slots_of(self).slots), f"segment {self.name}")
                   if _fsdp.active() else [])
         if not states:

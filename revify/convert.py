@@ -44,6 +44,7 @@ from ._plan import (  # noqa: F401
     _Step,
     _Untraceable,
 )
+from ._replay import is_compiled_wrapper
 from ._trace import entry_method, required_args, training_kept
 from .coupling import ReversibleStage
 
@@ -384,7 +385,7 @@ def convert(
             "TorchScript module; convert the eager module before scripting (torch.fx cannot "
             "trace TorchScript)"
         )
-    if _is_compiled_wrapper(model):
+    if is_compiled_wrapper(model):
         # torch.compile(model): convert the module it wraps; the wrapper then compiles the
         # converted model (its trunk runs eagerly, NOTE [ torch.compile ] in _install.py).
         convert(model._orig_mod, example_input, coupling=coupling, alpha=alpha, beta=beta,
@@ -395,7 +396,7 @@ def convert(
     compiled = [
         name or type(model).__name__
         for name, m in model.named_modules()
-        if _is_compiled_wrapper(m) or m._compiled_call_impl is not None
+        if is_compiled_wrapper(m) or m._compiled_call_impl is not None
     ]
     if compiled:
         raise ConversionError(
@@ -524,13 +525,6 @@ def _by_name(model: nn.Module, inputs: dict[str, Any]) -> tuple[Any, ...]:
             f"({', '.join(names)}) but example_input gave ({', '.join(inputs)})"
         )
     return tuple(inputs[n] for n in names)
-
-
-def _is_compiled_wrapper(module: nn.Module) -> bool:
-    """``torch.compile(module)``'s ``OptimizedModule`` (without importing torch._dynamo)."""
-    return type(module).__name__ == "OptimizedModule" and isinstance(
-        module.__dict__.get("_modules", {}).get("_orig_mod"), nn.Module
-    )
 
 
 def _child_inputs(model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any] | None = None

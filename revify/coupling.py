@@ -43,6 +43,7 @@ from ._replay import (
     check_same_tensors,
     frozen_running_stats,
     read_slots,
+    refuse_compiled,
     report_mismatch,
     sampled,
     slots_of,
@@ -386,10 +387,13 @@ class ReversibleStage(MismatchOptions):
         if not any(fsdp):
             unit_tensors = self.unit_tensors()
             needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(unit_tensors))
+            if needs_grad and not _mode.is_plain():
+                self._refuse_compiled()
             return _forward(
                 self, x, unit_tensors if needs_grad and not _mode.is_plain() else None, side,
                 None, tapped, taps,
             )
+        self._refuse_compiled()
         states = list({id(s): s for ss in fsdp for s in ss}.values())
         _fsdp.unshard(states)
         try:
@@ -397,6 +401,10 @@ class ReversibleStage(MismatchOptions):
                 return _forward(self, x, self.unit_tensors(), side, fsdp, tapped, taps)
         finally:
             _fsdp.reshard(states)
+
+    def _refuse_compiled(self) -> None:
+        for u in self.units:  # NOTE [ Compiled units ] in _replay.py
+            refuse_compiled(f"stage {self.name}, unit {u.name},", slots_of(u))
 
     def unit_segment(self, k: int) -> Segment:
         """Unit k's step of the recurrence as a checkpointed :class:`Segment`, made once."""

@@ -254,6 +254,36 @@ def test_compiled_blocks_are_refused_with_the_fix():
     assert not revify.stages(model)
 
 
+
+@pytest.mark.parametrize("where", ["unit", "segment", "wrapped submodule"])
+def test_blocks_compiled_after_convert_are_refused_at_a_step_and_run_under_no_grad(where):
+    # NOTE [ Compiled units ]: a compiled unit's forward and recompute are two graphs (the
+    # default coupling amplified their last-bit difference into 30 % gradient errors). The
+    # eager backend is enough to set the flag the check reads.
+    torch._dynamo.reset()
+    model = revify.convert(timm_model("resnet18", num_classes=4), torch.zeros(2, 3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.eval()(x)
+    if where == "unit":
+        model.layer1[1].compile(backend="eager")
+        match = r"stage layer1, unit layer1\.1, runs a module compiled after convert \(BasicBlock"
+    elif where == "segment":
+        model.layer2[0].compile(backend="eager")
+        match = r"segment layer1 -> layer2 runs a module compiled after convert \(BasicBlock"
+    else:
+        model.layer1[0].conv2 = torch.compile(model.layer1[0].conv2, backend="eager")
+        match = r"unit layer1\.0, runs a module compiled after convert \(OptimizedModule"
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected)
+    model.train()
+    with pytest.raises(RuntimeError, match=match + r".*torch\.compile\(model\)"):
+        model(x).sum().backward()
+    with revify.plain_autograd():  # plain autograd of the compiled block is fine
+        model(x).sum().backward()
+    assert model.layer1[0].conv1.weight.grad is not None
+    torch._dynamo.reset()
+
 # 4. Buffers written in forward --------------------------------------------------------------
 
 
