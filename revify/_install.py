@@ -340,12 +340,62 @@ def _traced(model: nn.Module, plan: Plan, tracer: fx.Tracer, args: Sequence[Any]
                 "and tracing through it would record the unconverted function; trace the "
                 "model before revify.convert, or under revify.revert"
             )
-    # The original code may still reach the units another way (ViT's forward_features loops
-    # over its blocks when attn_mask is a Proxy): a unit's module called while tracing raises.
+    args, kwargs = _fixed_arguments(model, plan, tracer, args, kwargs)
+    # The original code may still reach the units another way (a branch on another Proxy
+    # argument): a unit's module called while tracing raises.
     guarded = {id(m): (m, _TracedThrough(st.name, type(m).__name__))
                for st in plan.stages for unit in st.units for m in unit.modules}
     with _forwards_replaced(guarded.values()):
         return getattr(type(model), plan.method)(model, *args, **kwargs)
+
+
+# NOTE [ Fixed arguments under fx ]
+# symbolic_trace makes every argument of the traced forward a Proxy, defaults included, and
+# timm's forward hands its own to the trunk (ViT: forward_features(x, attn_mask=attn_mask)).
+# The converted trunk fixed such an argument at the value it was traced with (its default: the
+# eager call raises for any other), but a Proxy ``attn_mask`` takes the original code's
+# ``if attn_mask is not None`` branch, which calls the blocks one by one. So each Proxy given
+# for a fixed argument whose value is a plain constant is replaced by that value while the
+# trunk is traced, and the graph records a check in its place: the GraphModule raises, as the
+# eager converted trunk does, when called with another value, instead of ignoring it.
+_CONSTANTS = (type(None), bool, int, float, str)
+
+
+def _is_fixed(value: Any, fixed: Any) -> bool:
+    """Whether ``value`` is the value a converted trunk was traced with (a plain constant)."""
+    return value is fixed or (type(value) is type(fixed) and value == fixed)
+
+
+def _fixed_arguments(model: nn.Module, plan: Plan, tracer: fx.Tracer, args: Sequence[Any],
+                     kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``args`` and ``kwargs`` with each Proxy for a fixed argument replaced by its value, a
+    check recorded in the graph for each (NOTE [ Fixed arguments under fx ])."""
+    original = getattr(type(model), plan.method)
+    signature = inspect.signature(original)
+    try:
+        bound = signature.bind(model, *args, **kwargs)
+    except TypeError:
+        return tuple(args), dict(kwargs)
+    changed = False
+    for name, value in list(bound.arguments.items())[1:]:
+        param = signature.parameters[name]
+        if (name in plan.args or not isinstance(value, fx.Proxy)
+                or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD)):
+            continue
+        form = plan.arg_forms.get(name)
+        fixed = form.value if isinstance(form, Constant) else param.default
+        if not isinstance(fixed, _CONSTANTS):
+            continue
+        ok = tracer.create_proxy("call_function", _is_fixed, (value, fixed), {})
+        tracer.create_proxy("call_function", torch._assert, (ok, (
+            f"revify: the converted {type(model).__name__}.{plan.method} was traced with "
+            f"{name}={fixed!r} and cannot take another value; call revify.revert(model) first, "
+            "or convert with that value")), {})
+        bound.arguments[name] = fixed
+        changed = True
+    if not changed:
+        return tuple(args), dict(kwargs)
+    return bound.args[1:], bound.kwargs
 
 
 @contextlib.contextmanager

@@ -43,14 +43,71 @@ def test_timm_feature_extraction_of_a_converted_model():
     assert torch.equal(got["stages.1"], want[0]) and torch.equal(got["stages.3"], want[1])
 
 
-def test_tracing_that_would_record_the_unconverted_function_is_refused():
-    # ViT's forward_features loops over its blocks when attn_mask is a Proxy.
+def test_vit_traces_with_its_fixed_arguments_checked_in_the_graph():
+    # symbolic_trace makes ViT's attn_mask=None and is_causal=False Proxies, whose
+    # `if attn_mask is not None or is_causal` branch loops over the blocks; the converted trunk
+    # fixed them at their defaults, so the trace does too and the graph checks them
+    # (NOTE [ Fixed arguments under fx ]).
     torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", num_classes=4, img_size=32, patch_size=8)
-    revify.convert(vit, torch.zeros(2, 3, 32, 32))
-    with pytest.raises(ConversionError, match="traced into a Block of the converted stage"):
-        fx.symbolic_trace(vit)
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=4, img_size=32, patch_size=8,
+                            drop_path_rate=0.1).double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    revify.convert(vit, x)
+    traced = fx.symbolic_trace(vit)
+    calls = {n.target for n in traced.graph.nodes if n.op == "call_module"}
+    assert "blocks" in calls and not any(t.startswith("blocks.0.") for t in calls)
     assert "forward" not in vit.blocks[0].__dict__  # the guards are gone again
+    _, ref = step_grads(vit, x, plain=True)
+    _, got = step_grads(traced, x, plain=False)
+    assert max_rel_err(got, ref) < 1e-10
+    with pytest.raises(AssertionError, match="traced with attn_mask=None"):
+        traced(x, attn_mask=torch.zeros(17, 17, dtype=torch.float64))
+    with pytest.raises(AssertionError, match="traced with is_causal=False"):
+        traced(x, is_causal=True)
+    features = create_feature_extractor(vit, return_nodes=["blocks"])  # timm's fx test path
+    vit.eval()
+    with torch.no_grad():
+        want = vit.blocks(vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x)))))
+        assert torch.equal(features(x)["blocks"], want)
+
+
+class _MaskedTrunk(torch.nn.Module):
+    """A trunk whose default is not a plain constant: a Proxy for it still takes the branch
+    that calls the blocks one by one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.blocks = torch.nn.Sequential(*(Residual(4) for _ in range(3)))
+
+    def forward_features(self, x, masks=(None,)):
+        x = self.stem(x)
+        if masks[0] is not None:
+            for blk in self.blocks:
+                x = blk(x) * masks[0]
+            return x
+        return self.blocks(x)
+
+    def forward(self, x, masks=(None,)):
+        return self.forward_features(x, masks).mean((2, 3))
+
+
+class Residual(torch.nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(width, width, 3, padding=1)
+
+    def forward(self, x):
+        return x + torch.tanh(self.conv(x))
+
+
+def test_tracing_that_would_record_the_unconverted_function_is_refused():
+    net = _MaskedTrunk()
+    revify.convert(net, torch.zeros(2, 3, 16, 16))
+    assert revify.stages(net)
+    with pytest.raises(ConversionError, match="traced into a Residual of the converted stage"):
+        fx.symbolic_trace(net)
+    assert "forward" not in net.blocks[0].__dict__  # the guards are gone again
     # fx traces a root's class forward, not the converted one: the units refuse.
     net = InlineNet()
     revify.convert(net, torch.zeros(2, 3, 16, 16))

@@ -50,6 +50,7 @@ CAUSES = [
         "fx GraphModule backward: parameter check",
     ),
     ("traced into a", "c", "fx: traced into a unit (ViT/EVA)"),
+    ("cannot be scripted with torch.jit.script", "c", "torchscript: refused, names revify.revert"),
     ("is not held by a module of its own", "c", "fx: stage not held by one module"),
     (
         "was called directly but cannot be converted on its own",
