@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from . import _direct, _mode, _record
 from ._plan import _PLAN, ConversionError, Plan, _build_plan, _Ref, programs_known
-from ._replay import _EPOCH, slots_of
+from ._replay import _EPOCH, HOOK_DICTS, foreign_hooks, slots_of
 from ._trace import Constant, _short, flatten_input
 from .coupling import ReversibleStage, _GraphUnit
 
@@ -99,6 +99,7 @@ class _Rewritten:
                 )
         if plan.checked_epoch != _EPOCH[0]:
             _check_structure(model, plan)
+        _refuse_holder_hooks(model, plan)
         run = _run_plan if _run_plan_eagerly is None else _run_plan_eagerly
         return run(plan, inputs)
 
@@ -279,6 +280,38 @@ def _anchors(model: nn.Module, plan: Plan) -> list[tuple[str, nn.Module]]:
             if isinstance(module, nn.Module) and id(module) in paths:
                 out.append((paths[id(module)], module))
     return out
+
+
+# NOTE [ Hooks on stage holders ]
+# The converted trunk runs each stage itself: the module holding it (timm's layer1, a
+# Sequential of blocks), and the modules above it inside the trunk, are traced through and not
+# called, so their module hooks would silently not run (a forward hook on layer2 collecting
+# features, or changing the output, did nothing). Their hooks are looked up at every call
+# (a few attribute reads) and refused, naming the module. Hooks on units and on the layers
+# inside them run (NOTE [ Hooked modules ] in _replay.py); FSDP2's own are revify's to drive.
+
+
+def _refuse_holder_hooks(model: nn.Module, plan: Plan) -> None:
+    holders = plan.__dict__.get("_holder_modules")
+    if holders is None or holders[0] != _EPOCH[0]:
+        paths = {".".join(h.split(".")[:i]) for h in plan.holders if h
+                 for i in range(1, h.count(".") + 2)}
+        found = []
+        for path in sorted(paths):
+            try:
+                found.append((path, model.get_submodule(path)))
+            except AttributeError:
+                continue
+        holders = (_EPOCH[0], found)
+        plan.__dict__["_holder_modules"] = holders
+    for path, module in holders[1]:
+        if any(map(foreign_hooks, HOOK_DICTS(module))):
+            raise RuntimeError(
+                f"revify: {path} ({type(module).__name__}) has module hooks, which would not run: "
+                f"the converted {type(model).__name__}.{plan.method} runs the stage it holds "
+                "without calling it (NOTE [ Hooks on stage holders ] in revify/_install.py); "
+                "register them on its blocks or on the model, or call revify.revert(model) first"
+            )
 
 
 def _check_structure(model: nn.Module, plan: Plan) -> None:

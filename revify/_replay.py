@@ -14,12 +14,13 @@ import functools
 import operator
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import compress, repeat
+from itertools import chain, compress, repeat
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
+from torch.nn.modules import module as _nn_module
 from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__: list[str] = []
@@ -386,6 +387,62 @@ def refuse_compiled(what: str, slots: Slots) -> None:
         "revify/_replay.py). Compile the whole converted model instead, "
         "torch.compile(model) (its converted trunk runs eagerly, the rest compiles), or "
         "revify.revert(model) before compiling its blocks; under torch.no_grad it runs."
+    )
+
+
+# NOTE [ Hooked modules ]
+# A stage's forward runs its units with autograd off and builds each state in memory an earlier
+# state or a unit's output used (NOTE [ Stage backward ] in coupling.py); a checkpointed
+# segment's forward runs with autograd off too. A module hook inside them (register_forward_hook
+# collecting features for a distillation or perceptual loss, a pre-hook) would be handed
+# tensors with no graph, which the stage then overwrites: the loss on them silently sent no
+# gradient (stem and first units: relative error 1.0) and read other values (1.1). So while any
+# module a stage or segment calls has a forward, forward-pre or backward hook (or torch.nn's
+# global module hooks are set), it runs as ordinary autograd of the same function, as under
+# revify.plain_autograd(), storing its activations, and warns once naming the module. FSDP2's
+# own hooks (fully_shard) are not counted: revify drives them (NOTE [ FSDP2 ] in _fsdp.py);
+# nor are transformers' output-capture hooks, which _stacks.py switches off inside a stage.
+HOOK_DICTS = operator.attrgetter(
+    "_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks"
+)
+_GLOBAL_MODULE_HOOKS = operator.attrgetter(
+    "_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_pre_hooks",
+    "_global_backward_hooks",
+)
+
+
+def foreign_hooks(hooks: dict[int, Any]) -> bool:
+    """Whether ``hooks`` holds a hook that is not FSDP2's own or transformers' output capture
+    (inert inside a stage: ``_stacks`` refuses or switches off what it would capture)."""
+    return any(
+        type(getattr(h, "__self__", None)).__name__ != "FSDPState"
+        and getattr(h, "__module__", None) != "transformers.utils.output_capturing"
+        for h in hooks.values()
+    )
+
+
+def hooked(slots: Slots) -> list[nn.Module]:
+    """The modules in ``slots`` with hooks of their own (NOTE [ Hooked modules ]); ``[None]``
+    for torch.nn's global module hooks."""
+    found = []
+    if any(chain.from_iterable(map(HOOK_DICTS, slots.modules))):
+        found = [m for m in slots.modules if any(map(foreign_hooks, HOOK_DICTS(m)))]
+    if not found and any(_GLOBAL_MODULE_HOOKS(_nn_module)):
+        return [None]
+    return found
+
+
+def warn_hooked(what: str, found: Sequence[nn.Module | None]) -> None:
+    """Say once per holder that it runs as ordinary autograd (NOTE [ Hooked modules ])."""
+    kinds = ", ".join(dict.fromkeys(
+        "torch.nn's global module hooks" if m is None else type(m).__name__ for m in found))
+    warnings.warn(
+        f"revify: {what} runs as ordinary autograd, storing its activations (no memory saved), "
+        f"while module hooks are registered inside it (on {kinds}): inside a reversible stage "
+        "or checkpointed segment a hook would see tensors with no autograd graph whose memory "
+        "is reused. Remove the hooks (or register them outside converted stages) to save "
+        "memory again (NOTE [ Hooked modules ] in revify/_replay.py)",
+        stacklevel=4,
     )
 
 
