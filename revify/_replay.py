@@ -154,15 +154,33 @@ def frozen_running_stats(bns: Iterable[_BatchNorm]) -> Iterator[None]:
         _unfreeze(switched)
 
 
-def check_same_tensors(what: str, forward_ids: Sequence[int], tensors: Sequence[Tensor]) -> None:
-    """Raise if the tensors requiring grad that a recompute reads are not those of the forward.
+VERSION = operator.attrgetter("_version")
+
+
+def check_same_tensors(what: str, forward_ids: Sequence[int], tensors: Sequence[Tensor],
+                       forward_versions: Sequence[int] | None = None) -> None:
+    """Raise if the tensors requiring grad that a recompute reads are not those of the forward,
+    or (given their ``forward_versions``) were changed in place since.
 
     A recompute reads the model's attributes when it runs. Swapped parameters, as in
     ``torch.func.functional_call``, are swapped back by then, so the recompute would silently
-    use other weights.
+    use other weights; a weight updated in place after the forward (``optimizer.step()`` or a
+    clamp before ``backward()``) would be read with its new value, where ordinary autograd
+    raises for the tensors it saved.
     """
     if list(map(id, tensors)) == list(forward_ids):
-        return
+        if forward_versions is None or list(map(VERSION, tensors)) == list(forward_versions):
+            return
+        changed = [i for i, (t, v) in enumerate(zip(tensors, forward_versions, strict=True))
+                   if t._version != v]
+        shapes = ", ".join(str(tuple(tensors[i].shape)) for i in changed[:3])
+        raise RuntimeError(
+            f"revify: {what}: {len(changed)} of its parameters (shape {shapes}) were modified "
+            "in place between the forward and this backward (an optimizer step or a weight "
+            "update before backward()); the recompute would read the new values, so its "
+            "gradients would be wrong. Update weights after backward(), as ordinary autograd "
+            "requires for the tensors it saves"
+        )
     if len(tensors) != len(forward_ids):
         why = "the set of tensors requiring grad changed (requires_grad toggled mid-step?)"
     else:
@@ -171,6 +189,25 @@ def check_same_tensors(what: str, forward_ids: Sequence[int], tensors: Sequence[
     raise RuntimeError(
         f"revify: {what}: {why}; the recompute in backward reads the model's own parameters, "
         "so run forward and backward with the same ones"
+    )
+
+
+TRAINING = operator.attrgetter("training")
+
+
+def check_modes(what: str, forward_modes: Sequence[bool], slots: Slots) -> None:
+    """Raise if a module the recompute runs was switched between train and eval mode since the
+    forward (``model.eval()`` before ``backward()``): it would recompute another function
+    (dropout off, BatchNorm on running statistics) than the forward's."""
+    if list(map(TRAINING, slots.modules)) == list(forward_modes):
+        return
+    changed = [type(m).__name__ for m, t in zip(slots.modules, forward_modes, strict=False)
+               if m.training != t]
+    raise RuntimeError(
+        f"revify: {what}: {', '.join(dict.fromkeys(changed)) or 'a module'} switched between "
+        "train and eval mode after the forward; the recompute in backward would compute "
+        "another function than the forward did. Call model.train() / model.eval() before the "
+        "forward, not between forward and backward()"
     )
 
 
@@ -401,7 +438,8 @@ def refuse_compiled(what: str, slots: Slots) -> None:
 # global module hooks are set), it runs as ordinary autograd of the same function, as under
 # revify.plain_autograd(), storing its activations, and warns once naming the module. FSDP2's
 # own hooks (fully_shard) are not counted: revify drives them (NOTE [ FSDP2 ] in _fsdp.py);
-# nor are transformers' output-capture hooks, which _stacks.py switches off inside a stage.
+# nor are revify's own (the audit's, own_hook), nor transformers' output-capture hooks, which
+# _stacks.py switches off inside a stage.
 HOOK_DICTS = operator.attrgetter(
     "_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks"
 )
@@ -417,8 +455,15 @@ def foreign_hooks(hooks: dict[int, Any]) -> bool:
     return any(
         type(getattr(h, "__self__", None)).__name__ != "FSDPState"
         and getattr(h, "__module__", None) != "transformers.utils.output_capturing"
+        and not getattr(h, "revify_own", False)
         for h in hooks.values()
     )
+
+
+def own_hook(fn: Any) -> Any:
+    """Mark ``fn`` as one of revify's module hooks (the audit's), which read no tensor."""
+    fn.revify_own = True
+    return fn
 
 
 def hooked(slots: Slots) -> list[nn.Module]:

@@ -58,6 +58,7 @@ from torch.utils._pytree import tree_leaves
 
 from . import _mode
 from ._plan import Block, Plan, ReportLine
+from ._replay import own_hook
 from ._simulate import LiveBytes, fake_model
 from ._stacks import refuse_stacks
 from ._trace import training_kept
@@ -636,11 +637,13 @@ def _hooks(
     modules_of = Counter(name for names in labels.values() for name in names)
     calls: Counter[nn.Module] = Counter()
 
+    @own_hook  # reads no tensor: the stages stay reversible (NOTE [ Hooked modules ])
     def pre(module: nn.Module, args: Any) -> None:
         names = labels[module]
         counter.stack.append(("block", names[calls[module] % len(names)]))
         calls[module] += 1
 
+    @own_hook
     def post(module: nn.Module, args: Any, output: Any) -> None:
         _, name = counter.stack.pop()
         # A block standing for several modules (an inline unit) has no single output.

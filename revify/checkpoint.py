@@ -19,6 +19,8 @@ from torch.autograd.graph import get_gradient_edge
 
 from . import _fsdp, _mode
 from ._replay import (
+    TRAINING,
+    VERSION,
     BufferWatch,
     MismatchOptions,
     Owners,
@@ -26,6 +28,7 @@ from ._replay import (
     RecomputeCheck,
     UncachedCasts,
     _ForwardState,
+    check_modes,
     check_same_tensors,
     hooked,
     read_slots,
@@ -149,6 +152,9 @@ class _CheckpointFunction(torch.autograd.Function):
         ctx.seg, ctx.n_in = seg, n_in
         ctx.fsdp = seg.__dict__.get("_fsdp_driven", [])  # NOTE [ FSDP2 ] in _fsdp.py
         ctx.tensor_ids = list(map(id, args[n_in:]))
+        ctx.modes = list(map(TRAINING, slots_of(seg).modules))
+        # FSDP2 writes the unsharded parameters again for the backward (NOTE [ FSDP2 ])
+        ctx.tensor_versions = None if ctx.fsdp else list(map(VERSION, args[n_in:]))
         # Each piece's RNG/autocast state, so that the backward can recompute any one alone.
         ctx.states, ctx.written = [], []
         slots = slots_of(seg).state
@@ -198,7 +204,8 @@ def _segment_backward(ctx: Any, *grad_outs: Tensor | None) -> tuple[Tensor | Non
     slots = slots_of(seg)
     tensors = read_slots(slots.slots, grad_only=True)
     what = f"segment {seg.name}"
-    check_same_tensors(what, ctx.tensor_ids, tensors)
+    check_same_tensors(what, ctx.tensor_ids, tensors, ctx.tensor_versions)
+    check_modes(what, ctx.modes, slots_of(seg))
     bns = slots.bns
     # boundary[p]: the inputs of piece p.
     boundary: list[tuple[Any, ...]] = [tuple(inputs)]
@@ -275,7 +282,8 @@ def _segment_backward_graph(ctx: Any, *grad_outs: Tensor | None) -> tuple[Tensor
     _fsdp.pre_backward(ctx.fsdp)
     tensors = [t for t in seg.tensors() if t.requires_grad]
     what = f"segment {seg.name}"
-    check_same_tensors(what, ctx.tensor_ids, tensors)
+    check_same_tensors(what, ctx.tensor_ids, tensors, ctx.tensor_versions)
+    check_modes(what, ctx.modes, slots_of(seg))
     needs_t = needs[ctx.n_in:]
     slots = slots_of(seg)
     bns = slots.bns

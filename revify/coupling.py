@@ -32,6 +32,8 @@ from . import _exact, _fsdp, _fused, _mode
 from ._direct import UnitProgram
 from ._replay import (
     MISMATCH_CAUSES,
+    TRAINING,
+    VERSION,
     BufferSnapshot,
     BufferWatch,
     MismatchOptions,
@@ -40,6 +42,7 @@ from ._replay import (
     RecomputeCheck,
     UncachedCasts,
     _ForwardState,
+    check_modes,
     check_same_tensors,
     frozen_running_stats,
     hooked,
@@ -851,12 +854,16 @@ class _UnitStep(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.walk, ctx.k = walk, k
         ctx.tensor_ids = list(map(id, tensors))
+        # FSDP2 writes the unsharded parameters again for the backward (NOTE [ FSDP2 ])
+        ctx.tensor_versions = None if walk.fsdp and walk.fsdp[k] else list(map(VERSION, tensors))
         ctx.state = _ForwardState(cur.device)
         units = walk.stage.units
         unit, check = units[k], walk.check
         if check is not None and k == 0:
             check.record(0, walk.pair[1])
-        watch = BufferWatch(slots_of(unit).state, unit.written)
+        slots = slots_of(unit)
+        ctx.modes = list(map(TRAINING, slots.modules))  # check_modes in backward
+        watch = BufferWatch(slots.state, unit.written)
         ctx.layout = walk.pair[1].stride()  # x_k as unit k reads it (NOTE [ Recompute layout ])
         rem = walk.advance(k)
         ctx.written, unit.written = watch.written()
@@ -986,7 +993,8 @@ def _step_backward(ctx: Any, g_cur: Tensor | None, g_next: Tensor | None) -> tup
     tensors = read_slots(slots.slots, grad_only=True)
     needs = ctx.needs_input_grad[4:]
     what = f"stage {stage.name}, unit {unit.name}"
-    check_same_tensors(what, ctx.tensor_ids, tensors)
+    check_same_tensors(what, ctx.tensor_ids, tensors, ctx.tensor_versions)
+    check_modes(what, ctx.modes, slots)
     beta = walk.beta
 
     h = _as_read(mid.detach().to(walk.in_dtype), ctx.layout)

@@ -143,6 +143,40 @@ def test_hooks_on_a_module_holding_a_stage_are_refused():
     model(torch.randn(2, 3, 32, 32))
 
 
+@pytest.mark.parametrize("where", ["layer1.1.conv1.bias", "layer2.0.conv1.weight"])
+def test_weights_updated_between_forward_and_backward_are_refused(where):
+    # The recompute reads the weights when backward runs: an update in between (a step before
+    # backward(), a clamp) gave gradients of other weights, only warned as a mismatch; ordinary
+    # autograd raises for the weights it saved. A conv's bias is not among those, but the
+    # recompute would still read it.
+    model = timm_model("resnet18", num_classes=4).double()
+    model.layer1[1].conv1.bias = nn.Parameter(torch.zeros(64, dtype=torch.float64))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    revify.convert(model, x)
+    loss = model(x).square().sum()
+    with torch.no_grad():
+        model.get_parameter(where).mul_(0.5)
+    kind = "stage layer1, unit layer1.1" if where.startswith("layer1") else "segment layer1 -> layer2"
+    with pytest.raises(RuntimeError, match=kind + r": 1 of its parameters .* modified in place"):
+        loss.backward()
+    model(x).square().sum().backward()  # the next step runs
+
+
+@pytest.mark.parametrize("switch", ["eval", "train"])
+def test_train_eval_switched_between_forward_and_backward_is_refused(switch):
+    # The recompute would run the other mode (BatchNorm on running statistics, no dropout):
+    # gradient errors of 41x (eval) and 1959x (train), with only a mismatch warning.
+    model = timm_model("resnet18", num_classes=4).double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    revify.convert(model, x)
+    model.train(switch == "train")
+    model.layer1.train(switch != "train")  # one stage in the other mode at the forward
+    loss = model(x).square().sum()
+    model.train(switch != "train")
+    with pytest.raises(RuntimeError, match="switched between train and eval mode after the forward"):
+        loss.backward()
+
+
 # 2. Higher-order gradients ----------------------------------------------------------------
 
 
