@@ -156,8 +156,9 @@ def test_weights_updated_between_forward_and_backward_are_refused(where):
     loss = model(x).square().sum()
     with torch.no_grad():
         model.get_parameter(where).mul_(0.5)
-    kind = "stage layer1, unit layer1.1" if where.startswith("layer1") else "segment layer1 -> layer2"
-    with pytest.raises(RuntimeError, match=kind + r": 1 of its parameters .* modified in place"):
+    kind = ("stage layer1, unit layer1.1" if where.startswith("layer1")
+            else "segment layer1 -> layer2")
+    with pytest.raises(RuntimeError, match=kind + r": 1 of its parameters .* in place"):
         loss.backward()
     model(x).square().sum().backward()  # the next step runs
 
@@ -173,7 +174,7 @@ def test_train_eval_switched_between_forward_and_backward_is_refused(switch):
     model.layer1.train(switch != "train")  # one stage in the other mode at the forward
     loss = model(x).square().sum()
     model.train(switch != "train")
-    with pytest.raises(RuntimeError, match="switched between train and eval mode after the forward"):
+    with pytest.raises(RuntimeError, match="switched between train and eval mode after"):
         loss.backward()
 
 
