@@ -99,7 +99,8 @@ class _Rewritten:
                 )
         if plan.checked_epoch != _EPOCH[0]:
             _check_structure(model, plan)
-        _refuse_holder_hooks(model, plan)
+        if not torch.compiler.is_compiling():  # dynamo: the trunk is one eager call
+            _refuse_holder_hooks(model, plan)
         run = _run_plan if _run_plan_eagerly is None else _run_plan_eagerly
         return run(plan, inputs)
 

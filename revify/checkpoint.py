@@ -30,13 +30,11 @@ from ._replay import (
     _ForwardState,
     check_modes,
     check_same_tensors,
-    hooked,
     read_slots,
     refuse_compiled,
     report_mismatch,
     slots_of,
     vjp,
-    warn_hooked,
 )
 
 __all__ = ["Segment"]
@@ -107,12 +105,6 @@ class Segment(MismatchOptions):
         if not self.checkpoint or not needs_grad or _mode.is_plain():
             return _tuple(self.code(self.root, *inputs))
         refuse_compiled(f"segment {self.name}", slots_of(self))  # NOTE [ Compiled units ]
-        found = hooked(slots_of(self))
-        if found:  # NOTE [ Hooked modules ] in _replay.py
-            if not self.__dict__.get("_warned_hooks"):
-                self._warned_hooks = True
-                warn_hooked(f"segment {self.name}", found)
-            return _tuple(self.code(self.root, *inputs))
         states = (_fsdp.driven(_fsdp.states_of(self, slots_of(self).slots), f"segment {self.name}")
                   if _fsdp.active() else [])
         if not states:

@@ -45,14 +45,12 @@ from ._replay import (
     check_modes,
     check_same_tensors,
     frozen_running_stats,
-    hooked,
     read_slots,
     refuse_compiled,
     report_mismatch,
     sampled,
     slots_of,
     vjp,
-    warn_hooked,
 )
 from .checkpoint import Segment
 
@@ -385,9 +383,6 @@ class ReversibleStage(MismatchOptions):
               taps: frozenset[int]) -> Tensor:
         if self._treatment != "reversible":  # NOTE [ Stage treatments ]
             return _forward(self, x, None, side, None, tapped, taps)
-        if torch.is_grad_enabled() and not _mode.is_plain() and self._hooked():
-            with _mode.plain_autograd():  # NOTE [ Hooked modules ] in _replay.py
-                return _forward(self, x, None, side, None, tapped, taps)
         fsdp = []
         if _fsdp.active() and torch.is_grad_enabled() and not _mode.is_plain():  # NOTE [ FSDP2 ]
             fsdp = [_fsdp.driven(_fsdp.states_of(u, slots_of(u).slots), f"stage {self.name}")
@@ -409,15 +404,6 @@ class ReversibleStage(MismatchOptions):
                 return _forward(self, x, self.unit_tensors(), side, fsdp, tapped, taps)
         finally:
             _fsdp.reshard(states)
-
-    def _hooked(self) -> bool:
-        found = {u.name: hooked(slots_of(u)) for u in self.units}
-        found = {k: v for k, v in found.items() if v}
-        if found and not self.__dict__.get("_warned_hooks"):
-            self._warned_hooks = True
-            warn_hooked(f"stage {self.name} (hooks in {', '.join(found)})",
-                        [m for ms in found.values() for m in ms])
-        return bool(found)
 
     def _refuse_compiled(self) -> None:
         for u in self.units:  # NOTE [ Compiled units ] in _replay.py
