@@ -289,7 +289,7 @@ def _anchors(model: nn.Module, plan: Plan) -> list[tuple[str, nn.Module]]:
 # called, so their module hooks would silently not run (a forward hook on layer2 collecting
 # features, or changing the output, did nothing). Their hooks are looked up at every call
 # (a few attribute reads) and refused, naming the module. Hooks on units and on the layers
-# inside them run (NOTE [ Hooked modules ] in _replay.py); FSDP2's own are revify's to drive.
+# inside them run (on tensors without a graph: README limitations); FSDP2's own are revify's.
 
 
 def _refuse_holder_hooks(model: nn.Module, plan: Plan) -> None:

@@ -14,13 +14,12 @@ import functools
 import operator
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import chain, compress, repeat
+from itertools import compress, repeat
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
-from torch.nn.modules import module as _nn_module
 from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__: list[str] = []
@@ -427,25 +426,12 @@ def refuse_compiled(what: str, slots: Slots) -> None:
     )
 
 
-# NOTE [ Hooked modules ]
-# A stage's forward runs its units with autograd off and builds each state in memory an earlier
-# state or a unit's output used (NOTE [ Stage backward ] in coupling.py); a checkpointed
-# segment's forward runs with autograd off too. A module hook inside them (register_forward_hook
-# collecting features for a distillation or perceptual loss, a pre-hook) would be handed
-# tensors with no graph, which the stage then overwrites: the loss on them silently sent no
-# gradient (stem and first units: relative error 1.0) and read other values (1.1). So while any
-# module a stage or segment calls has a forward, forward-pre or backward hook (or torch.nn's
-# global module hooks are set), it runs as ordinary autograd of the same function, as under
-# revify.plain_autograd(), storing its activations, and warns once naming the module. FSDP2's
-# own hooks (fully_shard) are not counted: revify drives them (NOTE [ FSDP2 ] in _fsdp.py);
-# nor are revify's own (the audit's, own_hook), nor transformers' output-capture hooks, which
-# _stacks.py switches off inside a stage.
+# Module hooks a converted trunk does not run are refused (NOTE [ Hooks on stage holders ] in
+# _install.py); FSDP2's own hooks (fully_shard, driven by revify: NOTE [ FSDP2 ] in _fsdp.py),
+# revify's own (the audit's, own_hook) and transformers' output-capture hooks (switched off
+# inside a stage by _stacks.py) are not counted.
 HOOK_DICTS = operator.attrgetter(
     "_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks"
-)
-_GLOBAL_MODULE_HOOKS = operator.attrgetter(
-    "_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_pre_hooks",
-    "_global_backward_hooks",
 )
 
 
@@ -464,31 +450,6 @@ def own_hook(fn: Any) -> Any:
     """Mark ``fn`` as one of revify's module hooks (the audit's), which read no tensor."""
     fn.revify_own = True
     return fn
-
-
-def hooked(slots: Slots) -> list[nn.Module]:
-    """The modules in ``slots`` with hooks of their own (NOTE [ Hooked modules ]); ``[None]``
-    for torch.nn's global module hooks."""
-    found = []
-    if any(chain.from_iterable(map(HOOK_DICTS, slots.modules))):
-        found = [m for m in slots.modules if any(map(foreign_hooks, HOOK_DICTS(m)))]
-    if not found and any(_GLOBAL_MODULE_HOOKS(_nn_module)):
-        return [None]
-    return found
-
-
-def warn_hooked(what: str, found: Sequence[nn.Module | None]) -> None:
-    """Say once per holder that it runs as ordinary autograd (NOTE [ Hooked modules ])."""
-    kinds = ", ".join(dict.fromkeys(
-        "torch.nn's global module hooks" if m is None else type(m).__name__ for m in found))
-    warnings.warn(
-        f"revify: {what} runs as ordinary autograd, storing its activations (no memory saved), "
-        f"while module hooks are registered inside it (on {kinds}): inside a reversible stage "
-        "or checkpointed segment a hook would see tensors with no autograd graph whose memory "
-        "is reused. Remove the hooks (or register them outside converted stages) to save "
-        "memory again (NOTE [ Hooked modules ] in revify/_replay.py)",
-        stacklevel=4,
-    )
 
 
 def _slot_values(slots: Sequence[Slot]) -> list[Any]:

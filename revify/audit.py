@@ -637,7 +637,7 @@ def _hooks(
     modules_of = Counter(name for names in labels.values() for name in names)
     calls: Counter[nn.Module] = Counter()
 
-    @own_hook  # reads no tensor: the stages stay reversible (NOTE [ Hooked modules ])
+    @own_hook  # reads no tensor (foreign_hooks in _replay.py does not count it)
     def pre(module: nn.Module, args: Any) -> None:
         names = labels[module]
         counter.stack.append(("block", names[calls[module] % len(names)]))
