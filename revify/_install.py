@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from . import _direct, _mode, _record
 from ._plan import _PLAN, ConversionError, Plan, _build_plan, _Ref, programs_known
-from ._replay import _EPOCH, HOOK_DICTS, foreign_hooks, slots_of
+from ._replay import _EPOCH, HOOK_DICTS, foreign_hooks, own_hook, slots_of
 from ._trace import Constant, _short, flatten_input
 from .coupling import ReversibleStage, _GraphUnit
 
@@ -288,8 +288,9 @@ def _anchors(model: nn.Module, plan: Plan) -> list[tuple[str, nn.Module]]:
 # Sequential of blocks), and the modules above it inside the trunk, are traced through and not
 # called, so their module hooks would silently not run (a forward hook on layer2 collecting
 # features, or changing the output, did nothing). Their hooks are looked up at every call
-# (a few attribute reads) and refused, naming the module. Hooks on units and on the layers
-# inside them run (on tensors without a graph: README limitations); FSDP2's own are revify's.
+# (a few attribute reads) and refused, naming the module. Forward hooks on units and on the
+# layers inside them run, their stage as ordinary autograd (NOTE [ Forward hooks inside stages ]
+# in _replay.py); FSDP2's own are revify's.
 
 
 def _refuse_holder_hooks(model: nn.Module, plan: Plan) -> None:
@@ -450,6 +451,7 @@ def _forwards_replaced(replacements: Iterable[tuple[nn.Module, Any]]) -> Iterato
                 m.__dict__["forward"] = old
 
 
+@own_hook
 def _refuse_fx_trace(module: nn.Module, args: tuple[Any, ...]) -> None:
     """Forward pre-hook on the units' modules of a plan installed as ``forward``: torch.fx
     traces a root's ``type(root).forward``, not the instance's, so tracing such a model walks

@@ -452,6 +452,73 @@ def own_hook(fn: Any) -> Any:
     return fn
 
 
+# NOTE [ Forward hooks inside stages ]
+# A reversible stage runs its units' forwards without grad and forms later states in the memory
+# of earlier ones; a checkpointed segment runs its layers without grad. A module forward hook
+# or pre-hook on a unit, on a layer inside one or a segment, or a global one, was handed
+# tensors with no graph whose memory was then reused: a feature or distillation loss on them got
+# no gradient (relative error 1.0 on the stem and first units) and read changed values (1.1).
+# A stage or segment that calls a module with such a hook (not revify's own: foreign_hooks)
+# therefore runs as ordinary autograd, as under revify.plain_autograd(): the same values, the
+# hooks see tensors with their graph, fire once, and its activations are stored. It is warned
+# once per stage or segment, naming the module; removing the hook brings the savings back at
+# the next step. Looked up at every call with grad: a few C-level reads per module.
+_PRE_HOOKS = operator.attrgetter("_forward_pre_hooks")
+_POST_HOOKS = operator.attrgetter("_forward_hooks")
+
+
+def forward_hooked(modules: Sequence[nn.Module]) -> nn.Module | str | None:
+    """The first of ``modules`` with a forward (pre-)hook that is not revify's own, or
+    ``"global"`` for a global module forward hook; None if none has one."""
+    from torch.nn.modules import module as _module
+
+    if any(map(foreign_hooks, (_module._global_forward_pre_hooks,
+                               _module._global_forward_hooks))):
+        return "global"
+    for m in [*compress(modules, map(_PRE_HOOKS, modules)),
+              *compress(modules, map(_POST_HOOKS, modules))]:
+        pre = m._forward_pre_hooks
+        if foreign_hooks(m._forward_hooks) or foreign_hooks(pre) and foreign_hooks(
+            {k: h for k, h in pre.items() if not isinstance(h, _weight_hooks())}
+        ):
+            return m
+    return None
+
+
+@functools.cache
+def _weight_hooks() -> tuple[type, ...]:
+    """Pre-hooks that compute a module's weight from its parameters and read no input
+    (torch.nn.utils' spectral_norm, weight_norm and pruning): they run in the recompute too."""
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return SpectralNorm, WeightNorm, BasePruningMethod
+
+
+def warn_hooked(what: str, found: nn.Module | str, roots: Sequence[tuple[str, nn.Module]],
+                warned: set[str]) -> None:
+    """Warn, once per ``what`` (a stage or segment), that it runs as ordinary autograd because
+    ``found`` (:func:`forward_hooked`; a module under one of ``roots``, ``(path, module)``)
+    has a forward hook."""
+    if found == "global":
+        where = "a global module forward hook (nn.modules.module.register_module_forward_hook)"
+    else:
+        names = [".".join(filter(None, (path, n))) for path, r in roots
+                 for n, m in r.named_modules() if m is found]
+        where = f"a forward hook on {names[0]} ({type(found).__name__})" if names else \
+            f"a forward hook on a {type(found).__name__}"
+    message = (
+        f"revify: {what} runs as ordinary autograd, storing its activations, because of {where}: "
+        "inside a reversible stage or checkpointed segment a hook would be handed tensors "
+        "without their graph (NOTE [ Forward hooks inside stages ] in revify/_replay.py). "
+        "Remove the hook to get the memory savings back, or register it outside the stage."
+    )
+    if message not in warned:
+        warned.add(message)
+        warnings.warn(message, stacklevel=4)
+
+
 def _slot_values(slots: Sequence[Slot]) -> list[Any]:
     """What each of ``slots`` holds now (None where nothing), without a Python-level loop."""
     return list(map(dict.get, *zip(*slots, strict=True))) if slots else []

@@ -30,11 +30,13 @@ from ._replay import (
     _ForwardState,
     check_modes,
     check_same_tensors,
+    forward_hooked,
     read_slots,
     refuse_compiled,
     report_mismatch,
     slots_of,
     vjp,
+    warn_hooked,
 )
 
 __all__ = ["Segment"]
@@ -104,6 +106,12 @@ class Segment(MismatchOptions):
         )
         if not self.checkpoint or not needs_grad or _mode.is_plain():
             return _tuple(self.code(self.root, *inputs))
+        found = forward_hooked(slots_of(self).modules)
+        if found is not None:  # NOTE [ Forward hooks inside stages ] in _replay.py
+            warn_hooked(f"segment {self.name}", found, [("", self.root)],
+                        self.__dict__.setdefault("_hook_warned", set()))
+            with _mode.plain_autograd():
+                return _tuple(self.code(self.root, *inputs))
         refuse_compiled(f"segment {self.name}", slots_of(self))  # NOTE [ Compiled units ]
         states = (_fsdp.driven(_fsdp.states_of(self, slots_of(self).slots), f"segment {self.name}")
                   if _fsdp.active() else [])

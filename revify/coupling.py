@@ -44,6 +44,7 @@ from ._replay import (
     _ForwardState,
     check_modes,
     check_same_tensors,
+    forward_hooked,
     frozen_running_stats,
     read_slots,
     refuse_compiled,
@@ -51,6 +52,7 @@ from ._replay import (
     sampled,
     slots_of,
     vjp,
+    warn_hooked,
 )
 from .checkpoint import Segment
 
@@ -383,6 +385,9 @@ class ReversibleStage(MismatchOptions):
               taps: frozenset[int]) -> Tensor:
         if self._treatment != "reversible":  # NOTE [ Stage treatments ]
             return _forward(self, x, None, side, None, tapped, taps)
+        if torch.is_grad_enabled() and not _mode.is_plain() and self._hooked():
+            with _mode.plain_autograd():  # NOTE [ Forward hooks inside stages ] in _replay.py
+                return _forward(self, x, None, side, None, tapped, taps)
         fsdp = []
         if _fsdp.active() and torch.is_grad_enabled() and not _mode.is_plain():  # NOTE [ FSDP2 ]
             fsdp = [_fsdp.driven(_fsdp.states_of(u, slots_of(u).slots), f"stage {self.name}")
@@ -404,6 +409,17 @@ class ReversibleStage(MismatchOptions):
                 return _forward(self, x, self.unit_tensors(), side, fsdp, tapped, taps)
         finally:
             _fsdp.reshard(states)
+
+    def _hooked(self) -> bool:
+        """Whether a unit calls a module with a forward hook, warned once (NOTE [ Forward hooks
+        inside stages ] in _replay.py)."""
+        for u in self.units:
+            found = forward_hooked(slots_of(u).modules)
+            if found is not None:
+                warned = self.__dict__.setdefault("_hook_warned", set())
+                warn_hooked(f"stage {self.name}", found, [(u.name, m) for m in u.modules], warned)
+                return True
+        return False
 
     def _refuse_compiled(self) -> None:
         for u in self.units:  # NOTE [ Compiled units ] in _replay.py

@@ -10,6 +10,7 @@ from conftest import (
     InlineNet,
     ReluBlock,
     bn_state,
+    counting,
     max_rel_err,
     restore,
     step_grads,
@@ -110,9 +111,9 @@ def test_frozen_parameters_cost_no_recompute(model):
             p.requires_grad_(False)
     counts = {"layer1.0": 0, "layer2.1": 0, "layer4.1": 0}
     for path in counts:
-        model.get_submodule(path).register_forward_hook(
+        model.get_submodule(path).register_forward_hook(counting(
             lambda m, i, o, path=path: counts.__setitem__(path, counts[path] + 1)
-        )
+        ))
     y = model(_x())
     assert counts == {"layer1.0": 1, "layer2.1": 1, "layer4.1": 1}
     y.sum().backward()
@@ -134,9 +135,9 @@ def test_each_unit_recomputed_exactly_once(model):
     counts = {}
     for path in ("layer1.0", "layer1.1", "layer2.0", "conv1"):
         counts[path] = 0
-        model.get_submodule(path).register_forward_hook(
+        model.get_submodule(path).register_forward_hook(counting(
             lambda m, i, o, path=path: counts.__setitem__(path, counts[path] + 1)
-        )
+        ))
     model(_x(requires_grad=True)).sum().backward()
     assert counts == {"layer1.0": 2, "layer1.1": 2, "layer2.0": 2, "conv1": 2}
 

@@ -15,6 +15,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import counting
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -118,9 +119,9 @@ def test_unit_gradients_are_handed_on_before_earlier_units_recompute():
     model.blocks[2].conv1.weight.register_post_accumulate_grad_hook(
         lambda p: events.append("grad of unit 2")
     )
-    model.blocks[0].register_forward_hook(
+    model.blocks[0].register_forward_hook(counting(
         lambda *_: events.append("unit 0 runs") if torch.is_grad_enabled() else None
-    )
+    ))
     model(torch.randn(2, 3, _SIDE, _SIDE)).sum().backward()
     # Forward (the stage's units run without grad), then the backward's recompute of unit 0.
     assert events == ["grad of unit 2", "unit 0 runs"]

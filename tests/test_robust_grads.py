@@ -14,7 +14,7 @@ from collections import defaultdict
 import pytest
 import timm
 import torch
-from conftest import CountingBlock, bn_state, max_rel_err, restore, step_grads, timm_model
+from conftest import CountingBlock, bn_state, counting, max_rel_err, restore, step_grads, timm_model
 from timm.layers import EvoNorm2dB0
 from timm.models.resnet import Bottleneck, ResNet
 from torch import nn
@@ -106,6 +106,119 @@ def test_hooks_on_a_module_holding_a_stage_are_refused():
         model(torch.randn(2, 3, 32, 32))
     handle.remove()
     model(torch.randn(2, 3, 32, 32))
+
+
+def _hooked_resnet() -> nn.Module:
+    """:func:`_resnet` with DropPath active."""
+    torch.manual_seed(0)
+    m = ResNet(
+        Bottleneck, [3, 3, 1, 1], channels=(8, 8, 8, 8), stem_width=8, num_classes=3,
+        zero_init_last=False, drop_path_rate=0.3,
+    ).double()
+    revify.convert(m, torch.zeros(2, 3, SIZE, SIZE, dtype=torch.float64))
+    return m.train()
+
+
+@pytest.mark.parametrize("where", [
+    ("layer1.1", "stage layer1", "layer1.1 (Bottleneck)"),  # a unit
+    ("layer2.1.conv2", "stage layer2", "layer2.1.conv2 (Conv2d)"),  # a layer inside a unit
+    ("layer2.0.conv1", "segment layer1 -> layer2", "layer2.0.conv1 (Conv2d)"),  # a transition
+    ("pre:layer1.2", "stage layer1", "layer1.2 (Bottleneck)"),  # a pre-hook, on a last unit
+    ("global", "segment stem", "a global module forward hook"),
+])
+@pytest.mark.parametrize("precision", ["float64", "bf16"])
+def test_forward_hooks_inside_stages_see_the_graph(where, precision):
+    # NOTE [ Forward hooks inside stages ]: a reversible stage or checkpointed segment runs its
+    # forwards without grad and reuses their memory, so a feature loss on a hooked output got
+    # no gradient and read overwritten values. Such a stage now runs as ordinary autograd.
+    path, what, named = where
+    model = _hooked_resnet()
+    x = _x()
+
+    def step(plain: bool, precision: str = precision):
+        feats: list[torch.Tensor] = []
+        if path == "global":
+            handle = nn.modules.module.register_module_forward_hook(
+                lambda m, i, o: feats.append(o) if m is model.layer1[1].conv3 else None)
+        elif path.startswith("pre:"):
+            handle = model.get_submodule(path[4:]).register_forward_pre_hook(
+                lambda m, i: feats.append(i[0]))
+        else:
+            handle = model.get_submodule(path).register_forward_hook(
+                lambda m, i, o: feats.append(o))
+        torch.manual_seed(7)
+        model.to(torch.float64 if precision == "float64" else torch.float32)
+        autocast = torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16")
+        try:
+            with warnings.catch_warnings(record=True) as caught, _plain(plain), autocast:
+                warnings.simplefilter("always")
+                y = model(x.to(model.fc.weight.dtype))
+                loss = y.float().square().sum() + feats[0].float().square().mean()
+            seen = feats[0].detach().clone()
+            model.zero_grad()
+            loss.backward()
+        finally:
+            handle.remove()
+        grads = [p.grad.clone() for p in model.parameters()]
+        return seen, grads, len(feats), [str(w.message) for w in caught]
+
+    seen_ref, grads_ref, calls_ref, _ = step(plain=True)
+    seen, grads, calls, caught = step(plain=False)
+    assert calls == calls_ref == 1  # not again in a recompute
+    assert torch.equal(seen, seen_ref)  # its memory not reused by later states
+    if precision == "float64":
+        assert max_rel_err(grads, grads_ref) < 1e-10
+    else:  # as accurate as ordinary bf16 autograd, against the float64 gradient
+        _, truth, _, _ = step(plain=True, precision="float64")
+        assert max_rel_err(grads, truth) < 2 * max_rel_err(grads_ref, truth)
+    warned = [m for m in caught if "runs as ordinary autograd" in m]
+    assert warned and warned[0].startswith(f"revify: {what} runs as ordinary autograd"), caught
+    assert named in warned[0]
+    # without the hook the stage is reversible again: its units are recomputed in backward
+    calls_now = []
+    handle = model.layer1[1].register_forward_hook(counting(lambda *_: calls_now.append(1)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x).sum().backward()
+    handle.remove()
+    assert len(calls_now) == 2
+
+
+def test_backward_hooks_inside_stages_see_the_true_gradients():
+    # Full backward hooks on a unit and on a layer inside one fire in the unit's recompute
+    # with the gradients ordinary autograd gives, and what they return is used; the stage
+    # stays reversible (no warning).
+    model = _hooked_resnet()
+    x = _x()
+
+    def step(plain: bool):
+        seen: list[torch.Tensor] = []
+
+        def scale(m, grad_in, grad_out):
+            seen.extend(g.clone() for g in (*grad_in, *grad_out) if g is not None)
+            return tuple(None if g is None else 3 * g for g in grad_in)
+
+        handles = [model.layer1[1].register_full_backward_hook(scale),
+                   model.layer2[1].conv2.register_full_backward_pre_hook(
+                       lambda m, go: tuple(0.5 * g for g in go))]
+        torch.manual_seed(7)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                with _plain(plain):
+                    loss = model(x).square().sum()
+                model.zero_grad()
+                loss.backward()
+        finally:
+            for h in handles:
+                h.remove()
+        return seen, [p.grad.clone() for p in model.parameters()]
+
+    seen_ref, grads_ref = step(plain=True)
+    seen, grads = step(plain=False)
+    assert len(seen) == len(seen_ref) == 2
+    assert max_rel_err(seen, seen_ref) < 1e-10
+    assert max_rel_err(grads, grads_ref) < 1e-10
 
 
 @pytest.mark.parametrize("where", ["layer1.1.conv1.bias", "layer2.0.conv1.weight"])
