@@ -7,6 +7,7 @@ host-bound, so the Python of each module call is step time (issue 14). See NOTE 
 from __future__ import annotations
 
 import operator
+import re
 from collections.abc import Sequence
 from itertools import chain
 from typing import Any
@@ -76,6 +77,12 @@ def plain_calls(modules: Sequence[nn.Module]) -> bool:
     )
 
 
+def _identifier(path: str) -> str:
+    """``path`` as part of a Python name: module names need not be identifiers (torchvision's
+    RegNet names its blocks ``block1-0``)."""
+    return re.sub(r"\W", "_", path)
+
+
 def direct_graph(
     graph: fx.Graph, root: nn.Module | None = None, programs: dict[str, Any] | None = None,
 ) -> tuple[fx.Graph, list[str], frozenset[int], list[Any]]:
@@ -90,9 +97,9 @@ def direct_graph(
     env: dict[fx.Node, fx.Node] = {}
     calls = [n for n in graph.nodes if n.op == "call_module"]
     paths = list(dict.fromkeys(str(n.target) for n in calls))
-    module_inputs = {p: g.placeholder(f"m{i}_{p.replace('.', '_')}") for i, p in enumerate(paths)}
+    module_inputs = {p: g.placeholder(f"m{i}_{_identifier(p)}") for i, p in enumerate(paths)}
     used = [p for p in paths if p in programs]
-    program_inputs = {p: g.placeholder(f"p{i}_{p.replace('.', '_')}") for i, p in enumerate(used)}
+    program_inputs = {p: g.placeholder(f"p{i}_{_identifier(p)}") for i, p in enumerate(used)}
     functions = {
         i: _FUNCTIONS[type(m)] for i, p in enumerate(paths)
         if root is not None and type(m := root.get_submodule(p)) in _FUNCTIONS

@@ -44,6 +44,16 @@ def test_torchvision_resnet_float64():
     _compare(model, torch.randn(4, 3, 32, 32, dtype=torch.float64))
 
 
+def test_torchvision_regnet_float64():
+    # RegNet names its blocks "block1-0": the generated direct-call code used module paths as
+    # Python names, and convert failed with a SyntaxError naming nothing.
+    torch.manual_seed(0)
+    model = torchvision.models.regnet_x_400mf(num_classes=3).double()
+    revify.convert(model, torch.zeros(2, 3, 32, 32, dtype=torch.float64))
+    assert any("-" in u.name for st in revify.stages(model) for u in st.units)
+    _compare(model, torch.randn(4, 3, 32, 32, dtype=torch.float64))
+
+
 def test_inline_residuals_shared_module_and_dropout():
     torch.manual_seed(0)
     model = InlineNet().double()
