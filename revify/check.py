@@ -42,7 +42,7 @@ class StageCheck:
     reconstruction_error: float  # max|x_rec - x| / max|x|
     grad_error: float  # ||g_revify - g64|| / ||g64|| over the stage's parameters
     plain_grad_error: float  # same for ordinary autograd at the model's precision
-    ratio: float  # grad_error / plain_grad_error
+    ratio: float  # grad_error / plain_grad_error (nan where plain is exact: float64)
     # The unit whose parameters have the largest ratio of the same two errors: a stage ratio
     # near 1 can hide one unit far off (ConvNeXt's unit 0 at 2.5-16x read 1.06-1.09 as a stage).
     worst_unit: str = ""
@@ -71,13 +71,16 @@ class CheckReport:
             f"revify.check ({self.precision}): vs original: output error "
             f"{self.output_rel_error:.3g}, top-1 agreement {self.top1_agreement:.2%}",
             f"  gradient error {self.grad_error:.3g}, plain autograd {self.plain_grad_error:.3g},"
-            f" ratio {self.ratio:.3g}",
+            f" ratio {_fmt(self.ratio)}",
         ]
+        if self.plain_grad_error == 0:
+            lines.append("  (ordinary autograd at this precision is the float64 truth itself: "
+                         "no ratio; read the gradient errors)")
         for s in self.stages:
             lines.append(
                 f"  {s.name:<24} units={s.units:<3} reconstruction={s.reconstruction_error:.2e} "
-                f"grad={s.grad_error:.3g} plain={s.plain_grad_error:.3g} ratio={s.ratio:.3g} "
-                f"worst unit={s.worst_unit or '-'} ratio={s.worst_unit_ratio:.3g}"
+                f"grad={s.grad_error:.3g} plain={s.plain_grad_error:.3g} ratio={_fmt(s.ratio)} "
+                f"worst unit={s.worst_unit or '-'} ratio={_fmt(s.worst_unit_ratio)}"
             )
         return "\n".join(lines)
 
@@ -236,9 +239,15 @@ def _fidelity(model: nn.Module, x: Tensor) -> tuple[float, float]:
 
 
 def _ratio(a: float, b: float) -> float:
+    """``a / b``; nan where ordinary autograd is exact (``b == 0``: a float64 model, whose
+    ordinary autograd is the truth itself), so no ratio says how much error revify added."""
     if b == 0:
-        return 1.0 if a == 0 else math.inf
+        return 1.0 if a == 0 else math.nan
     return a / b
+
+
+def _fmt(ratio: float) -> str:
+    return "n/a" if math.isnan(ratio) else f"{ratio:.3g}"
 
 
 class _Probe:

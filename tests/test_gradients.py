@@ -7,6 +7,8 @@ up far above 1e-10.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torchvision
@@ -95,6 +97,20 @@ def test_error_ratio_against_float64(autocast):
     for st in report.stages:
         assert st.ratio <= 2.0, str(report)
         assert st.reconstruction_error < 1e-3, str(report)
+
+
+def test_check_of_a_float64_model_reports_no_ratio():
+    """In float64 ordinary autograd is the truth itself (error 0): the ratio is undefined, not
+    the infinity that read as an alarm; the gradient errors are what to read."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=3).double()
+    revify.convert(model, torch.zeros(2, 3, 32, 32, dtype=torch.float64))
+    report = revify.check(model.train(), torch.randn(2, 3, 32, 32, dtype=torch.float64))
+    assert report.plain_grad_error == 0 and 0 < report.grad_error < 1e-12
+    assert math.isnan(report.ratio)
+    assert all(math.isnan(s.ratio) or s.grad_error == s.plain_grad_error == 0
+               for s in report.stages)
+    assert "inf" not in str(report) and "ratio n/a" in str(report)
 
 
 def test_bf16_autocast_deep_stage_reconstructs():
