@@ -43,7 +43,7 @@ from ._inplace import (
     written_values,
 )
 from ._match import Residual, Unit, chains, find_residuals, is_add
-from ._replay import _slots, read_slots
+from ._replay import _slots, foreign_hooks, read_slots
 from ._trace import (
     GraphCode,
     bind_inputs,
@@ -402,10 +402,21 @@ def _propagate(model: nn.Module, graph: fx.Graph, inputs: tuple[Any, ...], metho
         propagate_shapes(model, graph, inputs)
     except Exception as e:
         shapes = [tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__ for a in inputs]
+        hooked = [name for name, m in model.named_modules()
+                  if foreign_hooks(m._forward_hooks) or foreign_hooks(m._forward_pre_hooks)]
+        fix = "pass example_input= with the shape the model expects"
+        if hooked:  # timm's FeatureHookNet (features_only, feature_cls="hook") collects so
+            fix = (
+                f"its modules {', '.join(hooked[:3])}{', ...' if len(hooked) > 3 else ''} have "
+                "forward hooks, which tracing runs on placeholders (a model collecting its "
+                "features with hooks: timm's features_only FeatureHookNet); convert the model "
+                "before registering them, or for timm use features_only=True with "
+                "feature_cls='getter' (its forward_intermediates converts)"
+                + ("" if type(model).__name__ == "FeatureHookNet" else f"; or {fix}")
+            )
         raise ConversionError(
             f"revify.convert: running {type(model).__name__}.{method} on example inputs of "
-            f"shape {shapes} failed ({type(e).__name__}: {e}); pass example_input= with the "
-            "shape the model expects"
+            f"shape {shapes} failed ({type(e).__name__}: {e}); {fix}"
         ) from e
 
 

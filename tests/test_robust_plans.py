@@ -354,6 +354,20 @@ def test_torchscript_module_is_refused():
         revify.convert(torch.jit.script(Chain()), X.float())
 
 
+def test_features_collected_by_hooks_are_refused_naming_the_hooks():
+    # timm's features_only FeatureHookNet collects stage outputs with forward hooks: tracing ran
+    # them on placeholders and convert failed with "'node' not in new_dict during proxy
+    # unpickling" and advice about the input shape. The getter form converts.
+    hooked = timm.create_model("resnet18", features_only=True, feature_cls="hook")
+    with pytest.raises(ConversionError, match=r"body.act1, body.layer1, .* have forward hooks"
+                       r".*feature_cls='getter'"):
+        revify.convert(hooked, torch.zeros(2, 3, 32, 32))
+    getter = timm.create_model("resnet18", features_only=True, feature_cls="getter")
+    revify.convert(getter, torch.zeros(2, 3, 32, 32))
+    assert len(revify.stages(getter)) == 4
+    assert len(getter(torch.randn(2, 3, 32, 32))) == 5
+
+
 class WriteAfterStage(nn.Module):
     """A stage output written in place by the next layer (``nn.ReLU(inplace=True)``, ``mul_``,
     a Sequential starting with an in-place ReLU), then a strided transition and a stage."""
