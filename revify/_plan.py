@@ -43,7 +43,7 @@ from ._inplace import (
     written_values,
 )
 from ._match import Residual, Unit, chains, find_residuals, is_add
-from ._replay import _slots, foreign_hooks, read_slots
+from ._replay import _slots, forward_hooked, read_slots
 from ._trace import (
     GraphCode,
     bind_inputs,
@@ -403,7 +403,7 @@ def _propagate(model: nn.Module, graph: fx.Graph, inputs: tuple[Any, ...], metho
     except Exception as e:
         shapes = [tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__ for a in inputs]
         hooked = [name for name, m in model.named_modules()
-                  if foreign_hooks(m._forward_hooks) or foreign_hooks(m._forward_pre_hooks)]
+                  if forward_hooked([m], globals_checked=True) is not None]
         fix = "pass example_input= with the shape the model expects"
         if hooked:  # timm's FeatureHookNet (features_only, feature_cls="hook") collects so
             fix = (

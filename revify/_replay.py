@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
+from torch.nn.modules import module as _module
 from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__: list[str] = []
@@ -351,8 +352,6 @@ def _bump(*_: Any) -> None:
 
 def _install_hooks() -> None:
     if not _HOOKS:
-        from torch.nn.modules import module as _module
-
         _HOOKS.extend((
             _module.register_module_module_registration_hook(_bump),
             _module.register_module_parameter_registration_hook(_bump),
@@ -467,16 +466,22 @@ _PRE_HOOKS = operator.attrgetter("_forward_pre_hooks")
 _POST_HOOKS = operator.attrgetter("_forward_hooks")
 
 
-def forward_hooked(modules: Sequence[nn.Module]) -> nn.Module | str | None:
-    """The first of ``modules`` with a forward (pre-)hook that is not revify's own, or
-    ``"global"`` for a global module forward hook; None if none has one."""
-    from torch.nn.modules import module as _module
+def hooked_globally() -> bool:
+    """Whether a global module forward (pre-)hook that is not revify's own is registered."""
+    return any(map(foreign_hooks, (_module._global_forward_pre_hooks,
+                                   _module._global_forward_hooks)))
 
-    if any(map(foreign_hooks, (_module._global_forward_pre_hooks,
-                               _module._global_forward_hooks))):
+
+def forward_hooked(modules: Sequence[nn.Module], globals_checked: bool = False
+                   ) -> nn.Module | str | None:
+    """The first of ``modules`` with a forward (pre-)hook that is not revify's own, or
+    ``"global"`` for a global one (:func:`hooked_globally`, not looked up again if
+    ``globals_checked``); None if none has one."""
+    if not globals_checked and hooked_globally():
         return "global"
-    for m in [*compress(modules, map(_PRE_HOOKS, modules)),
-              *compress(modules, map(_POST_HOOKS, modules))]:
+    candidates = [*compress(modules, map(_PRE_HOOKS, modules)),
+                  *compress(modules, map(_POST_HOOKS, modules))]
+    for m in dict.fromkeys(candidates):  # a module with both kinds once
         pre = m._forward_pre_hooks
         if foreign_hooks(m._forward_hooks) or foreign_hooks(pre) and foreign_hooks(
             {k: h for k, h in pre.items() if not isinstance(h, _weight_hooks())}

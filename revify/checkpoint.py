@@ -106,14 +106,15 @@ class Segment(MismatchOptions):
         )
         if not self.checkpoint or not needs_grad or _mode.is_plain():
             return _tuple(self.code(self.root, *inputs))
-        found = forward_hooked(slots_of(self).modules)
+        slots = slots_of(self)
+        found = forward_hooked(slots.modules)
         if found is not None:  # NOTE [ Forward hooks inside stages ] in _replay.py
             warn_hooked(f"segment {self.name}", found, [("", self.root)],
                         self.__dict__.setdefault("_hook_warned", set()))
             with _mode.plain_autograd():
                 return _tuple(self.code(self.root, *inputs))
-        refuse_compiled(f"segment {self.name}", slots_of(self))  # NOTE [ Compiled units ]
-        states = (_fsdp.driven(_fsdp.states_of(self, slots_of(self).slots), f"segment {self.name}")
+        refuse_compiled(f"segment {self.name}", slots)  # NOTE [ Compiled units ]
+        states = (_fsdp.driven(_fsdp.states_of(self, slots.slots), f"segment {self.name}")
                   if _fsdp.active() else [])
         if not states:
             buffers = frozenset(map(id, compress(reads, map(operator.not_, grad))))
@@ -205,7 +206,7 @@ def _segment_backward(ctx: Any, *grad_outs: Tensor | None) -> tuple[Tensor | Non
     tensors = read_slots(slots.slots, grad_only=True)
     what = f"segment {seg.name}"
     check_same_tensors(what, ctx.tensor_ids, tensors, ctx.tensor_versions)
-    check_modes(what, ctx.modes, slots_of(seg))
+    check_modes(what, ctx.modes, slots)
     bns = slots.bns
     # boundary[p]: the inputs of piece p.
     boundary: list[tuple[Any, ...]] = [tuple(inputs)]

@@ -46,6 +46,7 @@ from ._replay import (
     check_same_tensors,
     forward_hooked,
     frozen_running_stats,
+    hooked_globally,
     read_slots,
     refuse_compiled,
     report_mismatch,
@@ -87,6 +88,10 @@ class _BranchUnit:
         """Where the unit reads its tensors (``_replay.slots_of``: its parameter and buffer
         slots, the buffers it may write, its BatchNorms)."""
         return Owners([self.module])
+
+    def named_roots(self) -> list[tuple[str, nn.Module]]:
+        """``(path, module)`` under which the modules it calls are named in reports."""
+        return [(self.name, self.module)]
 
     def raw(self, h: Tensor) -> Tensor:
         return self.module(h.clone() if self.copy_input else h)
@@ -206,6 +211,9 @@ class _GraphUnit(_BranchUnit):
 
     def owners(self) -> Owners:
         return self._reads.owners()
+
+    def named_roots(self) -> list[tuple[str, nn.Module]]:
+        return [("", self.root)]  # its name is the residual's, its modules the root's
 
     def raw(self, h: Tensor) -> Tensor:
         return self.code(self.root, h.clone() if self.copy_input else h)
@@ -413,11 +421,12 @@ class ReversibleStage(MismatchOptions):
     def _hooked(self) -> bool:
         """Whether a unit calls a module with a forward hook, warned once (NOTE [ Forward hooks
         inside stages ] in _replay.py)."""
+        hooked = hooked_globally()  # once for all units
         for u in self.units:
-            found = forward_hooked(slots_of(u).modules)
+            found = "global" if hooked else forward_hooked(slots_of(u).modules, True)
             if found is not None:
                 warned = self.__dict__.setdefault("_hook_warned", set())
-                warn_hooked(f"stage {self.name}", found, [(u.name, m) for m in u.modules], warned)
+                warn_hooked(f"stage {self.name}", found, u.named_roots(), warned)
                 return True
         return False
 

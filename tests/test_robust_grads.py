@@ -14,7 +14,16 @@ from collections import defaultdict
 import pytest
 import timm
 import torch
-from conftest import CountingBlock, bn_state, counting, max_rel_err, restore, step_grads, timm_model
+from conftest import (
+    CountingBlock,
+    InlineNet,
+    bn_state,
+    counting,
+    max_rel_err,
+    restore,
+    step_grads,
+    timm_model,
+)
 from timm.layers import EvoNorm2dB0
 from timm.models.resnet import Bottleneck, ResNet
 from torch import nn
@@ -182,6 +191,18 @@ def test_forward_hooks_inside_stages_see_the_graph(where, precision):
         model(x).sum().backward()
     handle.remove()
     assert len(calls_now) == 2
+
+
+def test_hook_inside_an_inline_unit_is_named_by_its_path():
+    # An inline unit (x + f(x) traced from the root) is named after its residual, not a
+    # module: the warning names the hooked module by its path in the model.
+    model = revify.convert(InlineNet(), torch.zeros(2, 3, 16, 16)).train()
+    unit = revify.stages(model)[0].units[1]
+    assert type(unit).__name__ == "_GraphUnit" and model.f2 in unit.modules
+    handle = model.f2.register_forward_hook(lambda *_: None)
+    with pytest.warns(UserWarning, match=r"because of a forward hook on f2 \(Conv2d\)"):
+        model(torch.randn(2, 3, 16, 16)).sum().backward()
+    handle.remove()
 
 
 def test_backward_hooks_inside_stages_see_the_true_gradients():
