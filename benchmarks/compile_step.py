@@ -3,8 +3,11 @@ graph breaks and recompiles, beside plain and timm checkpointing in the same pro
 
 A converted trunk runs eagerly inside ``torch.compile`` (NOTE [ torch.compile ] in
 revify/_install.py): dynamo breaks the graph at the trunk's plan and compiles what surrounds it
-(timm's ``forward_head``), so the compiled step is the eager trunk plus a compiled head. The
-steady steps of each method are interleaved (one of each in turn) and the median is reported.
+(timm's ``forward_head``), so the compiled step is the eager trunk plus a compiled head.
+``revify.compile_units`` compiles each unit of the trunk on its own (regional compilation, NOTE
+[ Regional compile ] in revify/_compile.py); its row counts the units' graphs.
+The steady steps of each method are interleaved (one of each in turn) and the median is
+reported.
 
 Run::
 
@@ -24,8 +27,12 @@ from _common import build_model, console, parse_list, ratio, write_json
 from rich.table import Table
 from torch._dynamo.utils import counters
 
-_VARIANTS = (("plain", False), ("timm-ckpt", False), ("revify", False), ("plain", True),
-             ("revify", True))
+import revify
+
+# (method, how it is compiled: "" eager, "model" torch.compile(model), "units" compile_units)
+_VARIANTS = (("plain", ""), ("timm-ckpt", ""), ("revify", ""), ("plain", "model"),
+             ("revify", "model"), ("revify", "units"))
+_LABELS = {"": "", "model": " (compiled)", "units": " (compile_units)"}
 
 
 def _step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], float]:
@@ -43,11 +50,13 @@ def measure(name: str, size: int, batch: int, steps: int) -> list[dict[str, obje
     y = torch.randint(0, 10, (batch,))
     runs, rows = {}, {}
     for method, compiled in _VARIANTS:
-        label = f"{method}{' (compiled)' if compiled else ''}"
+        label = method + _LABELS[compiled]
         model = build_model(name, method, size=size, num_classes=10)
         torch._dynamo.reset()
         counters.clear()
-        call = torch.compile(model) if compiled else model
+        call = torch.compile(model) if compiled == "model" else model
+        if compiled == "units":
+            revify.compile_units(model)
         run = _step(call, x, y)
         first = run()
         run()  # a second step: dynamo may recompile on the second call
@@ -55,6 +64,7 @@ def measure(name: str, size: int, batch: int, steps: int) -> list[dict[str, obje
             model=name, method=label, first_s=first,
             graph_breaks=sum(counters["graph_break"].values()) if compiled else 0,
             recompiles=sum(counters["recompiles"].values()) if compiled else 0,
+            graphs=counters["stats"]["unique_graphs"],
         )
         runs[label] = run
     times: dict[str, list[float]] = {k: [] for k in runs}
@@ -82,12 +92,12 @@ def main() -> None:
         results += measure(name, args.size, args.batch, args.steps)
     table = Table(title=f"torch.compile vs eager, CPU, batch {args.batch}, {args.size}px")
     for col in ("model", "method", "first step s", "step s", "÷ plain", "÷ timm", "breaks",
-                "recompiles"):
+                "recompiles", "graphs"):
         table.add_column(col)
     for r in results:
         table.add_row(r["model"], r["method"], f"{r['first_s']:.1f}", f"{r['step_s']:.3f}",
                       f"{r['vs_plain']:.2f}", f"{r['vs_timm']:.2f}", str(r["graph_breaks"]),
-                      str(r["recompiles"]))
+                      str(r["recompiles"]), str(r["graphs"]))
     console().print(table)
     if args.json:
         write_json(args.json, results, size=args.size, batch=args.batch)

@@ -4,6 +4,7 @@
 that rebuild their activations in backward, and checkpoints the layers in between.
 """
 
+from ._compile import compile_units as compile_units
 from ._mode import plain_autograd as plain_autograd
 from ._plan import ConversionError as ConversionError
 from .audit import AuditReport as AuditReport
@@ -29,6 +30,7 @@ __all__ = [
     "revert",
     "load_state_dict",
     "stages",
+    "compile_units",
     "set_on_mismatch",
     "check",
     "CheckReport",

@@ -404,8 +404,10 @@ def is_compiled_wrapper(module: nn.Module) -> bool:
 # (fp32, batch 4, 64 px, DropPath 0.3) gave a recompute 1.6 % off its forward and parameter
 # gradients 30 % off (float64: 1e-14, which is why only a low-precision check shows it). Such a
 # unit or segment is refused at its first call with grad, naming it; under no_grad (inference)
-# it runs. Module.compile sets a plain attribute, seen by no registration hook, so the flag is
-# read at every call (a few attribute reads per module); wrappers are found with the slots.
+# it runs. revify.compile_units is the supported regional compile: there the forward runs the
+# training graph its recompute runs (NOTE [ Regional compile ] in _compile.py). Module.compile
+# sets a plain attribute, seen by no registration hook, so the flag is read at every call (a few
+# attribute reads per module); wrappers are found with the slots.
 _COMPILED = operator.attrgetter("_compiled_call_impl")
 
 
@@ -419,7 +421,8 @@ def refuse_compiled(what: str, slots: Slots) -> None:
         f"revify: {what} runs a module compiled after convert ({kinds}; Module.compile or "
         "torch.compile). Its recompute in backward must compute bitwise what its forward "
         "computed, which a compiled module's two graphs do not (NOTE [ Compiled units ] in "
-        "revify/_replay.py). Compile the whole converted model instead, "
+        "revify/_replay.py). Compile the units with revify.compile_units(model) instead "
+        "(their forward and recompute run one graph), or the whole converted model, "
         "torch.compile(model) (its converted trunk runs eagerly, the rest compiles), or "
         "revify.revert(model) before compiling its blocks; under torch.no_grad it runs."
     )

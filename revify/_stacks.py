@@ -391,6 +391,8 @@ class _LayerUnit(_ModuleUnit):
             )
         return u
 
+    plain = raw
+
 
 class _Pending:
     """What a stack's layers but the last return: the stage has run, its output is handed on

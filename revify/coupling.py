@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
 from . import _exact, _fsdp, _fused, _mode
+from ._compile import CompiledUnit, compiled_units, stat_slots
 from ._direct import UnitProgram
 from ._replay import (
     MISMATCH_CAUSES,
@@ -71,6 +72,8 @@ class _BranchUnit:
     """
 
     subtract_input = False
+    # its raw compiled by revify.compile_units (NOTE [ Regional compile ] in _compile.py)
+    compiled: CompiledUnit | None = None
     # Positions (in _replay.state_slots) of the buffers its forward was seen to write; None
     # before its first recorded call (NOTE [ Buffers a forward writes ]).
     written: frozenset[int] | None = None
@@ -95,6 +98,10 @@ class _BranchUnit:
 
     def raw(self, h: Tensor) -> Tensor:
         return self.module(h.clone() if self.copy_input else h)
+
+    # what revify.compile_units compiles: raw without the checks that would break its graph
+    # (NOTE [ Regional compile ] in _compile.py)
+    plain = raw
 
     def __call__(self, h: Tensor) -> Tensor:
         out = self.raw(h)
@@ -179,6 +186,10 @@ class _ModuleUnit(_BranchUnit):
         h = h.clone() if self.copy_input else h
         if self.program is not None:
             return self.program(self.module, h)
+        return self.plain(h, copy=False)
+
+    def plain(self, h: Tensor, copy: bool = True) -> Tensor:
+        h = h.clone() if copy and self.copy_input else h
         if self._fixed is not None:
             args, kwargs = self._fixed
             return self.module(h, *args, **kwargs)
@@ -217,6 +228,8 @@ class _GraphUnit(_BranchUnit):
 
     def raw(self, h: Tensor) -> Tensor:
         return self.code(self.root, h.clone() if self.copy_input else h)
+
+    plain = raw
 
 
 def _grad_tensors(unit: Any) -> list[Tensor]:
@@ -410,6 +423,13 @@ class ReversibleStage(MismatchOptions):
                 None, tapped, taps,
             )
         self._refuse_compiled()
+        for u in compiled_units(self.units):  # NOTE [ Regional compile ] in _compile.py
+            raise RuntimeError(
+                f"revify: stage {self.name}, unit {u.name}: units compiled by "
+                "revify.compile_units cannot be driven by FSDP2's fully_shard (its unshard "
+                "replaces the parameters the graph reads); use one of the two "
+                "(revify.revert(model) and convert again drops compile_units)"
+            )
         states = list({id(s): s for ss in fsdp for s in ss}.values())
         _fsdp.unshard(states)
         try:
@@ -495,6 +515,7 @@ class _CheckpointedStep:
     def __call__(self, root: nn.Module, walk: _Walk, x_prev: Tensor, x_cur: Tensor) -> Tensor:
         step = copy.copy(walk)
         step.pair = (x_prev, x_cur)
+        step.compiled_ok = False  # a Segment's recompute freezes BatchNorm: eager units
         step.extrema = []
         step.advance(self.k, own=False)
         return step.pair[1]
@@ -511,6 +532,10 @@ class _Walk:
 
     check: RecomputeCheck | None = None  # this pass's NOTE [ Mismatch check ], set by _run
     fsdp: list[list[Any]] | None = None  # per unit, the FSDP states it drives (_fsdp.py)
+    # compiled units (NOTE [ Regional compile ] in _compile.py): whether they run compiled, and
+    # inside a step's forward whether its h requires grad (None: outside one)
+    compiled_ok = True
+    dx: bool | None = None
 
     def __init__(
         self, stage: ReversibleStage, x: Tensor, grid: _exact.Grid | None, side: Any = None,
@@ -563,7 +588,13 @@ class _Walk:
         h = half[1] if half is not None and half[0] is x_cur else x_cur.to(self.in_dtype)
         del half
         # a half-precision u is added to the fp32 streams by type promotion
-        u = unit.raw(h, *self.side)
+        compiled = getattr(unit, "compiled", None) if self.compiled_ok else None
+        if compiled is None:
+            u = unit.raw(h, *self.side)
+        elif self.dx is None:
+            u = compiled(unit, h, self.side)
+        else:  # inside a step's forward: the graph its recompute runs
+            u = compiled.forward(unit, h, self.side, self.dx)
         a, m = _step_terms(self.alpha, unit, x_cur, h)
         rem = None
         if self.grid is None:
@@ -674,7 +705,10 @@ def _run_exact(
     """:func:`_run` on a grid chosen for this forward (NOTE [ Exact streams ]): redone, with the
     same random draws and BatchNorm statistics already updated, while the states outgrow it."""
     start = _ForwardState(x.device)
-    kept = BufferSnapshot(_stage_state_slots(stage))
+    # a compiled unit's graph updates its BatchNorm statistics: put back before a redo
+    compiled = list(compiled_units(stage.units))
+    kept = BufferSnapshot(_stage_state_slots(stage)
+                          + [s for u in compiled for s in stat_slots(slots_of(u).bns)])
     dtype = _stream_dtype(x.dtype)
     # the first grid and x_0 on it in two kernels where the fused ops run (NOTE [ Fused streams ]
     # in _fused.py); the bf16 copy of x_0 for unit 0 unless a graph needs the cast
@@ -687,7 +721,8 @@ def _run_exact(
         if attempt:  # other buffers as before the first pass (NOTE [ Buffers a forward writes ])
             start.restart()
             kept.restore()
-        bns = [bn for u in stage.units for bn in slots_of(u).bns] if attempt else []
+        bns = [bn for u in stage.units if getattr(u, "compiled", None) is None
+               for bn in slots_of(u).bns] if attempt else []
         with frozen_running_stats(bns):
             walk, tokens = _run(stage, x, grid, unit_tensors, side, fsdp, entered, taps)
         entered = None
@@ -876,7 +911,11 @@ class _UnitStep(torch.autograd.Function):
         ctx.modes = list(map(TRAINING, slots.modules))  # check_modes in backward
         watch = BufferWatch(slots.state, unit.written)
         ctx.layout = walk.pair[1].stride()  # x_k as unit k reads it (NOTE [ Recompute layout ])
+        walk.dx = bool(ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
         rem = walk.advance(k)
+        compiled = getattr(unit, "compiled", None)
+        if compiled is not None:  # NOTE [ Regional compile ] in _compile.py
+            ctx.compiled_kind = compiled.kind
         ctx.written, unit.written = watch.written()
         if check is not None and k + 1 <= len(units) - 2:  # x_{n-1}, x_n are kept, not rebuilt
             check.record(k + 1, walk.pair[1])
@@ -1017,10 +1056,17 @@ def _step_backward(ctx: Any, g_cur: Tensor | None, g_next: Tensor | None) -> tup
         if walk.check is not None or walk.reference is not None:
             probe = _Probe(walk, hi, mid)
         hi = None
-    # this unit's BatchNorms only: NOTE [ Slot cache ]
-    with Recompute(what, ctx.state, slots.bns, ctx.written, slots.slots, tensors, needs) as leaves:
+    compiled = getattr(unit, "compiled", None)
+    # this unit's BatchNorms only: NOTE [ Slot cache ]; a compiled unit's graph updates them
+    # and takes every parameter (NOTE [ Regional compile ] in _compile.py)
+    with Recompute(what, ctx.state, slots.bns if compiled is None else (), ctx.written,
+                   slots.slots, tensors, needs if compiled is None else (True,) * len(needs)
+                   ) as leaves:
         h.requires_grad_(need_dx)
-        u = unit.raw(h, *walk.side)
+        if compiled is None:
+            u = unit.raw(h, *walk.side)
+        else:
+            u = compiled.recompute(what, unit, h, walk.side, slots.bns, ctx.compiled_kind)
     every = all(needs)
     wanted = leaves if every else list(compress(leaves, needs))
     del leaves

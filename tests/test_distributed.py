@@ -161,6 +161,14 @@ def _blocks_only_sharded(rank: int) -> None:
     fully_shard(model, mesh=mesh, mp_policy=policy)
     with pytest.raises(ConversionError, match=r"mixed-precision policy.*convert\(model\) first"):
         revify.convert(model)
+    # compile_units' graphs read the parameters FSDP's unshard replaces: refused at the forward
+    model = revify.convert(_build())
+    for block in _blocks(model):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    revify.compile_units(model, backend="eager")
+    with pytest.raises(RuntimeError, match=r"unit layer1\.0.*compile_units.*fully_shard"):
+        model(_batch()[2 * rank: 2 * rank + 2])
 
 
 def _ddp_case(rank: int) -> None:
@@ -197,7 +205,8 @@ def test_fsdp_shard_then_convert(reshard: bool) -> None:
 
 def test_fsdp_shard_then_convert_refusals() -> None:
     """Blocks sharded but not the model (conversion would start FSDP's lazy initialisation
-    from a block), and a mixed-precision policy (its casts): refused, naming the fix."""
+    from a block), and a mixed-precision policy (its casts): refused, naming the fix; so is
+    revify.compile_units on a sharded model, at its forward."""
     _spawn("blocks_only_sharded")
 
 
