@@ -12,6 +12,7 @@ reported.
 Run::
 
     .venv/bin/python benchmarks/compile_step.py --models resnet50 --size 64 --batch 4
+    python benchmarks/compile_step.py --device cuda --precision bf16 --size 224 --batch 64
 """
 
 from __future__ import annotations
@@ -35,29 +36,37 @@ _VARIANTS = (("plain", ""), ("timm-ckpt", ""), ("revify", ""), ("plain", "model"
 _LABELS = {"": "", "model": " (compiled)", "units": " (compile_units)"}
 
 
-def _step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], float]:
+def _step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool
+          ) -> Callable[[], float]:
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+
     def run() -> float:
+        sync()
         start = time.perf_counter()
-        F.cross_entropy(model(x), y).backward()
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
+            out = model(x)
+        F.cross_entropy(out.float(), y).backward()
         model.zero_grad(set_to_none=False)
+        sync()
         return time.perf_counter() - start
 
     return run
 
 
-def measure(name: str, size: int, batch: int, steps: int) -> list[dict[str, object]]:
-    x = torch.randn(batch, 3, size, size)
-    y = torch.randint(0, 10, (batch,))
+def measure(name: str, size: int, batch: int, steps: int, device: str, bf16: bool
+            ) -> list[dict[str, object]]:
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
     runs, rows = {}, {}
     for method, compiled in _VARIANTS:
         label = method + _LABELS[compiled]
-        model = build_model(name, method, size=size, num_classes=10)
+        model = build_model(name, method, size=size, num_classes=10, device=device)
         torch._dynamo.reset()
         counters.clear()
         call = torch.compile(model) if compiled == "model" else model
         if compiled == "units":
             revify.compile_units(model)
-        run = _step(call, x, y)
+        run = _step(call, x, y, bf16)
         first = run()
         run()  # a second step: dynamo may recompile on the second call
         rows[label] = dict(
@@ -85,12 +94,16 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--json")
     args = ap.parse_args()
     results = []
     for name in parse_list(args.models):
-        results += measure(name, args.size, args.batch, args.steps)
-    table = Table(title=f"torch.compile vs eager, CPU, batch {args.batch}, {args.size}px")
+        results += measure(name, args.size, args.batch, args.steps, args.device,
+                           args.precision == "bf16")
+    table = Table(title=f"torch.compile vs eager, {args.device}, {args.precision}, batch "
+                        f"{args.batch}, {args.size}px")
     for col in ("model", "method", "first step s", "step s", "÷ plain", "÷ timm", "breaks",
                 "recompiles", "graphs"):
         table.add_column(col)
@@ -100,7 +113,8 @@ def main() -> None:
                       str(r["recompiles"]), str(r["graphs"]))
     console().print(table)
     if args.json:
-        write_json(args.json, results, size=args.size, batch=args.batch)
+        write_json(args.json, results, size=args.size, batch=args.batch, device=args.device,
+                   precision=args.precision)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA measurements behind docs/performance.md, in one go (about 6 minutes on an H100):
+# The CUDA measurements behind docs/performance.md, in one go (about 9 minutes on an H100):
 #     bash benchmarks/gpu_suite.sh OUT_DIR
 # Each memory_speed.py call rewrites its JSON after every row and starts no new row after its
 # --budget-s, so a run that is cut short keeps what it measured.
@@ -16,3 +16,6 @@ $py memory_speed.py --models resnet101,resnet200,vit_base_patch16_224,convnext_b
     --methods plain,timm-ckpt,revify --precisions bf16 --budget-s 150 --json "$out/cuda_more.json"
 $py memory_speed.py --models resnet50 --methods plain,timm-ckpt,revify --precisions bf16 \
     --cuda-batches 256 --budget-s 60 --json "$out/cuda_b256.json"
+# torch.compile of the whole model and regional compile (revify.compile_units), ~3 minutes
+$py compile_step.py --models resnet50 --device cuda --precision bf16 --size 224 --batch 64 \
+    --json "$out/cuda_compile.json"
