@@ -25,6 +25,12 @@ __all__ = ["compile_units"]
 #   all units recompiled at every unit (timm's DropPath rate differs from block to block, a
 #   guard each) and hit dynamo's recompile limit at ResNet-50's ninth unit, which then ran
 #   eagerly; identical units still share inductor's compiled kernels through its FX graph cache.
+# - One graph per unit, no graph break: the compiled function calls ``unit.plain`` (its module,
+#   or a graph unit's generated code, made before the first trace), not ``unit.raw`` with its
+#   direct-call checks (NOTE [ Direct calls ] in _direct.py), which step aside under dynamo. A
+#   break inside a unit resumes in a frame that every unit shares, whose cache then fills up.
+# - Every graph runs with autocast's cast cache off, as the eager units' forward does (NOTE
+#   [ Uncached casts ] in _replay.py): the cache's state is one of dynamo's guards.
 # - The forward runs with grad, on a detached ``h`` requiring grad exactly when the backward's
 #   ``h`` will (the training graph), and drops the graph at once: one unit's saved tensors are
 #   alive for the length of the call, and saved-tensor hooks see them.
@@ -100,25 +106,37 @@ class _Scratch:
 class CompiledUnit:
     """One unit's ``raw`` compiled by ``torch.compile`` (NOTE [ Regional compile ])."""
 
-    __slots__ = ("index", "options", "fn", "kind")
+    __slots__ = ("index", "options", "fn", "kind", "ready")
 
     def __init__(self, index: int, options: dict[str, Any]) -> None:
         self.index, self.options = index, options
         self.fn = torch.compile(_fresh(index), **options)
         self.kind: str | None = None  # the kind of graph the last training forward ran
+        self.ready = False  # the unit's generated code made (_ready)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # a copy (deepcopy for an EMA model, pickle) compiles afresh, with a cache of its own
         return CompiledUnit, (self.index, self.options)
 
+    def _ready(self, unit: Any) -> None:
+        # a graph unit's code is generated at its first call, which dynamo cannot trace
+        code = getattr(unit, "code", None)
+        if hasattr(code, "ready"):
+            code.ready()
+        self.ready = True
+
     def __call__(self, unit: Any, h: Tensor, side: tuple) -> Tensor:
         """A call no recompute repeats (no grad, or ordinary autograd)."""
+        if not self.ready:
+            self._ready(unit)
         return self.fn(unit, h, side)
 
     def forward(self, unit: Any, h: Tensor, side: tuple, dx: bool) -> Tensor:
         """Unit ``unit``'s output in a step's forward: the graph its recompute will run."""
         from ._replay import _stand_back, _stand_in
 
+        if not self.ready:
+            self._ready(unit)
         slots = slots_of(unit)
         tensors = read_slots(slots.slots, grad_only=True)
         stand = _stand_in(unit.name, slots.slots, tensors, [True] * len(tensors), False)[1]

@@ -71,9 +71,9 @@ def plain_calls(modules: Sequence[nn.Module]) -> bool:
     """Whether calling each of ``modules`` now would only call its ``forward`` (NOTE
     [ Direct calls ])."""
     return not (
-        any(chain(_GLOBAL_HOOKS(_module), chain.from_iterable(map(_HOOK_STATE, modules))))
+        _is_compiling()  # first: dynamo then traces no further (revify.compile_units)
+        or any(chain(_GLOBAL_HOOKS(_module), chain.from_iterable(map(_HOOK_STATE, modules))))
         or _tracing_state() is not None
-        or _is_compiling()
     )
 
 

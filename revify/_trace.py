@@ -464,6 +464,11 @@ class GraphCode:
             exec(compile(self.direct_src, "<revify-generated>", "exec"), scope)  # noqa: S102
             self._direct = scope["forward"]
 
+    def ready(self) -> None:
+        """Generate the code now (dynamo cannot trace ``compile``: revify.compile_units)."""
+        if self._fn is None:
+            self._compile()
+
     def __call__(self, root: nn.Module, *args: Any) -> Any:
         if self._fn is None:
             self._compile()
