@@ -125,11 +125,18 @@ class CompiledUnit:
             code.ready()
         self.ready = True
 
+    def _run(self, unit: Any, h: Tensor, side: tuple) -> Tensor:
+        inside = getattr(unit, "inside", None)  # a layer of a stack: its context, set here
+        if inside is None:
+            return self.fn(unit, h, side)
+        with inside():
+            return self.fn(unit, h, side)
+
     def __call__(self, unit: Any, h: Tensor, side: tuple) -> Tensor:
         """A call no recompute repeats (no grad, or ordinary autograd)."""
         if not self.ready:
             self._ready(unit)
-        return self.fn(unit, h, side)
+        return self._run(unit, h, side)
 
     def forward(self, unit: Any, h: Tensor, side: tuple, dx: bool) -> Tensor:
         """Unit ``unit``'s output in a step's forward: the graph its recompute will run."""
@@ -142,7 +149,7 @@ class CompiledUnit:
         stand = _stand_in(unit.name, slots.slots, tensors, [True] * len(tensors), False)[1]
         try:
             with torch.enable_grad(), UncachedCasts():
-                u = self.fn(unit, h.detach().requires_grad_(dx), side)
+                u = self._run(unit, h.detach().requires_grad_(dx), side)
         finally:
             _stand_back(unit.name, slots.slots, stand, False)
         self.kind = _kind(u)
@@ -154,7 +161,7 @@ class CompiledUnit:
         context entered with every parameter wanted and no BatchNorm frozen."""
         before = _graphs()
         with _Scratch(bns), UncachedCasts():
-            u = self.fn(unit, h, side)
+            u = self._run(unit, h, side)
         if _graphs() != before or _kind(u) != kind:
             raise RuntimeError(
                 f"revify: {what}: its compiled recompute ran another graph than its forward "

@@ -374,13 +374,19 @@ class _LayerUnit(_ModuleUnit):
     wrap = 0  # the layer returns a tuple of this length, hidden states first (``_unwrap``)
 
     def raw(self, h: Tensor, side: Any = None) -> Tensor:
+        with _Inside(self.module):
+            return self.plain(h, side)
+
+    def inside(self) -> _Inside:
+        """The context :meth:`plain` runs in: the layer's stack forward then runs the layer."""
+        return _Inside(self.module)
+
+    def plain(self, h: Tensor, side: Any = None) -> Tensor:
+        """:meth:`raw` without entering :meth:`inside` (revify.compile_units enters it outside
+        the compiled code: dynamo cannot set a context variable)."""
         h = h.clone() if self.copy_input else h
         args, kwargs = side if side is not None else ((), {})
-        token = _INSIDE.set(self.module)
-        try:
-            out = self.module(h, *args, **kwargs)
-        finally:
-            _INSIDE.reset(token)
+        out = self.module(h, *args, **kwargs)
         u, length = _unwrap(out)
         if length != self.wrap or not isinstance(u, Tensor):
             raise RuntimeError(
@@ -391,7 +397,20 @@ class _LayerUnit(_ModuleUnit):
             )
         return u
 
-    plain = raw
+
+class _Inside:
+    """While entered, ``layer``'s stack forward runs the layer itself (``_INSIDE``)."""
+
+    __slots__ = ("layer", "token")
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+
+    def __enter__(self) -> None:
+        self.token = _INSIDE.set(self.layer)
+
+    def __exit__(self, *exc: Any) -> None:
+        _INSIDE.reset(self.token)
 
 
 class _Pending:

@@ -387,3 +387,26 @@ def test_layers_sharded_by_fsdp_are_refused(tmp_path):
             model(**inputs)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("family", ["vit", "bert"])
+def test_compile_units_on_layer_stacks(family):
+    """revify.compile_units on a stack's layers: one graph per layer, no graph break (the
+    stack's context is entered outside the compiled code), ordinary autograd's gradients."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    builder, text, _ = FAMILIES[family]
+    model = _tiny(builder)
+    inputs = _inputs(text)
+    revify.convert(model, example_input=inputs)
+    revify.compile_units(model, backend="aot_eager")
+    for _ in range(2):
+        out, grads = _step(model, inputs)
+        ref_out, ref = _step(model, inputs, plain=True)
+        assert torch.equal(out, ref_out)
+        scale = max(g.abs().max() for g in ref.values())
+        assert max((grads[k] - ref[k]).abs().max() for k in ref) / scale <= 1e-10
+    assert counters["stats"]["unique_graphs"] > 0 and not counters["graph_break"]
+    torch._dynamo.reset()
