@@ -178,13 +178,13 @@ def compile_units(model: nn.Module, **options: Any) -> nn.Module:
     """Compile each unit of ``model``'s reversible stages with ``torch.compile(**options)``
     (default ``dynamic=False``), each on its own; returns ``model``.
 
-    Regional compilation: the layers outside the stages stay as they are (compile the whole
-    model instead to compile those, and the trunk then runs eagerly), every unit's forward and
-    its recompute in backward run one compiled graph, bitwise alike, with the forward's random
-    numbers (NOTE [ Regional compile ] in ``revify/_compile.py``). A recompute that would run
-    another graph raises, naming the unit. Call it after ``revify.convert``; ``revert`` or
-    a re-plan (``load_state_dict``) drops it. Units driven by FSDP2's ``fully_shard`` are
-    refused at their forward.
+    Regional compilation: every unit's forward and its recompute in backward run one compiled
+    graph, bitwise alike, with the forward's random numbers (NOTE [ Regional compile ] in
+    ``revify/_compile.py``); a recompute that would run another graph raises, naming the unit.
+    The checkpointed segments (stem, transitions) and the layers outside the trunk stay eager;
+    ``torch.compile(model)`` on top compiles the latter too. Call it after ``revify.convert``
+    (``revert`` drops it); copies of the model (``copy.deepcopy``, pickling) compile their own.
+    Units driven by FSDP2's ``fully_shard`` are refused at their forward.
     """
     from .convert import stages
 
