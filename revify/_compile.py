@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -201,6 +202,23 @@ def compile_units(model: nn.Module, **options: Any) -> nn.Module:
             unit.compiled = CompiledUnit(index, options)
             index += 1
     return model
+
+
+@contextmanager
+def eager_units(model: nn.Module) -> Iterator[None]:
+    """While entered, the units :func:`compile_units` compiled run eagerly (revify.check: a
+    compiled float64 copy draws other dropout numbers than the compiled model)."""
+    from .convert import stages
+
+    units = [u for st in stages(model) for u in compiled_units(st.units)]
+    kept = [u.compiled for u in units]
+    for u in units:
+        u.compiled = None
+    try:
+        yield
+    finally:
+        for u, c in zip(units, kept, strict=True):
+            u.compiled = c
 
 
 def compiled_units(units: Sequence[Any]) -> Iterator[Any]:

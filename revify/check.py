@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._compile import eager_units
 from ._mode import _original, plain_autograd
 from ._stacks import refuse_stacks
 from ._trace import training_kept
@@ -150,8 +151,17 @@ def check(
 
     Runs three steps: float64 ordinary autograd on a deep copy (the truth), revify's backward
     and ordinary autograd at the model's precision. Costs about three training steps and a
-    float64 copy of the model.
+    float64 copy of the model. Units compiled by :func:`revify.compile_units` are checked
+    eagerly: a compiled float64 copy would draw other dropout numbers than the model, so no
+    truth would be comparable (their compiled gradients are ordinary autograd's of the compiled
+    function, tests/test_regional_compile.py).
     """
+    with eager_units(model):
+        return _check(model, example_input, autocast, seed, gradients)
+
+
+def _check(model: nn.Module, example_input: Tensor, autocast: torch.dtype | None, seed: int,
+           gradients: bool) -> CheckReport:
     if not is_converted(model):
         raise ValueError("revify.check: model is not converted; call revify.convert(model) first")
     refuse_stacks("revify.check", model)

@@ -176,3 +176,13 @@ def test_a_copy_of_a_compiled_model_compiles_its_own_units():
         y_twin, grads_twin = step_grads(twin, x, plain=False)
         assert torch.equal(y, y_twin)
         assert max_rel_err(grads_twin, grads) == 0.0
+
+
+def test_check_measures_the_eager_units_and_leaves_them_compiled():
+    # the float64 truth is an eager copy: compiled code draws other dropout numbers
+    model = revify.compile_units(_resnet().float(), backend="aot_eager")
+    graphs = _graphs()
+    report = revify.check(model, torch.randn(2, 3, 32, 32))
+    assert _graphs() == graphs  # nothing compiled for the check
+    assert all(u.compiled is not None for st in revify.stages(model) for u in st.units)
+    assert report.ratio < 2
