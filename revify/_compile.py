@@ -80,6 +80,12 @@ def _kind(u: Tensor) -> str | None:
     return None if u.grad_fn is None else type(u.grad_fn).__name__
 
 
+def _describe(kind: str | None) -> str:
+    if kind is None:
+        return "without grad"
+    return "a compiled graph" if kind.startswith("CompiledFunction") else f"eager code ({kind})"
+
+
 _BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
@@ -168,14 +174,16 @@ class CompiledUnit:
         before = _graphs()
         with _Scratch(bns), UncachedCasts():
             u = self._run(unit, h, side)
-        if _graphs() != before or _kind(u) != kind:
+        new = _graphs() - before
+        if new or _kind(u) != kind:
+            ran = (f"compiled {new} new graph(s)" if new else
+                   f"ran {_describe(_kind(u))} where its forward ran {_describe(kind)}")
             raise RuntimeError(
-                f"revify: {what}: its compiled recompute ran another graph than its forward "
-                f"({_kind(u)} after {kind}, {_graphs() - before} new), so the gradients would "
-                "be wrong (NOTE [ Regional compile ] in revify/_compile.py). Something the "
-                "compiled code reads changed between the forward and the backward (a module "
-                "attribute, requires_grad, a tensor hook); run such steps without "
-                "revify.compile_units"
+                f"revify: {what}: its compiled recompute {ran}, so it would not compute what "
+                "its forward computed and the gradients would be wrong (NOTE [ Regional "
+                "compile ] in revify/_compile.py). Something the compiled code reads changed "
+                "between the forward and the backward (a module attribute, requires_grad, a "
+                "tensor hook); run such steps without revify.compile_units"
             )
         return u
 

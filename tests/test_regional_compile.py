@@ -136,8 +136,19 @@ def test_a_change_between_forward_and_backward_raises_naming_the_unit():
     model = revify.compile_units(_resnet(), backend="aot_eager")
     out = model(torch.randn(2, 3, 32, 32, dtype=torch.float64))
     model.layer1[1].drop_path.drop_prob = 0.5  # dynamo guards on it: another graph
-    with pytest.raises(RuntimeError, match=r"layer1\.1.*another graph"):
+    with pytest.raises(RuntimeError, match=r"layer1\.1.*compiled 1 new graph"):
         out.sum().backward()
+
+
+def test_a_recompute_that_runs_eagerly_after_a_compiled_forward_raises():
+    # the recompile limit reached at the recompute: dynamo runs the unit eagerly, no new graph
+    model = revify.compile_units(_resnet(), backend="aot_eager")
+    with torch._dynamo.config.patch(recompile_limit=1):
+        out = model(torch.randn(2, 3, 32, 32, dtype=torch.float64))
+        model.layer1[1].drop_path.drop_prob = 0.5
+        with pytest.raises(RuntimeError, match=r"layer1\.1.*ran eager code .* where its "
+                                               r"forward ran a compiled graph"):
+            out.sum().backward()
 
 
 def test_compile_units_refuses_an_unconverted_model():
