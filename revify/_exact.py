@@ -184,6 +184,9 @@ def rounded(u: Tensor, m: Tensor | None, x_cur: Tensor, inner: float, grid: Grid
     ``own`` (and it has that dtype), else in a new tensor (NOTE [ Stream kernels ])."""
     if own and u.dtype == x_cur.dtype:
         t = u
+    elif m is not None and u.dtype == m.dtype == x_cur.dtype:
+        t = torch.sub(u, m, out=torch.empty_like(x_cur))  # one pass: the same u - m
+        m = None
     else:
         t = torch.empty_like(x_cur)
         t.copy_(u)
@@ -301,10 +304,14 @@ def prev_state(
     recomputed ``u`` and the packed remainders (None: zero), in ``x_next``'s memory if
     ``own_next``, else in a new tensor; its temporaries a slice at a time (NOTE [ Stream
     slices ]). Run without grad."""
-    out = x_next if own_next else x_next.clone()
-    for sl in _row_slices(x_cur):
+    slices = _row_slices(x_cur)
+    out = x_next if own_next or len(slices) == 1 else x_next.clone()
+    for sl in slices:
         t = rounded(u[sl], None if m is None else m[sl], x_cur[sl], inner, grid, own=False)
-        out[sl].sub_(t)
+        if out is x_next and not own_next:  # one slice: x_{k+1} - t in one pass
+            out = torch.sub(x_next, t, out=torch.empty_like(x_next))
+        else:
+            out[sl].sub_(t)
         del t  # before the next slice's is made
     if outer:
         out.sub_(x_cur, alpha=outer)
@@ -312,9 +319,10 @@ def prev_state(
         return out  # x_{k-1}
     # out = floor(D / d) * delta
     power = d & (d - 1) == 0
-    out.mul_(d)
-    if power:
-        out.add_(grid.big)
+    if power:  # d * out + BIG in one pass (d * out is exact)
+        torch.add(grid.big, out, alpha=d, out=out)
+    else:
+        out.mul_(d)
     if packed is not None:
         per, nbytes = _group(_bits(d))
         flat, back = _flat(out, packed.order)
