@@ -12,7 +12,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._replay import UncachedCasts, read_slots, slots_of
+from ._replay import (
+    _BN_STATS,
+    UncachedCasts,
+    Written,
+    _stand_back,
+    _stand_in,
+    read_slots,
+    slots_of,
+)
 
 __all__ = ["compile_units"]
 
@@ -45,7 +53,8 @@ __all__ = ["compile_units"]
 #   subset, as torch.autograd.grad(loss, some) asks, would be another graph) and keeps those
 #   wanted.
 # - BatchNorm: the running-statistics update is part of the graph (switching it off, as the
-#   eager recompute does, is another graph), so the recompute runs on copies of the statistics,
+#   eager recompute does, is another graph), so the recompute runs on copies of the statistics
+#   (written buffers of its Recompute, NOTE [ Buffers a forward writes ] in _replay.py),
 #   and an exact stage's redone forward first puts back the statistics it found.
 # - The RNG state is replayed as for eager units; inductor draws its seeds from torch's
 #   generator, so dropout and DropPath draw the forward's numbers.
@@ -90,33 +99,18 @@ def _describe(kind: str | None) -> str:
     return "a compiled graph" if kind.startswith("CompiledFunction") else f"eager code ({kind})"
 
 
-_BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
-
-
 def stat_slots(bns: Sequence[_BatchNorm]) -> list[tuple[dict[str, Any], str]]:
     """The running-statistics slots of the train-mode BatchNorms in ``bns`` that update them."""
     return [
         (bn._buffers, k) for bn in bns if bn.training and bn.track_running_stats
-        for k in _BN_STATS if bn._buffers.get(k) is not None
+        for k, t in bn._buffers.items() if t is not None and k in _BN_STATS
     ]
 
 
-class _Scratch:
-    """BatchNorm statistics replaced by copies for one call (the graph's update lands there)."""
-
-    __slots__ = ("slots", "kept")
-
-    def __init__(self, bns: Sequence[_BatchNorm]) -> None:
-        self.slots = stat_slots(bns)
-
-    def __enter__(self) -> None:
-        self.kept = [d[k] for d, k in self.slots]
-        for (d, k), t in zip(self.slots, self.kept, strict=True):
-            d[k] = t.clone()
-
-    def __exit__(self, *exc: Any) -> None:
-        for (d, k), t in zip(self.slots, self.kept, strict=True):
-            d[k] = t
+def scratch_stats(bns: Sequence[_BatchNorm]) -> list[Written]:
+    """``bns``' running statistics as written buffers read as they are now: a recompute run in
+    a :class:`Recompute` given them updates copies (the graph's update lands there)."""
+    return [Written(slot, None) for slot in stat_slots(bns)]
 
 
 class CompiledUnit:
@@ -156,8 +150,6 @@ class CompiledUnit:
 
     def forward(self, unit: Any, h: Tensor, side: tuple, dx: bool) -> Tensor:
         """Unit ``unit``'s output in a step's forward: the graph its recompute will run."""
-        from ._replay import _stand_back, _stand_in
-
         if not self.ready:
             self._ready(unit)
         slots = slots_of(unit)
@@ -171,12 +163,13 @@ class CompiledUnit:
         self.kind = _kind(u)
         return u.detach()
 
-    def recompute(self, what: str, unit: Any, h: Tensor, side: tuple, bns: Sequence[_BatchNorm],
-                  kind: str | None) -> Tensor:
+    def recompute(self, what: str, unit: Any, h: Tensor, side: tuple, kind: str | None
+                  ) -> Tensor:
         """The recompute of a forward that ran ``kind`` of graph, in a :class:`Recompute`
-        context entered with every parameter wanted and no BatchNorm frozen."""
+        context entered with every parameter wanted, no BatchNorm frozen and its statistics
+        on copies (:func:`scratch_stats`)."""
         before = _graphs()
-        with _Scratch(bns), UncachedCasts():
+        with UncachedCasts():
             u = self._run(unit, h, side)
         new = _graphs() - before
         if new or _kind(u) != kind:

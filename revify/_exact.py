@@ -305,10 +305,11 @@ def prev_state(
     ``own_next``, else in a new tensor; its temporaries a slice at a time (NOTE [ Stream
     slices ]). Run without grad."""
     slices = _row_slices(x_cur)
-    out = x_next if own_next or len(slices) == 1 else x_next.clone()
+    # one slice: x_{k+1} - t made in one pass (None until then), else x_{k+1} or its copy
+    out = x_next if own_next else None if len(slices) == 1 else x_next.clone()
     for sl in slices:
         t = rounded(u[sl], None if m is None else m[sl], x_cur[sl], inner, grid, own=False)
-        if out is x_next and not own_next:  # one slice: x_{k+1} - t in one pass
+        if out is None:
             out = torch.sub(x_next, t, out=torch.empty_like(x_next))
         else:
             out[sl].sub_(t)

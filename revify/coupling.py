@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
 from . import _exact, _fsdp, _fused, _mode
-from ._compile import CompiledUnit, compiled_units, stat_slots
+from ._compile import CompiledUnit, compiled_units, scratch_stats, stat_slots
 from ._direct import UnitProgram
 from ._replay import (
     MISMATCH_CAUSES,
@@ -1057,16 +1057,17 @@ def _step_backward(ctx: Any, g_cur: Tensor | None, g_next: Tensor | None) -> tup
             probe = _Probe(walk, hi, mid)
         hi = None
     compiled = getattr(unit, "compiled", None)
-    # this unit's BatchNorms only: NOTE [ Slot cache ]; a compiled unit's graph updates them
-    # and takes every parameter (NOTE [ Regional compile ] in _compile.py)
-    with Recompute(what, ctx.state, slots.bns if compiled is None else (), ctx.written,
-                   slots.slots, tensors, needs if compiled is None else (True,) * len(needs)
-                   ) as leaves:
+    # this unit's BatchNorms frozen: NOTE [ Slot cache ]. A compiled unit's graph updates them,
+    # on copies, and takes every parameter (NOTE [ Regional compile ] in _compile.py)
+    bns, written, asked = slots.bns, ctx.written, needs
+    if compiled is not None:
+        bns, written, asked = (), [*written, *scratch_stats(slots.bns)], (True,) * len(needs)
+    with Recompute(what, ctx.state, bns, written, slots.slots, tensors, asked) as leaves:
         h.requires_grad_(need_dx)
         if compiled is None:
             u = unit.raw(h, *walk.side)
         else:
-            u = compiled.recompute(what, unit, h, walk.side, slots.bns, ctx.compiled_kind)
+            u = compiled.recompute(what, unit, h, walk.side, ctx.compiled_kind)
     every = all(needs)
     wanted = leaves if every else list(compress(leaves, needs))
     del leaves
